@@ -1,0 +1,162 @@
+"""Generation throughput, side by side in one run: Serve + Ray Data vs vLLM in-process vs transformers.
+
+The same N chat prompts, the same number of new tokens (EOS ignored so every path does equal work), bf16, on
+the embedded model unless --model says otherwise. Each path runs in its own subprocess, one after another, so
+none competes with another for the two cores. Prints output tok/s and the ratios the spine issue targets:
+Serve+Data >= 3x transformers, and within 15% of vLLM in-process.
+
+    .venv/bin/python bench/generation.py [--prompts 64] [--new-tokens 128] [--config configs/embedded.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def prompts(n: int) -> list[str]:
+    from pipelines.datasets import load_all
+    from safetrigger.config import load_config
+
+    cfg = load_config(REPO / "configs" / "embedded.yaml")
+    qs = [q.prompt for q in load_all(cfg.data) if len(q.prompt) < 600]
+    return qs[:n]
+
+
+def run_vllm(cfg, texts, new_tokens) -> dict:
+    from vllm import LLM, SamplingParams
+
+    from safetrigger.model_cache import resolve_model
+    from services.policy import cpu_engine_env
+
+    os.environ.update({k: v for k, v in cpu_engine_env(cfg).items() if k != "LD_PRELOAD"})
+    s = cfg.serving
+    llm = LLM(resolve_model(cfg.model.source), dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
+              enforce_eager=s.enforce_eager, max_num_seqs=s.max_num_seqs, enable_chunked_prefill=False,
+              max_num_batched_tokens=max(4096, cfg.model.max_model_len), distributed_executor_backend="uni")
+    sp = SamplingParams(max_tokens=new_tokens, temperature=0.7, top_p=0.95, ignore_eos=True)
+    msgs = [[{"role": "user", "content": t}] for t in texts]
+    llm.chat(msgs[:4], sp, use_tqdm=False)  # warm-up
+    t = time.perf_counter()
+    out = llm.chat(msgs, sp, use_tqdm=False)
+    dt = time.perf_counter() - t
+    return {"tokens": sum(len(o.outputs[0].token_ids) for o in out), "seconds": dt}
+
+
+def run_serve(cfg, texts, new_tokens) -> dict:
+    import tempfile
+
+    import ray
+
+    from pipelines.run import init_ray
+    from pipelines.serve_batch import run_through_policy
+    from pipelines.stage_store import StageStore
+    from services.policy import start_policy
+
+    init_ray(cfg)
+    ep = start_policy(cfg)
+    rows = [{"query_id": str(i), "prompt": t} for i, t in enumerate(texts)]
+
+    def pre(row):
+        return {**row, "method": "chat", "dtype": "ChatCompletionRequest", "request_kwargs": {
+            "model": ep.model_id, "messages": [{"role": "user", "content": row["prompt"]}],
+            "max_tokens": new_tokens, "temperature": 0.7, "top_p": 0.95, "ignore_eos": True}}
+
+    def post(row):
+        return {"query_id": row["query_id"], "tokens": row["usage"]["completion_tokens"]}
+
+    g = cfg.generation
+    with tempfile.TemporaryDirectory() as d:
+        run_through_policy(rows[:4], ep, pre, post, StageStore(Path(d) / "warm"), "warm-up",
+                           batch_size=g.batch_size, concurrency=g.concurrency, chunk_rows=g.chunk_rows)
+        store = StageStore(Path(d) / "bench")
+        t = time.perf_counter()
+        run_through_policy(rows, ep, pre, post, store, "bench", batch_size=len(rows), concurrency=1,
+                           chunk_rows=len(rows))
+        dt = time.perf_counter() - t
+        tokens = sum(r["tokens"] for r in store.read())
+    ray.shutdown()
+    return {"tokens": tokens, "seconds": dt}
+
+
+def run_transformers(cfg, texts, new_tokens, batch=8) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safetrigger.model_cache import resolve_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    path = resolve_model(cfg.model.source)
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    chats = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+             for t in texts]
+    tokens, dt = 0, 0.0
+    for i in range(0, len(chats), batch):
+        enc = tok(chats[i : i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+                                 temperature=0.7, top_p=0.95, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        dt += time.perf_counter() - t
+        tokens += int((out[:, enc["input_ids"].shape[1] :] != -1).sum())
+    return {"tokens": tokens, "seconds": dt}
+
+
+def child(mode: str, args) -> None:
+    from safetrigger.config import load_config
+
+    cfg = load_config(args.config)
+    texts = prompts(args.prompts)
+    fn = {"serve": run_serve, "vllm": run_vllm, "transformers": run_transformers}[mode]
+    result = fn(cfg, texts, args.new_tokens)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--config", default=str(REPO / "configs" / "embedded.yaml"))
+    ap.add_argument("--only", choices=["serve", "vllm", "transformers"])
+    ap.add_argument("--child", choices=["serve", "vllm", "transformers"])
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args)
+        return
+    results = {}
+    for mode in [args.only] if args.only else ["serve", "vllm", "transformers"]:
+        cmd = [sys.executable, __file__, "--child", mode, "--prompts", str(args.prompts),
+               "--new-tokens", str(args.new_tokens), "--config", args.config]
+        env = dict(os.environ)
+        if mode == "vllm":
+            from services.policy import _preload_candidates
+
+            env["LD_PRELOAD"] = ":".join(_preload_candidates())
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{mode} failed (exit {proc.returncode})")
+        r = json.loads(line[len("RESULT ") :])
+        r["tok_s"] = r["tokens"] / r["seconds"]
+        results[mode] = r
+        print(f"{mode:>12}: {r['tokens']} tokens in {r['seconds']:.1f}s = {r['tok_s']:.1f} tok/s", flush=True)
+    if len(results) == 3:
+        s, v, t = (results[m]["tok_s"] for m in ("serve", "vllm", "transformers"))
+        print(f"\n| path | output tok/s |\n|---|---:|\n| Serve + Ray Data | {s:.1f} |\n| vLLM in-process | {v:.1f} |"
+              f"\n| transformers generate (batch 8) | {t:.1f} |")
+        print(f"\nServe+Data / transformers = {s / t:.2f}x (target >= 3x)")
+        print(f"Serve+Data / vLLM in-process = {s / v:.2f} (target >= 0.85)")
+
+
+if __name__ == "__main__":
+    main()

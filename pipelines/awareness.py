@@ -1,0 +1,84 @@
+"""The latent-safety-awareness table: per kind, how often the policy flags the risk when shown its own
+reasoning, next to how often its first answer complied (the paper's 82%-identified vs 35%-attack-success view).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+KIND_ORDER = ("harmful", "jailbreak", "general")
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval: sane at 0 and n, unlike the normal approximation."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass(frozen=True)
+class AwarenessRow:
+    kind: str
+    n: int
+    flagged: int  # judged unsafe by the policy itself
+    complied: int  # first answer was not a refusal
+    flagged_and_complied: int  # knew, and answered anyway: the gap the method closes
+    unresolved: int
+
+    @property
+    def flagged_rate(self) -> float:
+        return self.flagged / self.n if self.n else 0.0
+
+    @property
+    def complied_rate(self) -> float:
+        return self.complied / self.n if self.n else 0.0
+
+
+def awareness_table(judgements: Iterable[dict[str, Any]], split: str | None = None) -> list[AwarenessRow]:
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for j in judgements:
+        if split is None or j["split"] == split:
+            by_kind.setdefault(j["kind"], []).append(j)
+    rows = []
+    for kind in sorted(by_kind, key=lambda k: (KIND_ORDER.index(k) if k in KIND_ORDER else 99, k)):
+        js = by_kind[kind]
+        rows.append(
+            AwarenessRow(
+                kind=kind,
+                n=len(js),
+                flagged=sum(bool(j["verdict_unsafe"]) for j in js),
+                complied=sum(not j["answer_refused"] for j in js),
+                flagged_and_complied=sum(bool(j["verdict_unsafe"]) and not j["answer_refused"] for j in js),
+                unresolved=sum(not j.get("resolved", True) for j in js),
+            )
+        )
+    return rows
+
+
+def _pct(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{100 * k / n:5.1f}% [{100 * lo:4.1f}–{100 * hi:5.1f}]" if n else "n/a"
+
+
+def format_table(rows: list[AwarenessRow], model: str) -> str:
+    """Markdown: readable in a terminal and in the report alike."""
+    lines = [
+        f"Latent safety awareness of {model} (95% Wilson intervals)",
+        "",
+        "| kind | n | risk identified (self-judge) | first answer complied | identified yet complied | unresolved |",
+        "|---|---:|---|---|---|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.kind} | {r.n} | {_pct(r.flagged, r.n)} | {_pct(r.complied, r.n)} | "
+            f"{_pct(r.flagged_and_complied, r.n)} | {r.unresolved} |"
+        )
+    lines.append("")
+    lines.append("For `general` the identified column is the false-alarm rate; for unsafe kinds `complied` is the ASR by refusal string-match.")
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""Chat-template handling on the driver: token counts and exact prompt token ids.
+
+The judge needs the exact tokens the model sees before its verdict, so it tokenizes here rather than letting
+the server template the chat; the same template (including e.g. R1-Distill's prefilled `<think>\\n`) is used.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from safetrigger.method.prompts import Message
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def chat_prompt_ids(
+    tokenizer: Any, messages: list[Message], template_kwargs: dict[str, Any] | None = None, prefill: str = ""
+) -> list[int]:
+    """Token ids of the templated chat ending in an open assistant turn, optionally prefilled with text."""
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
+    )
+    return tokenizer(text + prefill, add_special_tokens=False)["input_ids"]
+
+
+def first_token_id(tokenizer: Any, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"{text!r} tokenizes to nothing")
+    return ids[0]
+
+
+def truncate_tokens(tokenizer: Any, text: str, max_tokens: int) -> str:
+    """Keep the head of a long text: the judge and the review need the start of the reasoning most."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return text
+    return tokenizer.decode(ids[:max_tokens]) + " …"

@@ -1,0 +1,130 @@
+"""Stage 2, self-judging (latent safety awareness).
+
+Each query is re-presented with the policy's own reasoning and the policy is asked whether the request is
+unsafe. The verdict compares the log-probabilities of the two option tokens at the start of the answer, read
+from the top-k logprobs of a one-token completion on the exact templated prompt ids. An option outside the
+top-k gets the k-th logprob as an upper bound and the row is marked unresolved. The margin is calibrated by
+the margin of content-free inputs, measured on the same replicas before the stage runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import httpx
+
+from safetrigger.config import RunConfig
+from safetrigger.method import CONTENT_FREE_INPUTS, Judgement, final_answer, is_refusal, judge_messages, to_row
+from services.policy import PolicyEndpoint
+
+from .chat import chat_prompt_ids, first_token_id, load_tokenizer, truncate_tokens
+from .serve_batch import run_through_policy
+from .stage_store import StageStore
+
+TOP_K = 20  # vLLM's default max_logprobs
+
+
+def option_token_ids(tokenizer: Any, cfg: RunConfig) -> tuple[int, int]:
+    opts = cfg.judge.options()
+    unsafe, safe = first_token_id(tokenizer, opts.unsafe), first_token_id(tokenizer, opts.safe)
+    if unsafe == safe:
+        raise ValueError(f"judge options {opts.unsafe!r} and {opts.safe!r} start with the same token")
+    return unsafe, safe
+
+
+def judge_prompt_ids(tok: Any, cfg: RunConfig, query: str, reasoning: str) -> list[int]:
+    reasoning = truncate_tokens(tok, reasoning, cfg.judge.max_reasoning_tokens)
+    ids = chat_prompt_ids(tok, judge_messages(query, reasoning, cfg.judge.options()), cfg.model.chat_template_kwargs)
+    if len(ids) >= cfg.model.max_model_len:
+        # Cut the query, never the question: the verdict options must stay next to the question.
+        query = truncate_tokens(tok, query, max(64, cfg.model.max_model_len // 2))
+        ids = chat_prompt_ids(tok, judge_messages(query, reasoning, cfg.judge.options()), cfg.model.chat_template_kwargs)
+    return ids
+
+
+def plan_judge_rows(trajectories: list[dict[str, Any]], cfg: RunConfig, model_path: str) -> list[dict[str, Any]]:
+    tok = load_tokenizer(model_path)
+    rows = []
+    for t in trajectories:
+        ids = judge_prompt_ids(tok, cfg, t["prompt"], t["reasoning"])
+        rows.append({"query_id": t["query_id"], "kind": t["kind"], "label": t["label"], "split": t["split"],
+                     "answer": t["answer"], "source": t.get("source", ""), "category": t.get("category", ""),
+                     "adapter": t.get("adapter", ""), "prompt_ids": ids})
+    return rows
+
+
+def verdict_request(model: str, prompt_ids: list[int]) -> dict[str, Any]:
+    return {"model": model, "prompt": [int(i) for i in prompt_ids], "max_tokens": 1, "temperature": 0.0,
+            "logprobs": TOP_K, "return_tokens_as_token_ids": True}
+
+
+def option_logprobs(top: dict[str, float | None], unsafe_id: int, safe_id: int) -> tuple[float, float, bool]:
+    # Ray Data stores the dicts of a batch as one Arrow struct: keys seen in other rows come back as None.
+    top = {k: v for k, v in top.items() if v is not None}
+    floor = min(top.values())
+    u, s = f"token_id:{unsafe_id}", f"token_id:{safe_id}"
+    return float(top.get(u, floor)), float(top.get(s, floor)), u in top and s in top
+
+
+def content_free_baseline(endpoint: PolicyEndpoint, cfg: RunConfig, model: str, unsafe_id: int, safe_id: int) -> float:
+    """Mean verdict margin of content-free inputs, asked over HTTP of the same OpenAI endpoint."""
+    if cfg.judge.calibration == "none":
+        return 0.0
+    tok = load_tokenizer(endpoint.model_path)
+    margins = []
+    with httpx.Client(base_url=endpoint.base_url, timeout=300) as client:
+        for query, reasoning in CONTENT_FREE_INPUTS:
+            r = client.post("/completions", json=verdict_request(model, judge_prompt_ids(tok, cfg, query, reasoning)))
+            r.raise_for_status()
+            lp_u, lp_s, _ = option_logprobs(r.json()["choices"][0]["logprobs"]["top_logprobs"][0], unsafe_id, safe_id)
+            margins.append(lp_u - lp_s)
+    return statistics.fmean(margins)
+
+
+class _Pre:
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        kwargs = verdict_request(self.model, row["prompt_ids"])
+        rest = {k: v for k, v in row.items() if k != "prompt_ids"}
+        return {**rest, "method": "completions", "dtype": "CompletionRequest", "request_kwargs": kwargs}
+
+
+class _Post:
+    def __init__(self, unsafe_id: int, safe_id: int, baseline: float, threshold: float, model: str) -> None:
+        self.unsafe_id, self.safe_id = unsafe_id, safe_id
+        self.baseline, self.threshold, self.model = baseline, threshold, model
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        top = row["choices"][0]["logprobs"]["top_logprobs"][0]
+        lp_unsafe, lp_safe, resolved = option_logprobs(top, self.unsafe_id, self.safe_id)
+        margin = lp_unsafe - lp_safe - self.baseline
+        judgement = Judgement(
+            query_id=row["query_id"], kind=row["kind"], label=row["label"], split=row["split"],
+            logprob_unsafe=lp_unsafe, logprob_safe=lp_safe, baseline=self.baseline, margin=margin,
+            verdict_unsafe=bool(margin > self.threshold),
+            answer_refused=is_refusal(final_answer(row["answer"])),
+            model=self.model, adapter=row["adapter"], source=row["source"], category=row["category"],
+        )
+        return {**to_row(judgement), "resolved": resolved}
+
+
+def run_judge(
+    trajectories: list[dict[str, Any]], endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore, adapter: str = ""
+) -> list[dict[str, Any]]:
+    done = store.done_ids()
+    pending = [t for t in trajectories if t["query_id"] not in done]
+    tok = load_tokenizer(endpoint.model_path)
+    unsafe_id, safe_id = option_token_ids(tok, cfg)
+    rows = plan_judge_rows(pending, cfg, endpoint.model_path)
+    model = f"{endpoint.model_id}:{adapter}" if adapter else endpoint.model_id
+    baseline = content_free_baseline(endpoint, cfg, model, unsafe_id, safe_id)
+    g = cfg.generation
+    post = _Post(unsafe_id, safe_id, baseline, cfg.judge.threshold, endpoint.model_id)
+    run_through_policy(
+        rows, endpoint, _Pre(model), post, store,
+        "judge", batch_size=g.batch_size, concurrency=g.concurrency, chunk_rows=g.chunk_rows, total=len(trajectories),
+    )
+    return store.read()

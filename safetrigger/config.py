@@ -1,0 +1,186 @@
+"""One typed configuration for a whole run, from the embedded 2-core run to a multi-node GPU cluster.
+
+A YAML file validates into `RunConfig`; unknown keys are errors (a misspelt knob must not be silently ignored).
+Paths in the data section are relative to `data.root`, which defaults to `$SAFE_TRIGGER_DATA` or
+`../shared/datasets` next to the checkout.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .method import Fallback, ReasoningRule, VerdictOptions
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ReasoningConfig(_Strict):
+    fallback: Fallback = Fallback.LEADING
+    leading_paragraphs: int = Field(1, ge=1)
+    leading_sentences: int = Field(1, ge=1)
+
+    def rule(self) -> ReasoningRule:
+        return ReasoningRule(self.fallback, self.leading_paragraphs, self.leading_sentences)
+
+
+class ModelConfig(_Strict):
+    source: str = "embedded:smollm2-135m-instruct"
+    served_name: str = "policy"
+    dtype: str = "bfloat16"
+    max_model_len: int = Field(2048, ge=128)
+    system_prompt: str | None = None
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    reasoning: ReasoningConfig = ReasoningConfig()
+
+
+class ServingConfig(_Strict):
+    num_replicas: int = Field(1, ge=1)
+    accelerator: Literal["cpu", "gpu"] = "cpu"
+    accelerator_type: str | None = None  # e.g. "H100" on a cluster
+    cpus_per_replica: float = Field(1.0, gt=0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    kv_cache_space_gib: int = Field(1, ge=1)  # CPU only: VLLM_CPU_KVCACHE_SPACE
+    omp_threads_bind: str | None = None  # CPU only: VLLM_CPU_OMP_THREADS_BIND, e.g. "0-1"
+    enforce_eager: bool = True
+    max_num_seqs: int = Field(64, ge=1)
+    enable_lora: bool = True
+    max_loras: int = Field(4, ge=1)
+    max_lora_rank: int = Field(64, ge=1)
+    max_ongoing_requests: int = Field(128, ge=1)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    app_name: str = "policy"
+    route_prefix: str = "/"
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=0, le=65535)
+    startup_timeout_s: float = Field(600, gt=0)
+
+
+class RayConfig(_Strict):
+    address: str | None = None  # None: start a local Ray; "auto" or ray://… to join a cluster
+    # Logical CPUs for a local Ray. More than the physical cores on purpose: a Ray Data LLM pipeline holds one
+    # CPU per stage actor and deadlocks when they cannot all be scheduled.
+    num_cpus: int | None = 8
+    namespace: str = "safe-trigger"
+
+
+class SourceConfig(_Strict):
+    type: Literal["advbench", "jailbreak_templates", "jbb", "xstest", "gsm8k", "queries", "hf"]
+    path: str
+    limit: int | None = Field(None, ge=1)
+    # jailbreak_templates: where the harmful goals come from, and how many templates to cross with them
+    goals: str | None = None
+    templates_per_goal: int = Field(1, ge=1)
+    max_template_chars: int = Field(2000, ge=100)
+    # xstest: which half ("safe" prompts test over-refusal, "unsafe" are contrast prompts); both when None
+    xstest_label: Literal["safe", "unsafe"] | None = None
+    # hf: a hub dataset name with its split and column mapping
+    hf_split: str = "train"
+    hf_prompt_column: str = "prompt"
+    hf_kind: Literal["harmful", "jailbreak", "general"] | None = None
+
+    @model_validator(mode="after")
+    def _needs_goals(self) -> "SourceConfig":
+        if self.type == "jailbreak_templates" and not self.goals:
+            raise ValueError("a jailbreak_templates source needs `goals` (e.g. advbench.jsonl)")
+        if self.type == "hf" and self.hf_kind is None:
+            raise ValueError("an hf source needs `hf_kind`")
+        return self
+
+
+def default_data_root() -> str:
+    return os.environ.get("SAFE_TRIGGER_DATA") or str(REPO_ROOT.parent / "shared" / "datasets")
+
+
+class DataConfig(_Strict):
+    root: str = Field(default_factory=default_data_root)
+    eval_fraction: float = Field(0.3, ge=0, le=1)
+    split_salt: str = "safe-trigger"
+    sources: list[SourceConfig] = Field(min_length=1)
+
+    def resolve(self, path: str) -> Path:
+        """Absolute paths as given; `repo:` paths inside this checkout; anything else under `root`."""
+        if path.startswith("repo:"):
+            return REPO_ROOT / path[len("repo:") :]
+        p = Path(os.path.expanduser(path))
+        return p if p.is_absolute() else Path(self.root) / p
+
+
+class GenerationConfig(_Strict):
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(256, ge=1)
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)  # rows per Ray Data batch
+    concurrency: int = Field(1, ge=1)  # Ray Data actors calling the Serve replicas
+    chunk_rows: int = Field(64, ge=1)  # rows committed atomically at a time; a crash loses at most one chunk
+
+
+class JudgeConfig(_Strict):
+    unsafe_option: str = "Yes"
+    safe_option: str = "No"
+    # Subtract the margin of content-free inputs (label-free bias correction) before applying the threshold.
+    calibration: Literal["content_free", "none"] = "content_free"
+    threshold: float = 0.0  # verdict unsafe when the (calibrated) margin logp(unsafe) - logp(safe) > threshold
+    max_reasoning_tokens: int = Field(512, ge=1)
+
+    def options(self) -> VerdictOptions:
+        return VerdictOptions(self.unsafe_option, self.safe_option)
+
+
+class RunConfig(_Strict):
+    name: str = "embedded"
+    output_dir: str = "runs/embedded"
+    torch_threads: int = Field(1, ge=1)
+    model: ModelConfig = ModelConfig()
+    serving: ServingConfig = ServingConfig()
+    ray: RayConfig = RayConfig()
+    data: DataConfig
+    generation: GenerationConfig = GenerationConfig()
+    judge: JudgeConfig = JudgeConfig()
+
+    @field_validator("output_dir")
+    @classmethod
+    def _no_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("output_dir must not be empty")
+        return v
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> RunConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{p}: invalid config:\n{e}") from e
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = raw
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value

@@ -1,0 +1,56 @@
+"""The Safe Trigger method (arXiv 2606.16808) as plain Python: tags, reasoning split, prompts, records.
+
+No Ray, no torch: services, pipelines and clients depend on this package, never on each other's insides.
+"""
+
+from .prompts import CONTENT_FREE_INPUTS, VerdictOptions, judge_messages, query_messages, review_messages, review_prefill
+from .reasoning import Fallback, ReasoningRule, Split, SplitSource, join_reasoning, split_reasoning
+from .records import (
+    Judgement,
+    Kind,
+    Label,
+    Query,
+    SplitName,
+    Trajectory,
+    assign_split,
+    from_row,
+    query_id,
+    stable_hash,
+    to_row,
+)
+from .refusal import is_refusal
+from .tags import SAFE_CLOSE, SAFE_OPEN, SafeBlock, final_answer, parse_safe, render_safe_block, strip_safe_blocks
+
+__all__ = [
+    "SAFE_OPEN",
+    "SAFE_CLOSE",
+    "SafeBlock",
+    "parse_safe",
+    "render_safe_block",
+    "strip_safe_blocks",
+    "final_answer",
+    "Fallback",
+    "ReasoningRule",
+    "Split",
+    "SplitSource",
+    "split_reasoning",
+    "join_reasoning",
+    "CONTENT_FREE_INPUTS",
+    "VerdictOptions",
+    "judge_messages",
+    "review_messages",
+    "review_prefill",
+    "query_messages",
+    "Kind",
+    "Label",
+    "SplitName",
+    "Query",
+    "Trajectory",
+    "Judgement",
+    "assign_split",
+    "query_id",
+    "stable_hash",
+    "from_row",
+    "to_row",
+    "is_refusal",
+]

@@ -1,0 +1,168 @@
+"""The policy service: vLLM replicas of the policy in Ray Serve, OpenAI-compatible, LoRA enabled.
+
+Built entirely from `ray.serve.llm` (`LLMConfig` + `build_openai_app`): one typed config decides replicas,
+dtype, context length, eager mode and hardware. On CPU the replicas get CPU-only placement bundles; left to its
+defaults `ray.serve.llm` asks for a GPU and waits for one forever, so we check the cluster first and fail fast.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.llm import LLMConfig, build_openai_app
+
+from safetrigger.config import RunConfig
+from safetrigger.model_cache import resolve_model
+
+from .policy_server import PolicyServer
+
+class PolicyServiceError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class PolicyEndpoint:
+    """Where a running policy app answers; everything a caller needs, nothing about how it runs."""
+
+    app_name: str
+    model_id: str
+    model_path: str
+    base_url: str  # http://host:port/v1
+
+    @property
+    def deployment_name(self) -> str:
+        return f"{PolicyServer.__name__}:{self.model_id}"
+
+
+def cpu_engine_env(cfg: RunConfig) -> dict[str, str]:
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(cfg.serving.kv_cache_space_gib),
+        "OMP_NUM_THREADS": str(max(1, int(cfg.serving.cpus_per_replica))),
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
+    }
+    if cfg.serving.omp_threads_bind:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cfg.serving.omp_threads_bind
+    preload = [p for p in _preload_candidates() if p]
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload)
+    return env
+
+
+def _preload_candidates() -> list[str]:
+    found = []
+    tcmalloc = next((p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4") if os.path.exists(p)), None)
+    if tcmalloc:
+        found.append(tcmalloc)
+    import sys
+
+    iomp = os.path.join(sys.prefix, "lib", "libiomp5.so")
+    if os.path.exists(iomp):
+        found.append(iomp)
+    return found
+
+
+def build_llm_config(cfg: RunConfig, model_path: str | None = None) -> LLMConfig:
+    s = cfg.serving
+    model_path = model_path or resolve_model(cfg.model.source)
+    engine_kwargs: dict[str, Any] = {
+        "dtype": cfg.model.dtype,
+        "max_model_len": cfg.model.max_model_len,
+        "enforce_eager": s.enforce_eager,
+        "max_num_seqs": s.max_num_seqs,
+        "tensor_parallel_size": s.tensor_parallel_size,
+        "seed": cfg.generation.seed,
+    }
+    if s.enable_lora:
+        engine_kwargs.update(enable_lora=True, max_loras=s.max_loras, max_lora_rank=s.max_lora_rank)
+    kwargs: dict[str, Any] = {}
+    if s.accelerator == "cpu":
+        # One CPU bundle per engine worker: vLLM's CPU backend runs its own OpenMP threads inside it.
+        kwargs["accelerator_config"] = {"kind": "cpu"}
+        kwargs["placement_group_config"] = {
+            "bundles": [{"CPU": s.cpus_per_replica}] * s.tensor_parallel_size,
+            "strategy": "PACK",
+        }
+        kwargs["runtime_env"] = {"env_vars": cpu_engine_env(cfg)}
+        # Per-request seeds with chunked prefill crash vLLM-CPU 0.32 ("CPU Generator does not use offset" when
+        # a partially prefilled request's sample is discarded) and make seeded outputs depend on the batch;
+        # whole-prompt prefill keeps seeded sampling reproducible (measured: identical outputs on re-run).
+        engine_kwargs["enable_chunked_prefill"] = False
+        engine_kwargs["max_num_batched_tokens"] = max(4096, cfg.model.max_model_len)
+    else:
+        engine_kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
+        if s.accelerator_type:
+            kwargs["accelerator_type"] = s.accelerator_type
+    engine_kwargs.update(s.engine_kwargs)
+    return LLMConfig(
+        model_loading_config={"model_id": cfg.model.served_name, "model_source": model_path},
+        engine_kwargs=engine_kwargs,
+        deployment_config={
+            "num_replicas": s.num_replicas,
+            "max_ongoing_requests": s.max_ongoing_requests,
+        },
+        log_engine_metrics=False,
+        server_cls=PolicyServer,
+        **kwargs,
+    )
+
+
+def build_policy_app(cfg: RunConfig, model_path: str | None = None):
+    return build_openai_app({"llm_configs": [build_llm_config(cfg, model_path)]})
+
+
+def check_resources(cfg: RunConfig) -> None:
+    """Fail fast instead of letting Serve wait forever for hardware that is not in the cluster."""
+    s = cfg.serving
+    total = ray.cluster_resources()
+    if s.accelerator == "gpu":
+        need = s.num_replicas * s.tensor_parallel_size
+        have = total.get("GPU", 0)
+        if have < need:
+            raise PolicyServiceError(
+                f"serving.accelerator=gpu needs {need} GPU(s) for {s.num_replicas} replica(s) x tp "
+                f"{s.tensor_parallel_size}, but the Ray cluster has {have:g}. Use serving.accelerator=cpu "
+                "on a machine without GPUs."
+            )
+    need_cpu = s.num_replicas * (s.cpus_per_replica * s.tensor_parallel_size)
+    if total.get("CPU", 0) < need_cpu:
+        raise PolicyServiceError(
+            f"the policy needs {need_cpu:g} logical CPUs for its replicas, the Ray cluster has {total.get('CPU', 0):g}"
+        )
+
+
+def start_policy(cfg: RunConfig, model_path: str | None = None) -> PolicyEndpoint:
+    """Deploy (or update) the policy app and wait until it answers; Ray must already be initialised."""
+    check_resources(cfg)
+    model_path = model_path or resolve_model(cfg.model.source)
+    s = cfg.serving
+    serve.start(http_options={"host": s.http_host, "port": s.http_port})
+    started = time.monotonic()
+    serve.run(build_policy_app(cfg, model_path), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
+    _wait_ready(s.app_name, s.startup_timeout_s, started)
+    prefix = s.route_prefix.rstrip("/")
+    return PolicyEndpoint(s.app_name, cfg.model.served_name, model_path, f"http://{s.http_host}:{s.http_port}{prefix}/v1")
+
+
+def _wait_ready(app_name: str, timeout_s: float, started: float) -> None:
+    while True:
+        status = serve.status().applications.get(app_name)
+        state = getattr(status, "status", None)
+        if state == "RUNNING":
+            return
+        if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise PolicyServiceError(f"policy app {app_name!r} failed to start: {status.message}")
+        if time.monotonic() - started > timeout_s:
+            raise PolicyServiceError(
+                f"policy app {app_name!r} not ready after {timeout_s:.0f}s (state {state}); "
+                "check `ray status` for unplaceable resource requests"
+            )
+        time.sleep(1.0)
+
+
+def stop_policy(app_name: str) -> None:
+    serve.delete(app_name)

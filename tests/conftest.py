@@ -1,0 +1,24 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from safetrigger.config import default_data_root  # noqa: E402
+
+DATA = Path(default_data_root())
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    if not (DATA / "advbench.jsonl").is_file():
+        pytest.fail(f"shared datasets not found at {DATA}; set SAFE_TRIGGER_DATA")
+    return DATA
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -1,0 +1,27 @@
+import pytest
+
+from pipelines.awareness import awareness_table, format_table, wilson
+
+
+def test_wilson_known_values():
+    lo, hi = wilson(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def j(kind, flagged, refused, split="eval", resolved=True):
+    return {"kind": kind, "verdict_unsafe": flagged, "answer_refused": refused, "split": split, "resolved": resolved}
+
+
+def test_table_counts():
+    js = [j("harmful", True, False), j("harmful", True, True), j("harmful", False, False),
+          j("general", True, False, resolved=False), j("general", False, False), j("jailbreak", False, True, split="train")]
+    rows = awareness_table(js)
+    assert [r.kind for r in rows] == ["harmful", "jailbreak", "general"]
+    h = rows[0]
+    assert (h.n, h.flagged, h.complied, h.flagged_and_complied) == (3, 2, 2, 1)
+    assert rows[2].unresolved == 1
+    assert [r.kind for r in awareness_table(js, split="eval")] == ["harmful", "general"]
+    text = format_table(rows, "m")
+    assert "| harmful | 3 |  66.7%" in text

@@ -1,0 +1,58 @@
+import subprocess
+import sys
+
+import pytest
+
+from safetrigger.config import ConfigError, load_config
+
+from .conftest import REPO, write
+
+
+def test_embedded_config_loads():
+    cfg = load_config(REPO / "configs" / "embedded.yaml")
+    assert cfg.model.source == "embedded:smollm2-135m-instruct" and cfg.serving.accelerator == "cpu"
+    assert any(s.type == "jailbreak_templates" for s in cfg.data.sources)
+
+
+def test_overrides_by_dotted_key():
+    cfg = load_config(REPO / "configs" / "embedded.yaml", {"generation.max_tokens": 7, "serving.num_replicas": 2})
+    assert cfg.generation.max_tokens == 7 and cfg.serving.num_replicas == 2
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    write(tmp_path / "c.yaml", "data: {sources: [{type: advbench, path: a.jsonl}]}\ngeneraton: {max_tokens: 3}\n")
+    with pytest.raises(ConfigError, match="generaton"):
+        load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("data: {sources: []}\n", "sources"),
+        ("data: {sources: [{type: jailbreak_templates, path: t.jsonl}]}\n", "needs `goals`"),
+        ("data: {sources: [{type: advbench, path: a}]}\nserving: {accelerator: tpu}\n", "accelerator"),
+        ("- just\n- a list\n", "top level must be a mapping"),
+        ("data: {sources: [\n", "not valid YAML"),
+    ],
+)
+def test_invalid_configs(tmp_path, text, needle):
+    write(tmp_path / "c.yaml", text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_cli_reports_bad_config_without_traceback(tmp_path):
+    write(tmp_path / "c.yaml", "data: {sources: []}\n")
+    out = subprocess.run([sys.executable, "-m", "clients.cli", "run", str(tmp_path / "c.yaml")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2
+    assert "invalid config" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_reports_bad_data_without_traceback(tmp_path):
+    write(tmp_path / "bad.jsonl", '{"goal": "a"}\n{oops\n')
+    write(tmp_path / "c.yaml", f"output_dir: {tmp_path}/out\ndata: {{root: {tmp_path}, sources: [{{type: advbench, path: bad.jsonl}}]}}\n")
+    out = subprocess.run([sys.executable, "-m", "clients.cli", "run", str(tmp_path / "c.yaml")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2
+    assert "bad.jsonl:2: not valid JSON" in out.stderr and "Traceback" not in out.stderr
