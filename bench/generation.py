@@ -35,13 +35,13 @@ def run_vllm(cfg, texts, new_tokens) -> dict:
     from vllm import LLM, SamplingParams
 
     from safetrigger.model_cache import resolve_model
-    from services.policy import cpu_engine_env
+    from services.policy import build_llm_config, cpu_engine_env
 
     os.environ.update({k: v for k, v in cpu_engine_env(cfg).items() if k != "LD_PRELOAD"})
-    s = cfg.serving
-    llm = LLM(resolve_model(cfg.model.source), dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
-              enforce_eager=s.enforce_eager, max_num_seqs=s.max_num_seqs, enable_chunked_prefill=False,
-              max_num_batched_tokens=max(4096, cfg.model.max_model_len), distributed_executor_backend="uni")
+    # Exactly the engine arguments the Serve replicas get (LoRA enabled included), and the same uniprocess
+    # executor our PolicyServer picks on CPU: the comparison isolates what Serve + Ray Data add.
+    engine_kwargs = dict(build_llm_config(cfg).engine_kwargs)
+    llm = LLM(resolve_model(cfg.model.source), distributed_executor_backend="uni", **engine_kwargs)
     sp = SamplingParams(max_tokens=new_tokens, temperature=0.7, top_p=0.95, ignore_eos=True)
     msgs = [[{"role": "user", "content": t}] for t in texts]
     llm.chat(msgs[:4], sp, use_tqdm=False)  # warm-up
