@@ -94,26 +94,20 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
         timings["serve_start_s"] = time.monotonic() - t
         emit(f"[serve] ready in {timings['serve_start_s']:.0f}s at {endpoint.base_url}")
 
-    if gen_store.done:
-        emit(f"[generate] finished earlier: {gen_store.root}")
-        trajectories = gen_store.read()
-    else:
+    def stage(name: str, store: StageStore, key: str, work) -> list[dict[str, Any]]:
+        if store.done:
+            emit(f"[{name}] finished earlier: {store.root}")
+            return store.read()
         t = time.monotonic()
-        trajectories = run_generate(queries, endpoint, cfg, gen_store)
-        timings["generate_s"] = time.monotonic() - t
-        tokens = sum(r["completion_tokens"] for r in trajectories)
-        gen_store.finish(stage="generate", key=gen_key, completion_tokens=tokens)
-        emit(f"[generate] {len(trajectories)} trajectories, {tokens} tokens in {timings['generate_s']:.0f}s")
+        rows = work()
+        timings[f"{name}_s"] = time.monotonic() - t
+        tokens = sum(r.get("completion_tokens", 0) for r in rows)
+        store.finish(stage=name, key=key, completion_tokens=tokens)
+        emit(f"[{name}] {len(rows)} rows, {tokens} new tokens in {timings[f'{name}_s']:.0f}s")
+        return rows
 
-    if judge_store.done:
-        emit(f"[judge] finished earlier: {judge_store.root}")
-        judgements = judge_store.read()
-    else:
-        t = time.monotonic()
-        judgements = run_judge(trajectories, endpoint, cfg, judge_store)
-        timings["judge_s"] = time.monotonic() - t
-        judge_store.finish(stage="judge", key=judge_key)
-        emit(f"[judge] {len(judgements)} verdicts in {timings['judge_s']:.0f}s")
+    trajectories = stage("generate", gen_store, gen_key, lambda: run_generate(queries, endpoint, cfg, gen_store))
+    judgements = stage("judge", judge_store, judge_key, lambda: run_judge(trajectories, endpoint, cfg, judge_store))
 
     if owned and endpoint is not None:
         serve.delete(endpoint.app_name)

@@ -1,4 +1,4 @@
-"""The Safe Trigger method (arXiv 2606.16808) as plain Python: tags, reasoning split, prompts, records.
+"""The Safe Trigger method (arXiv 2606.16808) as plain Python: tags, reasoning split, prompts, records, reward.
 
 No Ray, no torch: services, pipelines and clients depend on this package, never on each other's insides.
 """
@@ -19,6 +19,7 @@ from .records import (
     to_row,
 )
 from .refusal import is_refusal
+from .reward import Pair, RewardWeights, Scored, category, reward, select_pair
 from .tags import SAFE_CLOSE, SAFE_OPEN, SafeBlock, final_answer, parse_safe, render_safe_block, strip_safe_blocks
 
 __all__ = [
@@ -53,4 +54,10 @@ __all__ = [
     "from_row",
     "to_row",
     "is_refusal",
+    "RewardWeights",
+    "Scored",
+    "Pair",
+    "reward",
+    "category",
+    "select_pair",
 ]

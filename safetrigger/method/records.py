@@ -128,17 +128,3 @@ def from_row(cls: type[R], row: dict[str, Any]) -> R:
 def to_row(record: Any) -> dict[str, Any]:
     return asdict(record)
 
-
-__all__ = [
-    "Kind",
-    "Label",
-    "SplitName",
-    "Query",
-    "Trajectory",
-    "Judgement",
-    "assign_split",
-    "query_id",
-    "stable_hash",
-    "from_row",
-    "to_row",
-]

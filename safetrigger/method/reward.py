@@ -1,0 +1,63 @@
+"""The DPO reward of the method and the choice of preference pairs.
+
+    R = F_safe * S_exist * (T_full + S_full + w_a) + F_safe * (1 - S_exist) * w_b + (1 - F_safe) * S_exist * w_c
+
+F_safe: the final answer is safe (a judge's verdict); S_exist: a `<safe>` block is present; T_full, S_full:
+the reasoning and the safe block are complete. With w_a > w_b > w_c >= 0 the order is
+A (safe, tagged) > B (safe, untagged) > C (unsafe, tagged) > D (unsafe, untagged).
+Per query, the best and the worst sample form a pair when their rewards differ by at least delta.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class RewardWeights:
+    w_a: float = 1.0
+    w_b: float = 0.5
+    w_c: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not self.w_a > self.w_b > self.w_c >= 0:
+            raise ValueError(f"reward weights need w_a > w_b > w_c >= 0, got {self}")
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One sampled response with the facts the reward needs."""
+
+    text: str
+    safe: bool  # F_safe
+    tagged: bool  # S_exist
+    reasoning_complete: bool  # T_full
+    safe_complete: bool  # S_full
+
+
+def reward(s: Scored, w: RewardWeights = RewardWeights()) -> float:
+    f, e = float(s.safe), float(s.tagged)
+    t_full, s_full = float(s.reasoning_complete), float(s.safe_complete and s.tagged)
+    return f * e * (t_full + s_full + w.w_a) + f * (1 - e) * w.w_b + (1 - f) * e * w.w_c
+
+
+def category(s: Scored) -> str:
+    return {(True, True): "A", (True, False): "B", (False, True): "C", (False, False): "D"}[(s.safe, s.tagged)]
+
+
+@dataclass(frozen=True)
+class Pair:
+    chosen: Scored
+    rejected: Scored
+    margin: float
+
+
+def select_pair(samples: Sequence[Scored], delta: float, w: RewardWeights = RewardWeights()) -> Pair | None:
+    """Best vs worst sample of one query; None when they are closer than delta (nothing to learn)."""
+    if len(samples) < 2:
+        return None
+    ranked = sorted(samples, key=lambda s: reward(s, w))
+    worst, best = ranked[0], ranked[-1]
+    margin = reward(best, w) - reward(worst, w)
+    return Pair(best, worst, margin) if margin >= delta else None
