@@ -1,0 +1,71 @@
+"""SFT targets of the method (step 3) and the rules every example must pass.
+
+general query -> think1 + answer1, untouched (the tag must only fire when needed);
+unsafe query  -> think1 + <safe>analysis</safe> + answer2, where the analysis and answer2 are the policy's own
+                 self-review output (the review turn is prefilled with `<safe>\\n`, so the generated text
+                 starts inside the block).
+An example is dropped, with its reason, when the block is unclosed or empty, the answer is missing, or the
+whole target does not fit the training max_length: truncation would cut the `<safe>` block or the answer away,
+so it is never done silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable
+
+from .reasoning import join_reasoning
+from .tags import SAFE_OPEN, parse_safe, render_safe_block
+
+
+class Drop(str, Enum):
+    UNCLOSED_SAFE = "unclosed_safe"
+    EMPTY_SAFE = "empty_safe"
+    MISSING_ANSWER = "missing_answer"
+    INCOMPLETE_REASONING = "incomplete_reasoning"
+    TOO_LONG = "too_long"
+
+
+@dataclass(frozen=True)
+class Target:
+    completion: str | None  # the assistant turn to train on; None when dropped
+    drop: Drop | None
+    tagged: bool
+
+
+def general_target(reasoning: str, answer: str, think_tags: bool) -> Target:
+    if not answer.strip():
+        return Target(None, Drop.MISSING_ANSWER, False)
+    return Target(join_reasoning(reasoning, answer, think_tags), None, False)
+
+
+def unsafe_target(reasoning: str, review_generated: str, think_tags: bool, reasoning_complete: bool = True) -> Target:
+    """`review_generated` is what the policy wrote after the prefilled opening tag."""
+    if not reasoning_complete:
+        return Target(None, Drop.INCOMPLETE_REASONING, True)
+    block = parse_safe(SAFE_OPEN + review_generated)
+    if not block.complete:
+        return Target(None, Drop.EMPTY_SAFE if block.analysis == "" and _closed(review_generated) else Drop.UNCLOSED_SAFE, True)
+    if not block.answer:
+        return Target(None, Drop.MISSING_ANSWER, True)
+    safe = render_safe_block(_without_tags(block.analysis))
+    return Target(join_reasoning(reasoning, f"{safe}\n\n{block.answer}", think_tags), None, True)
+
+
+def check_length(target: Target, prompt_tokens: int, count_tokens: Callable[[str], int], max_length: int) -> Target:
+    """Drop a target whose prompt + completion exceeds max_length instead of letting the trainer cut it."""
+    if target.completion is None:
+        return target
+    if prompt_tokens + count_tokens(target.completion) > max_length:
+        return Target(None, Drop.TOO_LONG, target.tagged)
+    return target
+
+
+def _closed(text: str) -> bool:
+    return "</safe>" in text.lower()
+
+
+def _without_tags(analysis: str) -> str:
+    # A nested opening tag inside the model's analysis would make the rendered block ambiguous.
+    return analysis.replace("<safe>", "").replace("<SAFE>", "").strip() or "(no analysis)"
