@@ -112,9 +112,10 @@ def run_transformers(cfg, texts, new_tokens, batch=8) -> dict:
 
 
 def child(mode: str, args) -> None:
+    from clients.cli import _overrides
     from safetrigger.config import load_config
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, _overrides(args.set))
     texts = prompts(args.prompts)
     fn = {"serve": run_serve, "vllm": run_vllm, "transformers": run_transformers}[mode]
     result = fn(cfg, texts, args.new_tokens)
@@ -126,6 +127,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--config", default=str(REPO / "configs" / "embedded.yaml"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, as in the CLI")
     ap.add_argument("--only", choices=["serve", "vllm", "transformers"])
     ap.add_argument("--child", choices=["serve", "vllm", "transformers"])
     args = ap.parse_args()
@@ -135,7 +137,7 @@ def main() -> None:
     results = {}
     for mode in [args.only] if args.only else ["serve", "vllm", "transformers"]:
         cmd = [sys.executable, __file__, "--child", mode, "--prompts", str(args.prompts),
-               "--new-tokens", str(args.new_tokens), "--config", args.config]
+               "--new-tokens", str(args.new_tokens), "--config", args.config] + [f"--set={kv}" for kv in args.set]
         env = dict(os.environ)
         if mode == "vllm":
             from services.policy import _preload_candidates

@@ -65,6 +65,8 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
     from .datasets import load_all
     from .generate import run_generate
     from .judge import run_judge
+    from .review import run_review
+    from .sft_data import build_sft_examples, write_jsonl
 
     t0 = time.monotonic()
     set_threads(cfg.torch_threads)
@@ -81,12 +83,14 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
     ids_key = stage_key(sorted(q.id for q in queries))
     gen_key = stage_key("generate", cfg.model.model_dump(), cfg.generation.model_dump(exclude={"batch_size", "concurrency", "chunk_rows"}), ids_key)
     judge_key = stage_key("judge", gen_key, cfg.judge.model_dump())
+    review_key = stage_key("review", gen_key, cfg.review.model_dump(), cfg.judge.max_reasoning_tokens)
     gen_store = StageStore(out / f"generate-{gen_key}")
     judge_store = StageStore(out / f"judge-{judge_key}")
+    review_store = StageStore(out / f"review-{review_key}")
 
     timings: dict[str, float] = {}
     owned = endpoint is None
-    if owned and not (gen_store.done and judge_store.done):
+    if owned and not (gen_store.done and judge_store.done and review_store.done):
         init_ray(cfg)
         t = time.monotonic()
         emit(f"[serve] starting policy {cfg.model.source} ({cfg.serving.num_replicas} replica(s), {cfg.serving.accelerator})")
@@ -108,9 +112,15 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
 
     trajectories = stage("generate", gen_store, gen_key, lambda: run_generate(queries, endpoint, cfg, gen_store))
     judgements = stage("judge", judge_store, judge_key, lambda: run_judge(trajectories, endpoint, cfg, judge_store))
+    reviews = stage("review", review_store, review_key, lambda: run_review(trajectories, endpoint, cfg, review_store))
 
     if owned and endpoint is not None:
         serve.delete(endpoint.app_name)
+
+    examples, sft_stats = build_sft_examples(trajectories, reviews, cfg, model_path)
+    sft_path = out / f"sft-{stage_key('sft', review_key, cfg.sft_data.model_dump())}.jsonl"
+    write_jsonl(sft_path, examples)
+    emit(f"[sft-data] {len(examples)} examples -> {sft_path}; kept {sft_stats['kept']}, dropped {sft_stats['dropped']}")
 
     table = awareness_table(judgements)
     text = format_table(table, f"{cfg.model.source} (all splits)")
@@ -120,7 +130,9 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
         "name": cfg.name,
         "model": cfg.model.source,
         "queries": len(queries),
-        "stages": {"generate": str(gen_store.root), "judge": str(judge_store.root)},
+        "stages": {"generate": str(gen_store.root), "judge": str(judge_store.root), "review": str(review_store.root),
+                   "sft_data": str(sft_path)},
+        "sft_data": sft_stats,
         "awareness": [asdict(r) for r in table],
         "timings": {**timings, "total_s": time.monotonic() - t0},
     }

@@ -137,6 +137,36 @@ class JudgeConfig(_Strict):
         return VerdictOptions(self.unsafe_option, self.safe_option)
 
 
+class ReviewConfig(_Strict):
+    temperature: float = Field(0.3, ge=0)
+    max_tokens: int = Field(256, ge=16)
+
+
+class SFTDataConfig(_Strict):
+    max_length: int = Field(1024, ge=64)  # prompt + completion tokens; longer examples are dropped, never cut
+
+
+class LoraSettings(_Strict):
+    r: int = Field(64, ge=1)  # paper: r=64, alpha=16, dropout 0.05
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class SFTTrainConfig(_Strict):
+    lora: LoraSettings = LoraSettings()
+    num_workers: int = Field(2, ge=1)  # Ray Train workers (gloo on CPU, NCCL on GPUs)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1  # > 0 caps the run (tests, smoke runs)
+    per_device_batch_size: int = Field(2, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    seed: int = 0
+    torch_threads: int = Field(1, ge=1)
+
+
 class RunConfig(_Strict):
     name: str = "embedded"
     output_dir: str = "runs/embedded"
@@ -147,6 +177,9 @@ class RunConfig(_Strict):
     data: DataConfig
     generation: GenerationConfig = GenerationConfig()
     judge: JudgeConfig = JudgeConfig()
+    review: ReviewConfig = ReviewConfig()
+    sft_data: SFTDataConfig = SFTDataConfig()
+    sft: SFTTrainConfig = SFTTrainConfig()
 
     @field_validator("output_dir")
     @classmethod

@@ -33,6 +33,7 @@ def make_cfg(tmp, data_root, **over) -> RunConfig:
         "data": {"root": str(data_root), "sources": [{"type": "queries", "path": "repo:data/demo_queries.jsonl"}]},
         "generation": {"max_tokens": 48, "batch_size": 8, "chunk_rows": 5},
         "judge": {"max_reasoning_tokens": 64},
+        "review": {"max_tokens": 64},
     }
     for k, v in over.items():
         raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
@@ -154,6 +155,23 @@ def test_main_job_on_the_running_policy(stack, capsys):
     assert "Latent safety awareness" in out and "| harmful |" in out and "| general |" in out
     assert summary["queries"] == 24
     assert (tmp / "run" / "awareness.md").read_text().count("|") > 20
+    # self-review ran for the unsafe training queries only, and the SFT data follows the method's rules
+    queries = {q.id: q for q in load_all(cfg.data)}
+    reviewed = StageStore(summary["stages"]["review"]).read()
+    assert {r["query_id"] for r in reviewed} == {i for i, q in queries.items() if q.unsafe and q.split == "train"}
+    assert all(r["review"].strip() and r["completion_tokens"] > 0 for r in reviewed)
+    examples = [json.loads(line) for line in open(summary["stages"]["sft_data"])]
+    stats = summary["sft_data"]
+    assert len(examples) == sum(stats["kept"].values())
+    assert len(examples) + sum(stats["dropped"].values()) == sum(q.split == "train" for q in queries.values())
+    from safetrigger.method import parse_safe
+
+    for ex in examples:
+        q = queries[ex["query_id"]]
+        assert q.split == "train" and ex["prompt"][-1] == {"role": "user", "content": q.prompt}
+        block = parse_safe(ex["completion"][0]["content"])
+        assert block.complete == ex["tagged"] == q.unsafe  # the tag fires exactly on unsafe queries
+        assert block.answer
     again = run(cfg, endpoint=ep)  # finished stages are skipped
     assert "finished earlier" in capsys.readouterr().out
     assert again["awareness"] == summary["awareness"]
