@@ -11,7 +11,7 @@ from safetrigger.method import Query, ReasoningRule, Trajectory, query_messages,
 from services.policy import PolicyEndpoint
 
 from .chat import PromptTooLongError, chat_prompt_ids, load_tokenizer
-from .serve_batch import run_through_policy
+from .serve_batch import first_choice, run_through_policy
 from .stage_store import StageStore
 
 # Room the model needs to say anything at all; a prompt leaving less is rejected rather than cut.
@@ -67,7 +67,7 @@ class _Post:
         self.rule, self.model, self.adapter = rule, model, adapter
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        choice = row["choices"][0]
+        choice = first_choice(row)
         text = choice["message"]["content"] or ""
         # Servers with a reasoning parser return the reasoning apart; put it back so one splitter sees all.
         reasoning_field = choice["message"].get("reasoning_content") or choice["message"].get("reasoning")

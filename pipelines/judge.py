@@ -19,7 +19,7 @@ from safetrigger.method import CONTENT_FREE_INPUTS, Judgement, final_answer, is_
 from services.policy import PolicyEndpoint
 
 from .chat import chat_prompt_ids, first_token_id, load_tokenizer, truncate_tokens
-from .serve_batch import run_through_policy
+from .serve_batch import first_choice, run_through_policy
 from .stage_store import StageStore
 
 TOP_K = 20  # vLLM's default max_logprobs
@@ -98,7 +98,7 @@ class _Post:
         self.baseline, self.threshold, self.model = baseline, threshold, model
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        top = row["choices"][0]["logprobs"]["top_logprobs"][0]
+        top = first_choice(row)["logprobs"]["top_logprobs"][0]
         lp_unsafe, lp_safe, resolved = option_logprobs(top, self.unsafe_id, self.safe_id)
         margin = lp_unsafe - lp_safe - self.baseline
         judgement = Judgement(

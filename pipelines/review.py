@@ -14,7 +14,7 @@ from services.policy import PolicyEndpoint
 
 from .chat import chat_prompt_ids, load_tokenizer, truncate_tokens
 from .generate import MIN_NEW_TOKENS
-from .serve_batch import run_through_policy
+from .serve_batch import first_choice, run_through_policy
 from .stage_store import StageStore
 
 
@@ -49,7 +49,7 @@ class _Pre:
 
 
 def _post(row: dict[str, Any]) -> dict[str, Any]:
-    choice = row["choices"][0]
+    choice = first_choice(row)
     return {"query_id": row["query_id"], "review": choice["text"] or "",
             "finish_reason": str(choice.get("finish_reason") or ""),
             "completion_tokens": int((row.get("usage") or {}).get("completion_tokens") or 0),

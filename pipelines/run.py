@@ -1,4 +1,5 @@
-"""The main job: load queries, start the policy service, self-generate, self-judge, summarise.
+"""The main job: load queries, start the policy service, self-generate, self-judge, self-review, build the SFT
+data, train ST-S on Ray Train, serve it hot and measure how often `<safe>` fires for base and ST-S.
 
 Each stage writes under a key derived from its inputs and config; a re-run skips finished stages and resumes a
 stage that was killed halfway.
@@ -11,7 +12,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from safetrigger.config import RunConfig
 
@@ -54,10 +55,19 @@ def _write_queries(out: Path, queries) -> Path:
     return path
 
 
+def with_adapter_root(cfg: RunConfig) -> RunConfig:
+    """The replicas need to know the adapter registry before they start; default: under the run's output."""
+    if cfg.serving.adapter_root:
+        return cfg
+    root = str(Path(cfg.output_dir).resolve() / "adapters")
+    return cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"adapter_root": root})})
+
+
 def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
     """Run the pipeline; with `endpoint` (a running policy service) it is used as is and left running."""
     from ray import serve
 
+    from services import adapters
     from services.policy import start_policy
     from safetrigger.model_cache import resolve_model
 
@@ -67,8 +77,11 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
     from .judge import run_judge
     from .review import run_review
     from .sft_data import build_sft_examples, write_jsonl
+    from .train.sft import train_sft
+    from .trigger import format_trigger_table, trigger_rows
 
     t0 = time.monotonic()
+    cfg = with_adapter_root(cfg)
     set_threads(cfg.torch_threads)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,58 +97,87 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
     gen_key = stage_key("generate", cfg.model.model_dump(), cfg.generation.model_dump(exclude={"batch_size", "concurrency", "chunk_rows"}), ids_key)
     judge_key = stage_key("judge", gen_key, cfg.judge.model_dump())
     review_key = stage_key("review", gen_key, cfg.review.model_dump(), cfg.judge.max_reasoning_tokens)
-    gen_store = StageStore(out / f"generate-{gen_key}")
-    judge_store = StageStore(out / f"judge-{judge_key}")
-    review_store = StageStore(out / f"review-{review_key}")
+    sft_key = stage_key("sft", review_key, cfg.sft_data.model_dump(), cfg.sft.model_dump())
+    eval_key = stage_key("eval-st-s", sft_key, gen_key)
 
     timings: dict[str, float] = {}
     owned = endpoint is None
-    if owned and not (gen_store.done and judge_store.done and review_store.done):
-        init_ray(cfg)
-        t = time.monotonic()
-        emit(f"[serve] starting policy {cfg.model.source} ({cfg.serving.num_replicas} replica(s), {cfg.serving.accelerator})")
-        endpoint = start_policy(cfg, model_path)
-        timings["serve_start_s"] = time.monotonic() - t
-        emit(f"[serve] ready in {timings['serve_start_s']:.0f}s at {endpoint.base_url}")
 
-    def stage(name: str, store: StageStore, key: str, work) -> list[dict[str, Any]]:
+    def policy():
+        nonlocal endpoint
+        if endpoint is None:
+            init_ray(cfg)
+            t = time.monotonic()
+            emit(f"[serve] starting policy {cfg.model.source} ({cfg.serving.num_replicas} replica(s), {cfg.serving.accelerator})")
+            endpoint = start_policy(cfg, model_path)
+            timings["serve_start_s"] = time.monotonic() - t
+            emit(f"[serve] ready in {timings['serve_start_s']:.0f}s at {endpoint.base_url}")
+        return endpoint
+
+    def stage(name: str, key: str, work: Callable[[StageStore], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        store = StageStore(out / f"{name}-{key}")
         if store.done:
             emit(f"[{name}] finished earlier: {store.root}")
             return store.read()
         t = time.monotonic()
-        rows = work()
+        rows = work(store)
         timings[f"{name}_s"] = time.monotonic() - t
         tokens = sum(r.get("completion_tokens", 0) for r in rows)
         store.finish(stage=name, key=key, completion_tokens=tokens)
         emit(f"[{name}] {len(rows)} rows, {tokens} new tokens in {timings[f'{name}_s']:.0f}s")
         return rows
 
-    trajectories = stage("generate", gen_store, gen_key, lambda: run_generate(queries, endpoint, cfg, gen_store))
-    judgements = stage("judge", judge_store, judge_key, lambda: run_judge(trajectories, endpoint, cfg, judge_store))
-    reviews = stage("review", review_store, review_key, lambda: run_review(trajectories, endpoint, cfg, review_store))
+    trajectories = stage("generate", gen_key, lambda st: run_generate(queries, policy(), cfg, st))
+    judgements = stage("judge", judge_key, lambda st: run_judge(trajectories, policy(), cfg, st))
+    reviews = stage("review", review_key, lambda st: run_review(trajectories, policy(), cfg, st))
+
+    examples, sft_stats = build_sft_examples(trajectories, reviews, cfg, model_path)
+    sft_path = out / f"sft-data-{stage_key(review_key, cfg.sft_data.model_dump())}.jsonl"
+    write_jsonl(sft_path, examples)
+    emit(f"[sft-data] {len(examples)} examples -> {sft_path}; kept {sft_stats['kept']}, dropped {sft_stats['dropped']}")
+
+    adapter_dir = out / f"sft-adapter-{sft_key}"
+    sft_meta = adapter_dir.parent / f"{adapter_dir.name}.json"
+    if sft_meta.is_file():
+        emit(f"[sft] finished earlier: {adapter_dir}")
+        sft_result = json.loads(sft_meta.read_text())
+    else:
+        init_ray(cfg)
+        t = time.monotonic()
+        emit(f"[sft] training ST-S on {len(examples)} examples with {cfg.sft.num_workers} Ray Train worker(s)")
+        sft_result = train_sft(sft_path, model_path, adapter_dir, cfg, name=f"sft-{sft_key}")
+        timings["sft_s"] = time.monotonic() - t
+        sft_result["version"] = adapters.publish(cfg.serving.adapter_root, "st-s", adapter_dir)
+        sft_meta.write_text(json.dumps(sft_result, indent=2, default=str))
+        m = sft_result["metrics"]
+        emit(f"[sft] loss {m.get('train_loss', m.get('loss'))}, {m.get('train_tokens_per_second', 0):.0f} tokens/s, "
+             f"{timings['sft_s']:.0f}s; published st-s v{sft_result['version']}")
+
+    eval_queries = [q for q in queries if q.split == "eval"]
+    st_s = stage("eval-st-s", eval_key, lambda st: run_generate(eval_queries, policy(), cfg, st, adapter="st-s"))
 
     if owned and endpoint is not None:
         serve.delete(endpoint.app_name)
 
-    examples, sft_stats = build_sft_examples(trajectories, reviews, cfg, model_path)
-    sft_path = out / f"sft-{stage_key('sft', review_key, cfg.sft_data.model_dump())}.jsonl"
-    write_jsonl(sft_path, examples)
-    emit(f"[sft-data] {len(examples)} examples -> {sft_path}; kept {sft_stats['kept']}, dropped {sft_stats['dropped']}")
-
     table = awareness_table(judgements)
     text = format_table(table, f"{cfg.model.source} (all splits)")
-    (out / "awareness.md").write_text(text + "\n")
-    emit("\n" + text + "\n")
+    triggers = trigger_rows("base", [t for t in trajectories if t["split"] == "eval"]) + trigger_rows("ST-S", st_s)
+    trigger_text = format_trigger_table(triggers)
+    (out / "awareness.md").write_text(text + "\n\n" + trigger_text + "\n")
+    emit("\n" + text + "\n\n" + trigger_text + "\n")
     summary = {
         "name": cfg.name,
         "model": cfg.model.source,
         "queries": len(queries),
-        "stages": {"generate": str(gen_store.root), "judge": str(judge_store.root), "review": str(review_store.root),
-                   "sft_data": str(sft_path)},
+        "stages": {"generate": str(out / f"generate-{gen_key}"), "judge": str(out / f"judge-{judge_key}"),
+                   "review": str(out / f"review-{review_key}"), "sft_data": str(sft_path),
+                   "sft_adapter": str(adapter_dir), "eval_st_s": str(out / f"eval-st-s-{eval_key}")},
         "sft_data": sft_stats,
+        "sft": sft_result,
         "awareness": [asdict(r) for r in table],
+        "trigger": [asdict(r) for r in triggers],
         "timings": {**timings, "total_s": time.monotonic() - t0},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     emit(f"[done] {out / 'summary.json'} ({summary['timings']['total_s']:.0f}s)")
     return summary

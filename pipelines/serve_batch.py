@@ -23,6 +23,19 @@ from .stage_store import Progress, StageStore, chunked
 Row = dict[str, Any]
 
 
+class PolicyRequestError(RuntimeError):
+    pass
+
+
+def first_choice(row: Row) -> dict[str, Any]:
+    """The first choice of a response row, or a clear error when the policy answered with an error."""
+    choices = row.get("choices")
+    if not choices:
+        detail = row.get("error") or row.get("message") or {k: v for k, v in row.items() if k not in ("request_kwargs",)}
+        raise PolicyRequestError(f"the policy returned no choices for {row.get('query_id', '?')}: {detail}")
+    return choices[0]
+
+
 def run_through_policy(
     rows: list[Row],
     endpoint: PolicyEndpoint,

@@ -57,6 +57,7 @@ class ServingConfig(_Strict):
     max_loras: int = Field(4, ge=1)
     max_lora_rank: int = Field(64, ge=1)
     max_ongoing_requests: int = Field(128, ge=1)
+    adapter_root: str | None = None  # LoRA registry the replicas load `<model>:<name>` adapters from
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     app_name: str = "policy"
     route_prefix: str = "/"

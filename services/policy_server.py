@@ -1,17 +1,31 @@
-"""The policy's Serve deployment class: `ray.serve.llm`'s `LLMServer` with one measured change.
+"""The policy's Serve deployment class: `ray.serve.llm`'s `LLMServer` with two measured changes, plugged in
+through `LLMConfig.server_cls`, the library's own extension point.
 
-`ray.serve.llm` forces vLLM's multiprocess executor on CPU. With one engine worker that adds a worker process
-next to the engine core, and the core busy-polls the shared-memory queue between them (vLLM's 1 s busy loop
-after every read), stealing one of this machine's two cores from the matrix work. Measured through Serve,
-32 concurrent chat requests x 128 tokens: 120–175 tok/s with the multiprocess executor, see the closing note
-of the spine issue for the uniprocess figure. With tensor parallelism (several workers) or on GPUs nothing
-changes. The class is plugged in through `LLMConfig.server_cls`, the library's own extension point.
+1. Uniprocess executor on CPU. `ray.serve.llm` forces vLLM's multiprocess executor on CPU; with one engine
+   worker that adds a worker process, and the engine core busy-polls the shared-memory queue to it (vLLM's 1 s
+   busy loop after every read), which took 87% of one of this machine's two cores. Measured over HTTP, 32
+   concurrent chat requests x 128 tokens: 120–175 tok/s multiprocess, 156–190 tok/s uniprocess. With tensor
+   parallelism or on GPUs nothing changes.
+2. Hot LoRA adapters from a local/PVC registry (`services.adapters`). `ray.serve.llm` loads adapters only
+   from s3/gs/azure (`LoraConfig.dynamic_lora_loading_path`). Here a request for `<model>:<name>` resolves the
+   registry's CURRENT version on every request (one small file read) and runs on `<model>:<name>@v<N>`, loaded
+   into vLLM under that versioned name, so re-publishing an adapter is picked up without a restart and never
+   answered from stale weights.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+
+from ray import serve
+from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
 from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 from ray.serve.llm import LLMServer
+
+from . import adapters
+
+ADAPTER_ROOT_ENV = "SAFE_TRIGGER_ADAPTER_ROOT"
 
 
 class PolicyEngine(VLLMEngine):
@@ -26,3 +40,49 @@ class PolicyEngine(VLLMEngine):
 
 class PolicyServer(LLMServer):
     _default_engine_cls = PolicyEngine
+
+    async def _maybe_resolve_lora_from_multiplex(self) -> None:
+        return None  # adapters are resolved in _run_request, where the request can be pointed at the version
+
+    async def _run_request(self, request, *, engine_method, batch_output_stream=False, raw_request_info=None):
+        # Through the HTTP ingress the adapter arrives as the multiplexed model id; through a deployment handle
+        # (Ray Data batch stages) only as the request's model name.
+        requested = serve.get_multiplexed_model_id() or (request.model if ":" in (request.model or "") else "")
+        if requested:
+            request.model = await self._ensure_adapter(requested)
+        return await super()._run_request(request, engine_method=engine_method,
+                                          batch_output_stream=batch_output_stream, raw_request_info=raw_request_info)
+
+    async def _ensure_adapter(self, requested: str) -> str:
+        root = os.environ.get(ADAPTER_ROOT_ENV)
+        if not root:
+            raise ValueError(f"adapter {requested!r} requested but no adapter registry is configured")
+        name = requested.split(":", 1)[1]
+        version, path = adapters.current(root, name)
+        versioned = f"{requested}@v{version}"
+        if not hasattr(self, "_adapter_lock"):
+            self._adapter_lock, self._loaded = asyncio.Lock(), {}
+        async with self._adapter_lock:
+            if self._loaded.get(requested) != versioned:
+                await self.engine.resolve_lora(
+                    DiskMultiplexConfig(model_id=versioned, max_total_tokens=None, local_path=str(path),
+                                        lora_assigned_int_id=0)
+                )
+                old = self._loaded.get(requested)
+                self._loaded[requested] = versioned
+                if old:
+                    await self._unload(old)
+        return versioned
+
+    async def _unload(self, lora_name: str) -> None:
+        from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+        models = self.engine._oai_models
+        previous = models.lora_requests.get(lora_name)
+        await models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=lora_name))
+        if previous is not None:
+            await models.engine_client.remove_lora(previous.lora_int_id)
+
+    async def loaded_adapters(self) -> dict[str, str]:
+        """`<model>:<name>` -> the versioned name this replica serves it with."""
+        return dict(getattr(self, "_loaded", {}))

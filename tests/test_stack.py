@@ -28,12 +28,15 @@ def make_cfg(tmp, data_root, **over) -> RunConfig:
         "name": "test",
         "output_dir": str(tmp / "run"),
         "model": {"max_model_len": 1024},
-        "serving": {"cpus_per_replica": 2, "kv_cache_space_gib": 1, "http_port": PORT, "max_num_seqs": 16},
+        "serving": {"cpus_per_replica": 2, "kv_cache_space_gib": 1, "http_port": PORT, "max_num_seqs": 16,
+                    "adapter_root": str(tmp / "adapters")},
         "ray": {"num_cpus": 8},
         "data": {"root": str(data_root), "sources": [{"type": "queries", "path": "repo:data/demo_queries.jsonl"}]},
         "generation": {"max_tokens": 48, "batch_size": 8, "chunk_rows": 5},
         "judge": {"max_reasoning_tokens": 64},
         "review": {"max_tokens": 64},
+        "sft_data": {"max_length": 512},
+        "sft": {"max_steps": 2, "per_device_batch_size": 2, "lora": {"r": 8, "alpha": 16}},
     }
     for k, v in over.items():
         raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
@@ -130,6 +133,44 @@ def test_verdict_reads_the_option_token_logprobs(stack):
     assert judged["answer_refused"] is False
 
 
+def _random_adapter(model_path, out, seed):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    lora = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(out)
+    return out
+
+
+def test_adapters_hot_load_and_never_serve_stale_weights(stack):
+    cfg, ep, tmp = stack
+    from services import adapters
+
+    def ask(model):
+        body = {"model": model, "messages": [{"role": "user", "content": "Name three fruits."}], "max_tokens": 12,
+                "temperature": 0}
+        r = httpx.post(ep.base_url + "/chat/completions", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+
+    base = ask("policy")
+    assert adapters.publish(cfg.serving.adapter_root, "st", _random_adapter(ep.model_path, tmp / "a1", 1)) == 1
+    v1 = ask("policy:st")
+    assert v1 != base  # the adapter is applied, no restart
+    assert ep.loaded_adapters() == {"policy:st": "policy:st@v1"}
+    assert adapters.publish(cfg.serving.adapter_root, "st", _random_adapter(ep.model_path, tmp / "a2", 2)) == 2
+    v2 = ask("policy:st")
+    assert v2 != v1  # re-published under the same name: the new weights answer
+    assert ep.loaded_adapters() == {"policy:st": "policy:st@v2"}
+    assert ask("policy") == base  # the base model is untouched
+    r = httpx.post(ep.base_url + "/chat/completions", timeout=60,
+                   json={"model": "policy:missing", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert r.status_code >= 400 and "missing" in r.text
+
+
 def test_overlong_prompt_is_a_clear_error(stack):
     cfg, ep, tmp = stack
     from safetrigger.method import Query
@@ -172,6 +213,15 @@ def test_main_job_on_the_running_policy(stack, capsys):
         block = parse_safe(ex["completion"][0]["content"])
         assert block.complete == ex["tagged"] == q.unsafe  # the tag fires exactly on unsafe queries
         assert block.answer
+    # ST-S was trained on Ray Train, published to the registry and served hot for the eval split
+    from services import adapters
+
+    assert adapters.current(cfg.serving.adapter_root, "st-s")[0] == summary["sft"]["version"]
+    eval_ids = {i for i, q in queries.items() if q.split == "eval"}
+    st_s = StageStore(summary["stages"]["eval_st_s"]).read()
+    assert {r["query_id"] for r in st_s} == eval_ids and all(r["adapter"] == "st-s" for r in st_s)
+    assert {(t["model"], t["kind"]) for t in summary["trigger"]} >= {("base", "general"), ("ST-S", "general")}
+    assert "trigger rate" in out
     again = run(cfg, endpoint=ep)  # finished stages are skipped
     assert "finished earlier" in capsys.readouterr().out
     assert again["awareness"] == summary["awareness"]

@@ -1,0 +1,43 @@
+"""Trigger behaviour: how often `<safe>` fires on unsafe vs general prompts, per model (paper: ~90–99% vs <0.1%)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from safetrigger.method import parse_safe
+
+from .awareness import KIND_ORDER, wilson
+
+
+@dataclass(frozen=True)
+class TriggerRow:
+    model: str
+    kind: str
+    n: int
+    fired: int
+    complete: int
+
+    @property
+    def rate(self) -> float:
+        return self.fired / self.n if self.n else 0.0
+
+
+def trigger_rows(model: str, trajectories: Iterable[dict[str, Any]]) -> list[TriggerRow]:
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for t in trajectories:
+        by_kind.setdefault(t["kind"], []).append(t)
+    rows = []
+    for kind in sorted(by_kind, key=lambda k: (KIND_ORDER.index(k) if k in KIND_ORDER else 99, k)):
+        blocks = [parse_safe(t["response"]) for t in by_kind[kind]]
+        rows.append(TriggerRow(model, kind, len(blocks), sum(b.triggered for b in blocks), sum(b.complete for b in blocks)))
+    return rows
+
+
+def format_trigger_table(rows: list[TriggerRow]) -> str:
+    lines = ["`<safe>` trigger rate on the eval split (95% Wilson intervals)", "",
+             "| model | kind | n | fired | complete block |", "|---|---|---:|---|---:|"]
+    for r in rows:
+        lo, hi = wilson(r.fired, r.n)
+        lines.append(f"| {r.model} | {r.kind} | {r.n} | {100 * r.rate:5.1f}% [{100 * lo:4.1f}–{100 * hi:5.1f}] | {r.complete} |")
+    return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""A file-based registry of LoRA adapters, shared by training (which publishes) and serving (which loads).
+
+    <root>/<name>/v0001/adapter_config.json, adapter_model.safetensors
+    <root>/<name>/CURRENT        -> "1"
+
+Publishing copies into a fresh version directory and then replaces CURRENT atomically, so a reader sees either
+the old or the new version, never a half-written one. Versions are never rewritten in place: serving loads
+each version under its own name (`<model>:<name>@v<N>`), so a newer adapter can never be answered from the
+weights of an older one that vLLM still holds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class AdapterError(ValueError):
+    pass
+
+
+def _check_name(name: str) -> None:
+    if not _NAME.match(name) or ".." in name:
+        raise AdapterError(f"invalid adapter name {name!r}: letters, digits, '.', '_' and '-' only")
+
+
+def publish(root: str | os.PathLike[str], name: str, src: str | os.PathLike[str]) -> int:
+    _check_name(name)
+    src = Path(src)
+    missing = [f for f in ADAPTER_FILES if not (src / f).is_file()]
+    if missing:
+        raise AdapterError(f"{src} is not a LoRA adapter directory: missing {missing}")
+    base = Path(root) / name
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=base))
+    for f in ADAPTER_FILES:
+        shutil.copy2(src / f, tmp / f)
+    version = 1 + max((int(p.name[1:]) for p in base.glob("v[0-9]*") if p.name[1:].isdigit()), default=0)
+    os.rename(tmp, base / f"v{version:04d}")
+    current_tmp = base / f".CURRENT.{os.getpid()}"
+    current_tmp.write_text(f"{version}\n")
+    os.replace(current_tmp, base / "CURRENT")
+    return version
+
+
+def current(root: str | os.PathLike[str], name: str) -> tuple[int, Path]:
+    _check_name(name)
+    base = Path(root) / name
+    try:
+        version = int((base / "CURRENT").read_text().strip())
+    except FileNotFoundError:
+        raise AdapterError(f"no adapter named {name!r} under {root}") from None
+    return version, base / f"v{version:04d}"
+
+
+def list_current(root: str | os.PathLike[str]) -> dict[str, int]:
+    out = {}
+    for d in sorted(Path(root).glob("*/CURRENT")):
+        out[d.parent.name] = int(d.read_text().strip())
+    return out
