@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+from services.adapters import ADAPTER_FILES
 
 
 def _train_loop(c: dict[str, Any]) -> None:
