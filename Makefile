@@ -5,7 +5,7 @@ setup:
 	@bash scripts/setup.sh
 
 run: setup
-	.venv/bin/safe-trigger run configs/embedded.yaml
+	.venv/bin/safe-trigger run configs/embedded.yaml $(ARGS)
 
 test: setup
 	.venv/bin/python -m pytest -q tests

@@ -63,11 +63,33 @@ def with_adapter_root(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"adapter_root": root})})
 
 
+def _train_st_s(cfg, sft_path, n_examples, model_path, adapter_dir, sft_key, timings, emit) -> dict[str, Any]:
+    """SFT on Ray Train, then publish the adapter as `st-s` so the running replicas serve it hot."""
+    from services import adapters
+
+    from .train.sft import train_sft
+
+    sft_meta = adapter_dir.parent / f"{adapter_dir.name}.json"
+    if sft_meta.is_file():
+        emit(f"[sft] finished earlier: {adapter_dir}")
+        return json.loads(sft_meta.read_text())
+    init_ray(cfg)
+    t = time.monotonic()
+    emit(f"[sft] training ST-S on {n_examples} examples with {cfg.sft.num_workers} Ray Train worker(s)")
+    result = train_sft(sft_path, model_path, adapter_dir, cfg, name=f"sft-{sft_key}")
+    timings["sft_s"] = time.monotonic() - t
+    result["version"] = adapters.publish(cfg.serving.adapter_root, "st-s", adapter_dir)
+    sft_meta.write_text(json.dumps(result, indent=2, default=str))
+    m = result["metrics"]
+    emit(f"[sft] loss {m.get('train_loss', m.get('loss'))}, {m.get('train_tokens_per_second', 0):.0f} tokens/s, "
+         f"{timings['sft_s']:.0f}s; published st-s v{result['version']}")
+    return result
+
+
 def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
     """Run the pipeline; with `endpoint` (a running policy service) it is used as is and left running."""
     from ray import serve
 
-    from services import adapters
     from services.policy import start_policy
     from safetrigger.model_cache import resolve_model
 
@@ -77,7 +99,6 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
     from .judge import run_judge
     from .review import run_review
     from .sft_data import build_sft_examples, write_jsonl
-    from .train.sft import train_sft
     from .trigger import format_trigger_table, trigger_rows
 
     t0 = time.monotonic()
@@ -137,31 +158,20 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
     emit(f"[sft-data] {len(examples)} examples -> {sft_path}; kept {sft_stats['kept']}, dropped {sft_stats['dropped']}")
 
     adapter_dir = out / f"sft-adapter-{sft_key}"
-    sft_meta = adapter_dir.parent / f"{adapter_dir.name}.json"
-    if sft_meta.is_file():
-        emit(f"[sft] finished earlier: {adapter_dir}")
-        sft_result = json.loads(sft_meta.read_text())
-    else:
-        init_ray(cfg)
-        t = time.monotonic()
-        emit(f"[sft] training ST-S on {len(examples)} examples with {cfg.sft.num_workers} Ray Train worker(s)")
-        sft_result = train_sft(sft_path, model_path, adapter_dir, cfg, name=f"sft-{sft_key}")
-        timings["sft_s"] = time.monotonic() - t
-        sft_result["version"] = adapters.publish(cfg.serving.adapter_root, "st-s", adapter_dir)
-        sft_meta.write_text(json.dumps(sft_result, indent=2, default=str))
-        m = sft_result["metrics"]
-        emit(f"[sft] loss {m.get('train_loss', m.get('loss'))}, {m.get('train_tokens_per_second', 0):.0f} tokens/s, "
-             f"{timings['sft_s']:.0f}s; published st-s v{sft_result['version']}")
-
-    eval_queries = [q for q in queries if q.split == "eval"]
-    st_s = stage("eval-st-s", eval_key, lambda st: run_generate(eval_queries, policy(), cfg, st, adapter="st-s"))
+    sft_result: dict[str, Any] = {}
+    st_s: list[dict[str, Any]] = []
+    if cfg.sft.enabled:
+        sft_result = _train_st_s(cfg, sft_path, len(examples), model_path, adapter_dir, sft_key, timings, emit)
+        eval_queries = [q for q in queries if q.split == "eval"]
+        st_s = stage("eval-st-s", eval_key, lambda st: run_generate(eval_queries, policy(), cfg, st, adapter="st-s"))
 
     if owned and endpoint is not None:
         serve.delete(endpoint.app_name)
 
     table = awareness_table(judgements)
     text = format_table(table, f"{cfg.model.source} (all splits)")
-    triggers = trigger_rows("base", [t for t in trajectories if t["split"] == "eval"]) + trigger_rows("ST-S", st_s)
+    triggers = trigger_rows("base", [t for t in trajectories if t["split"] == "eval"])
+    triggers += trigger_rows("ST-S", st_s) if cfg.sft.enabled else []
     trigger_text = format_trigger_table(triggers)
     (out / "awareness.md").write_text(text + "\n\n" + trigger_text + "\n")
     emit("\n" + text + "\n\n" + trigger_text + "\n")

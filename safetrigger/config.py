@@ -155,6 +155,7 @@ class LoraSettings(_Strict):
 
 
 class SFTTrainConfig(_Strict):
+    enabled: bool = True  # train ST-S and measure its trigger rate in the main job
     lora: LoraSettings = LoraSettings()
     num_workers: int = Field(2, ge=1)  # Ray Train workers (gloo on CPU, NCCL on GPUs)
     use_gpu: bool = False
