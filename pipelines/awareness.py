@@ -40,14 +40,18 @@ class AwarenessRow:
         return self.complied / self.n if self.n else 0.0
 
 
-def awareness_table(judgements: Iterable[dict[str, Any]], split: str | None = None) -> list[AwarenessRow]:
+def group_by_kind(rows: Iterable[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Rows per kind, kinds in the paper's order (harmful, jailbreak, general), others after."""
     by_kind: dict[str, list[dict[str, Any]]] = {}
-    for j in judgements:
-        if split is None or j["split"] == split:
-            by_kind.setdefault(j["kind"], []).append(j)
+    for r in rows:
+        by_kind.setdefault(r["kind"], []).append(r)
+    order = sorted(by_kind, key=lambda k: (KIND_ORDER.index(k) if k in KIND_ORDER else 99, k))
+    return [(k, by_kind[k]) for k in order]
+
+
+def awareness_table(judgements: Iterable[dict[str, Any]], split: str | None = None) -> list[AwarenessRow]:
     rows = []
-    for kind in sorted(by_kind, key=lambda k: (KIND_ORDER.index(k) if k in KIND_ORDER else 99, k)):
-        js = by_kind[kind]
+    for kind, js in group_by_kind(j for j in judgements if split is None or j["split"] == split):
         rows.append(
             AwarenessRow(
                 kind=kind,

@@ -94,7 +94,7 @@ def run_generate(
     done = store.done_ids()
     pending = [q for q in queries if q.id not in done]
     rows = plan_requests(pending, cfg, endpoint.model_path)
-    model = f"{endpoint.model_id}:{adapter}" if adapter else endpoint.model_id
+    model = endpoint.served_model(adapter)
     g = cfg.generation
     run_through_policy(
         rows, endpoint, _Pre(cfg, model), _Post(cfg.model.reasoning.rule(), endpoint.model_id, adapter), store,

@@ -119,7 +119,7 @@ def run_judge(
     tok = load_tokenizer(endpoint.model_path)
     unsafe_id, safe_id = option_token_ids(tok, cfg)
     rows = plan_judge_rows(pending, cfg, endpoint.model_path)
-    model = f"{endpoint.model_id}:{adapter}" if adapter else endpoint.model_id
+    model = endpoint.served_model(adapter)
     baseline = content_free_baseline(endpoint, cfg, model, unsafe_id, safe_id)
     g = cfg.generation
     post = _Post(unsafe_id, safe_id, baseline, cfg.judge.threshold, endpoint.model_id)

@@ -62,7 +62,7 @@ def run_review(
     todo = [t for t in trajectories if needs_review(t)]
     done = store.done_ids()
     rows = plan_review_rows([t for t in todo if t["query_id"] not in done], cfg, endpoint.model_path)
-    model = f"{endpoint.model_id}:{adapter}" if adapter else endpoint.model_id
+    model = endpoint.served_model(adapter)
     g = cfg.generation
     run_through_policy(rows, endpoint, _Pre(model, cfg), _post, store, "review", batch_size=g.batch_size,
                        concurrency=g.concurrency, chunk_rows=g.chunk_rows, total=len(todo))

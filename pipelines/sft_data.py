@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from safetrigger.config import RunConfig
-from safetrigger.method import query_messages
+from safetrigger.method import SplitSource, query_messages
 from safetrigger.method.sft import Drop, Target, check_length, general_target, unsafe_target
 
 from .chat import chat_prompt_ids, load_tokenizer
 
-_THINK_SOURCES = {"think_tags", "prefilled_think", "unclosed_think"}
+_THINK_SOURCES = {s.value for s in (SplitSource.THINK_TAGS, SplitSource.PREFILLED_THINK, SplitSource.UNCLOSED_THINK)}
 
 
 def build_sft_examples(
@@ -39,7 +39,7 @@ def build_sft_examples(
             target = general_target(t["reasoning"], t["answer"], think)
         elif t["query_id"] in by_id:
             target = unsafe_target(t["reasoning"], by_id[t["query_id"]]["review"], think,
-                                   reasoning_complete=t["split_source"] != "unclosed_think")
+                                   reasoning_complete=t["split_source"] != SplitSource.UNCLOSED_THINK.value)
         else:
             target = Target(None, Drop.MISSING_ANSWER, True)  # no review (prompt left no room for one)
         messages = query_messages(t["prompt"], cfg.model.system_prompt)

@@ -7,7 +7,7 @@ from typing import Any, Iterable
 
 from safetrigger.method import parse_safe
 
-from .awareness import KIND_ORDER, wilson
+from .awareness import group_by_kind, wilson
 
 
 @dataclass(frozen=True)
@@ -24,12 +24,9 @@ class TriggerRow:
 
 
 def trigger_rows(model: str, trajectories: Iterable[dict[str, Any]]) -> list[TriggerRow]:
-    by_kind: dict[str, list[dict[str, Any]]] = {}
-    for t in trajectories:
-        by_kind.setdefault(t["kind"], []).append(t)
     rows = []
-    for kind in sorted(by_kind, key=lambda k: (KIND_ORDER.index(k) if k in KIND_ORDER else 99, k)):
-        blocks = [parse_safe(t["response"]) for t in by_kind[kind]]
+    for kind, ts in group_by_kind(trajectories):
+        blocks = [parse_safe(t["response"]) for t in ts]
         rows.append(TriggerRow(model, kind, len(blocks), sum(b.triggered for b in blocks), sum(b.complete for b in blocks)))
     return rows
 

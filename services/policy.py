@@ -39,6 +39,10 @@ class PolicyEndpoint:
     def deployment_name(self) -> str:
         return f"{PolicyServer.__name__}:{self.model_id}"
 
+    def served_model(self, adapter: str = "") -> str:
+        """The `model` a request names: the base, or `<model>:<adapter>` for an adapter from the registry."""
+        return f"{self.model_id}:{adapter}" if adapter else self.model_id
+
     def loaded_adapters(self) -> dict[str, str]:
         """Adapters one replica currently serves, with their versions (asks one replica)."""
         handle = serve.get_deployment_handle(self.deployment_name, self.app_name)

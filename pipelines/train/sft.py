@@ -75,7 +75,10 @@ def train_sft(data_path: str | Path, model_path: str, out_dir: str | Path, cfg, 
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         run_config=TrainRunConfig(name=name, storage_path=str(storage)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        shutil.rmtree(loop_cfg["scratch"], ignore_errors=True)  # HF's own checkpoints; Ray Train keeps its copy
     if result.checkpoint is None:
         raise RuntimeError(f"SFT run {name} finished without a checkpoint")
     with result.checkpoint.as_directory() as ckpt:
