@@ -3,7 +3,8 @@
 The same N chat prompts, the same number of new tokens (EOS ignored so every path does equal work), bf16, on
 the embedded model unless --model says otherwise. Each path runs in its own subprocess, one after another, so
 none competes with another for the two cores. Prints output tok/s and the ratios the spine issue targets:
-Serve+Data >= 3x transformers, and within 15% of vLLM in-process.
+Serve+Data >= 3x transformers, and within 15% of vLLM in-process; and the decode speed with a LoRA adapter
+with our grouped CPU LoRA ops (`services/vllm_cpu_lora.py`) versus vLLM's own.
 
     .venv/bin/python bench/generation.py [--prompts 64] [--new-tokens 128] [--config configs/embedded.yaml]
 """
@@ -31,8 +32,24 @@ def prompts(n: int) -> list[str]:
     return qs[:n]
 
 
-def run_vllm(cfg, texts, new_tokens) -> dict:
+def random_adapter(cfg, model_path: str, out: str) -> str:
+    """An adapter of the configured SFT shape with non-zero weights (the decode cost does not depend on them)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    lora = cfg.sft.lora
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=lora.target_modules,
+                                     init_lora_weights=False)).save_pretrained(out)
+    return out
+
+
+def run_vllm(cfg, texts, new_tokens, adapter: bool = False) -> dict:
+    import tempfile
+
     from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
 
     from safetrigger.model_cache import resolve_model
     from services.policy import build_llm_config, cpu_engine_env
@@ -42,11 +59,15 @@ def run_vllm(cfg, texts, new_tokens) -> dict:
     # executor our PolicyServer picks on CPU: the comparison isolates what Serve + Ray Data add.
     engine_kwargs = dict(build_llm_config(cfg).engine_kwargs)
     llm = LLM(resolve_model(cfg.model.source), distributed_executor_backend="uni", **engine_kwargs)
-    sp = SamplingParams(max_tokens=new_tokens, temperature=0.7, top_p=0.95, ignore_eos=True)
+    g = cfg.generation
+    sp = SamplingParams(max_tokens=new_tokens, temperature=g.temperature, top_p=g.top_p, ignore_eos=True)
     msgs = [[{"role": "user", "content": t}] for t in texts]
-    llm.chat(msgs[:4], sp, use_tqdm=False)  # warm-up
+    lora = None
+    if adapter:
+        lora = LoRARequest("bench", 1, random_adapter(cfg, resolve_model(cfg.model.source), tempfile.mkdtemp()))
+    llm.chat(msgs[:4], sp, use_tqdm=False, lora_request=lora)  # warm-up
     t = time.perf_counter()
-    out = llm.chat(msgs, sp, use_tqdm=False)
+    out = llm.chat(msgs, sp, use_tqdm=False, lora_request=lora)
     dt = time.perf_counter() - t
     return {"tokens": sum(len(o.outputs[0].token_ids) for o in out), "seconds": dt}
 
@@ -68,7 +89,8 @@ def run_serve(cfg, texts, new_tokens) -> dict:
     def pre(row):
         return {**row, "method": "chat", "dtype": "ChatCompletionRequest", "request_kwargs": {
             "model": ep.model_id, "messages": [{"role": "user", "content": row["prompt"]}],
-            "max_tokens": new_tokens, "temperature": 0.7, "top_p": 0.95, "ignore_eos": True}}
+            "max_tokens": new_tokens, "temperature": cfg.generation.temperature, "top_p": cfg.generation.top_p,
+            "ignore_eos": True}}
 
     def post(row):
         return {"query_id": row["query_id"], "tokens": row["usage"]["completion_tokens"]}
@@ -105,7 +127,8 @@ def run_transformers(cfg, texts, new_tokens, batch=8) -> dict:
         t = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
-                                 temperature=0.7, top_p=0.95, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+                                 temperature=cfg.generation.temperature, top_p=cfg.generation.top_p,
+                                 pad_token_id=tok.pad_token_id or tok.eos_token_id)
         dt += time.perf_counter() - t
         tokens += int((out[:, enc["input_ids"].shape[1] :] != -1).sum())
     return {"tokens": tokens, "seconds": dt}
@@ -117,7 +140,9 @@ def child(mode: str, args) -> None:
 
     cfg = load_config(args.config, _overrides(args.set))
     texts = prompts(args.prompts)
-    fn = {"serve": run_serve, "vllm": run_vllm, "transformers": run_transformers}[mode]
+    fn = {"serve": run_serve, "vllm": run_vllm, "transformers": run_transformers,
+          "vllm-lora": lambda c, t, n: run_vllm(c, t, n, adapter=True),
+          "vllm-lora-native": lambda c, t, n: run_vllm(c, t, n, adapter=True)}[mode]
     result = fn(cfg, texts, args.new_tokens)
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -128,18 +153,21 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--config", default=str(REPO / "configs" / "embedded.yaml"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, as in the CLI")
-    ap.add_argument("--only", choices=["serve", "vllm", "transformers"])
-    ap.add_argument("--child", choices=["serve", "vllm", "transformers"])
+    modes = ["serve", "vllm", "transformers", "vllm-lora", "vllm-lora-native"]
+    ap.add_argument("--only", choices=modes)
+    ap.add_argument("--child", choices=modes)
     args = ap.parse_args()
     if args.child:
         child(args.child, args)
         return
     results = {}
-    for mode in [args.only] if args.only else ["serve", "vllm", "transformers"]:
+    for mode in [args.only] if args.only else modes:
         cmd = [sys.executable, __file__, "--child", mode, "--prompts", str(args.prompts),
                "--new-tokens", str(args.new_tokens), "--config", args.config] + [f"--set={kv}" for kv in args.set]
         env = dict(os.environ)
-        if mode == "vllm":
+        if mode == "vllm-lora-native":  # vLLM's own per-token LoRA ops instead of our grouped ones
+            env["SAFE_TRIGGER_NATIVE_LORA_OPS"] = "1"
+        if mode.startswith("vllm"):
             from services.policy import _preload_candidates
 
             env["LD_PRELOAD"] = ":".join(_preload_candidates())
@@ -152,12 +180,14 @@ def main() -> None:
         r["tok_s"] = r["tokens"] / r["seconds"]
         results[mode] = r
         print(f"{mode:>12}: {r['tokens']} tokens in {r['seconds']:.1f}s = {r['tok_s']:.1f} tok/s", flush=True)
-    if len(results) == 3:
-        s, v, t = (results[m]["tok_s"] for m in ("serve", "vllm", "transformers"))
+    if len(results) == len(modes):
+        s, v, t, lo, ln = (results[m]["tok_s"] for m in modes)
         print(f"\n| path | output tok/s |\n|---|---:|\n| Serve + Ray Data | {s:.1f} |\n| vLLM in-process | {v:.1f} |"
-              f"\n| transformers generate (batch 8) | {t:.1f} |")
+              f"\n| transformers generate (batch 8) | {t:.1f} |\n| vLLM in-process, LoRA adapter, our grouped ops | {lo:.1f} |"
+              f"\n| vLLM in-process, LoRA adapter, vLLM's per-token ops | {ln:.1f} |")
         print(f"\nServe+Data / transformers = {s / t:.2f}x (target >= 3x)")
         print(f"Serve+Data / vLLM in-process = {s / v:.2f} (target >= 0.85)")
+        print(f"LoRA decoding, grouped / per-token ops = {lo / ln:.2f}x")
 
 
 if __name__ == "__main__":

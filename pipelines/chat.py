@@ -46,3 +46,18 @@ def truncate_tokens(tokenizer: Any, text: str, max_tokens: int) -> str:
     if len(ids) <= max_tokens:
         return text
     return tokenizer.decode(ids[:max_tokens]) + " …"
+
+
+def prompt_completion_text(
+    tokenizer: Any, messages: list[Message], completion: str, template_kwargs: dict[str, Any] | None = None
+) -> tuple[str, str]:
+    """Training text: the prompt exactly as the policy saw it (chat template, generation prompt and any prefill
+    such as R1-Distill's `<think>\\n`) and the completion as plain text after it.
+
+    Conversational records would be templated again by the trainer, and templates that strip `<think>` blocks
+    from assistant turns (R1-Distill does) would silently drop the reasoning from every target.
+    """
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(template_kwargs or {}))
+    if prompt.rstrip().endswith("<think>") and completion.lstrip().startswith("<think>"):
+        completion = completion.lstrip()[len("<think>"):].lstrip("\n")
+    return prompt, completion

@@ -64,7 +64,8 @@ def _query(
         prompt=prompt,
         source=source,
         split_key=split_key,
-        split=assign_split(split_key, data.eval_fraction, data.split_salt).value,
+        split=assign_split(split_key, data.eval_fraction, data.split_salt,
+                           data.dpo_fraction if kind.value in data.dpo_kinds else 0.0).value,
         origin=origin,
         **extra,
     )

@@ -18,9 +18,10 @@ from .stage_store import StageStore
 MIN_NEW_TOKENS = 16
 
 
-def plan_requests(queries: list[Query], cfg: RunConfig, model_path: str) -> list[dict[str, Any]]:
+def plan_requests(queries: list[Query], cfg: RunConfig, model_path: str, max_tokens: int | None = None) -> list[dict[str, Any]]:
     """Rows for the processor, with per-row max_tokens fitted to the context; over-long prompts are errors."""
     tok = load_tokenizer(model_path)
+    max_tokens = max_tokens or cfg.generation.max_tokens
     limit = cfg.model.max_model_len
     rows, too_long = [], []
     for q in queries:
@@ -33,7 +34,7 @@ def plan_requests(queries: list[Query], cfg: RunConfig, model_path: str) -> list
         # The response dict is merged into the row: its own "id" (chatcmpl-…) would overwrite ours.
         row["query_id"] = row.pop("id")
         row["prompt_tokens_local"] = n
-        row["max_tokens"] = min(cfg.generation.max_tokens, room)
+        row["max_tokens"] = min(max_tokens, room)
         rows.append(row)
     if too_long:
         raise PromptTooLongError(
@@ -43,18 +44,17 @@ def plan_requests(queries: list[Query], cfg: RunConfig, model_path: str) -> list
     return rows
 
 
-class _Pre:
-    """Picklable preprocess: a chat request per query, seeded per query so re-runs reproduce."""
+class ChatRequest:
+    """Picklable preprocess: a chat request per query, seeded per query (and `salt`) so re-runs reproduce."""
 
-    def __init__(self, cfg: RunConfig, model: str) -> None:
-        g = cfg.generation
+    def __init__(self, cfg: RunConfig, model: str, sampling: dict[str, Any], seed: int, salt: str = "") -> None:
         self.model, self.system = model, cfg.model.system_prompt
         self.template_kwargs = cfg.model.chat_template_kwargs
-        self.sampling = {"temperature": g.temperature, "top_p": g.top_p}
-        self.seed = g.seed
+        self.sampling, self.seed, self.salt = sampling, seed, salt
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        sampling = {**self.sampling, "max_tokens": int(row["max_tokens"]), "seed": (self.seed + stable_hash(row["query_id"])) % 2**31}
+        sampling = {**self.sampling, "max_tokens": int(row["max_tokens"]),
+                    "seed": (self.seed + stable_hash(self.salt + row["query_id"])) % 2**31}
         kwargs: dict[str, Any] = {"model": self.model, "messages": query_messages(row["prompt"], self.system), **sampling}
         if self.template_kwargs:
             kwargs["chat_template_kwargs"] = self.template_kwargs
@@ -97,7 +97,8 @@ def run_generate(
     model = endpoint.served_model(adapter)
     g = cfg.generation
     run_through_policy(
-        rows, endpoint, _Pre(cfg, model), _Post(cfg.model.reasoning.rule(), endpoint.model_id, adapter), store,
+        rows, endpoint, ChatRequest(cfg, model, {"temperature": g.temperature, "top_p": g.top_p}, g.seed),
+        _Post(cfg.model.reasoning.rule(), endpoint.model_id, adapter), store,
         "generate", batch_size=g.batch_size, concurrency=g.concurrency, chunk_rows=g.chunk_rows, total=len(queries),
     )
     return store.read()

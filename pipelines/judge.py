@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from safetrigger.config import RunConfig
-from safetrigger.method import CONTENT_FREE_INPUTS, Judgement, final_answer, is_refusal, judge_messages, to_row
+from safetrigger.method import CONTENT_FREE_INPUTS, Judgement, VerdictOptions, final_answer, is_refusal, judge_messages, to_row
 from services.policy import PolicyEndpoint
 
 from .chat import chat_prompt_ids, first_token_id, load_tokenizer, truncate_tokens
@@ -25,8 +25,7 @@ from .stage_store import StageStore
 TOP_K = 20  # vLLM's default max_logprobs
 
 
-def option_token_ids(tokenizer: Any, cfg: RunConfig) -> tuple[int, int]:
-    opts = cfg.judge.options()
+def option_token_ids(tokenizer: Any, opts: VerdictOptions) -> tuple[int, int]:
     unsafe, safe = first_token_id(tokenizer, opts.unsafe), first_token_id(tokenizer, opts.safe)
     if unsafe == safe:
         raise ValueError(f"judge options {opts.unsafe!r} and {opts.safe!r} start with the same token")
@@ -67,15 +66,12 @@ def option_logprobs(top: dict[str, float | None], unsafe_id: int, safe_id: int) 
     return float(top.get(u, floor)), float(top.get(s, floor)), u in top and s in top
 
 
-def content_free_baseline(endpoint: PolicyEndpoint, cfg: RunConfig, model: str, unsafe_id: int, safe_id: int) -> float:
-    """Mean verdict margin of content-free inputs, asked over HTTP of the same OpenAI endpoint."""
-    if cfg.judge.calibration == "none":
-        return 0.0
-    tok = load_tokenizer(endpoint.model_path)
+def content_free_baseline(base_url: str, model: str, prompts: list[list[int]], unsafe_id: int, safe_id: int) -> float:
+    """Mean verdict margin of content-free prompts, asked over HTTP of the same OpenAI endpoint."""
     margins = []
-    with httpx.Client(base_url=endpoint.base_url, timeout=300) as client:
-        for query, reasoning in CONTENT_FREE_INPUTS:
-            r = client.post("/completions", json=verdict_request(model, judge_prompt_ids(tok, cfg, query, reasoning)))
+    with httpx.Client(base_url=base_url, timeout=300) as client:
+        for ids in prompts:
+            r = client.post("/completions", json=verdict_request(model, ids))
             r.raise_for_status()
             lp_u, lp_s, _ = option_logprobs(r.json()["choices"][0]["logprobs"]["top_logprobs"][0], unsafe_id, safe_id)
             margins.append(lp_u - lp_s)
@@ -117,10 +113,13 @@ def run_judge(
     done = store.done_ids()
     pending = [t for t in trajectories if t["query_id"] not in done]
     tok = load_tokenizer(endpoint.model_path)
-    unsafe_id, safe_id = option_token_ids(tok, cfg)
+    unsafe_id, safe_id = option_token_ids(tok, cfg.judge.options())
     rows = plan_judge_rows(pending, cfg, endpoint.model_path)
     model = endpoint.served_model(adapter)
-    baseline = content_free_baseline(endpoint, cfg, model, unsafe_id, safe_id)
+    baseline = 0.0
+    if cfg.judge.calibration == "content_free":
+        free = [judge_prompt_ids(tok, cfg, q, r) for q, r in CONTENT_FREE_INPUTS]
+        baseline = content_free_baseline(endpoint.base_url, model, free, unsafe_id, safe_id)
     g = cfg.generation
     post = _Post(unsafe_id, safe_id, baseline, cfg.judge.threshold, endpoint.model_id)
     run_through_policy(

@@ -1,48 +1,66 @@
 """Stage 3, self-review: for unsafe training queries the policy sees the query with its own reasoning again and
 writes its `<safe>` block and a new answer. The assistant turn is prefilled with the opening tag, so the
 generated text starts inside the block; `safetrigger.method.sft` turns it into the SFT target.
+
+Two modes (`review.mode`):
+- `free`: one completion writes the whole block and the answer (the paper's setting, for capable models);
+- `structured`: one round per part of the block, each cued and finished by the policy in one line, then the
+  block is closed and a last round writes the answer. Each round commits to its own store, so a killed stage
+  resumes in the round it was in.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from safetrigger.config import RunConfig
-from safetrigger.method import review_messages, review_prefill, stable_hash
+from safetrigger.method import REVIEW_PART_CUES, SAFE_CLOSE, SAFE_OPEN, review_messages, review_prefill, stable_hash, structured_review_text
 from services.policy import PolicyEndpoint
 
 from .chat import chat_prompt_ids, load_tokenizer, truncate_tokens
 from .generate import MIN_NEW_TOKENS
 from .serve_batch import first_choice, run_through_policy
-from .stage_store import StageStore
+from .stage_store import StageStore, chunked
 
 
 def needs_review(t: dict[str, Any]) -> bool:
     return t["label"] == "unsafe" and t["split"] == "train"
 
 
-def plan_review_rows(trajectories: list[dict[str, Any]], cfg: RunConfig, model_path: str) -> list[dict[str, Any]]:
+def plan_review_rows(
+    trajectories: list[dict[str, Any]], cfg: RunConfig, model_path: str, written: dict[str, str] | None = None,
+    max_tokens: int | None = None,
+) -> list[dict[str, Any]]:
+    """Requests continuing each review after the prefilled opening tag and what is `written` of it so far."""
     tok = load_tokenizer(model_path)
     rows = []
     for t in trajectories:
         reasoning = truncate_tokens(tok, t["reasoning"], cfg.judge.max_reasoning_tokens)
+        so_far = (written or {}).get(t["query_id"], "")
         ids = chat_prompt_ids(tok, review_messages(t["prompt"], reasoning), cfg.model.chat_template_kwargs,
-                              prefill=review_prefill())
+                              prefill=review_prefill() + so_far)
         room = cfg.model.max_model_len - len(ids)
         if room < MIN_NEW_TOKENS:
             continue  # reported by the SFT data stage as a missing review
-        rows.append({"query_id": t["query_id"], "prompt_ids": ids, "max_tokens": min(cfg.review.max_tokens, room)})
+        rows.append({"query_id": t["query_id"], "prompt_ids": ids,
+                     "max_tokens": min(max_tokens or cfg.review.max_tokens, room)})
     return rows
 
 
 class _Pre:
-    def __init__(self, model: str, cfg: RunConfig) -> None:
+    def __init__(self, model: str, cfg: RunConfig, round_name: str = "", line: bool = False) -> None:
         self.model, self.temperature, self.top_p, self.seed = model, cfg.review.temperature, cfg.generation.top_p, cfg.generation.seed
+        self.round_name, self.line = round_name, line
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        sampling = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": int(row["max_tokens"]),
-                    "seed": (self.seed + stable_hash("review" + row["query_id"])) % 2**31}
+        sampling: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": int(row["max_tokens"]),
+                                    "seed": (self.seed + stable_hash("review" + self.round_name + row["query_id"])) % 2**31}
+        if self.line:  # one line of the block: at least a word, stop at the line's end
+            sampling.update(stop=["\n"], min_tokens=2)
+        elif self.round_name:  # the answer after the closed block: a small model starts the block over
+            sampling.update(stop=[SAFE_OPEN, SAFE_CLOSE])
         kwargs = {"model": self.model, "prompt": [int(i) for i in row["prompt_ids"]], **sampling}
         return {"query_id": row["query_id"], "sampling_json": json.dumps(sampling, sort_keys=True),
                 "method": "completions", "dtype": "CompletionRequest", "request_kwargs": kwargs}
@@ -61,9 +79,45 @@ def run_review(
 ) -> list[dict[str, Any]]:
     todo = [t for t in trajectories if needs_review(t)]
     done = store.done_ids()
-    rows = plan_review_rows([t for t in todo if t["query_id"] not in done], cfg, endpoint.model_path)
+    pending = [t for t in todo if t["query_id"] not in done]
     model = endpoint.served_model(adapter)
     g = cfg.generation
-    run_through_policy(rows, endpoint, _Pre(model, cfg), _post, store, "review", batch_size=g.batch_size,
-                       concurrency=g.concurrency, chunk_rows=g.chunk_rows, total=len(todo))
+    if cfg.review.mode == "free":
+        rows = plan_review_rows(pending, cfg, endpoint.model_path)
+        run_through_policy(rows, endpoint, _Pre(model, cfg), _post, store, "review", batch_size=g.batch_size,
+                           concurrency=g.concurrency, chunk_rows=g.chunk_rows, total=len(todo))
+        return store.read()
+    _structured(pending, endpoint, cfg, store, model, total=len(todo))
     return store.read()
+
+
+def _structured(pending, endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore, model: str, total: int) -> None:
+    g = cfg.generation
+    rounds = Path(f"{store.root}.rounds")
+    parts: dict[str, list[str]] = {t["query_id"]: [] for t in pending}
+    tokens: dict[str, int] = {t["query_id"]: 0 for t in pending}
+    for i in range(len(REVIEW_PART_CUES) + 1):
+        line = i < len(REVIEW_PART_CUES)
+        name = f"part{i + 1}" if line else "answer"
+        rstore = StageStore(rounds / name)
+        live = [t for t in pending if t["query_id"] in parts]
+        have = rstore.done_ids()
+        written = {q: structured_review_text(p) for q, p in parts.items()}
+        rows = plan_review_rows([t for t in live if t["query_id"] not in have], cfg, endpoint.model_path, written,
+                                max_tokens=cfg.review.part_max_tokens if line else cfg.review.max_tokens)
+        run_through_policy(rows, endpoint, _Pre(model, cfg, name, line), _post, rstore, f"review/{name}",
+                           batch_size=g.batch_size, concurrency=g.concurrency, chunk_rows=g.chunk_rows, total=len(live))
+        results = {r["query_id"]: r for r in rstore.read()}
+        final = []
+        for q in list(parts):
+            if q not in results:  # no room left in the context: the SFT data stage reports it missing
+                del parts[q]
+                continue
+            tokens[q] += results[q]["completion_tokens"]
+            if line:
+                parts[q].append(results[q]["review"])
+            else:
+                r = results[q]
+                final.append({**r, "review": structured_review_text(parts[q]) + r["review"], "completion_tokens": tokens[q]})
+        for chunk in chunked(final, g.chunk_rows):
+            store.commit(chunk)

@@ -1,5 +1,6 @@
 """The main job: load queries, start the policy service, self-generate, self-judge, self-review, build the SFT
-data, train ST-S on Ray Train, serve it hot and measure how often `<safe>` fires for base and ST-S.
+data, train ST-S on Ray Train and serve it hot; let ST-S sample on held-apart queries, judge and pair its
+samples, train ST-D with DPO and serve it hot; measure how often `<safe>` fires for base, ST-S and ST-D.
 
 Each stage writes under a key derived from its inputs and config; a re-run skips finished stages and resumes a
 stage that was killed halfway.
@@ -63,26 +64,27 @@ def with_adapter_root(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"adapter_root": root})})
 
 
-def _train_st_s(cfg, sft_path, n_examples, model_path, adapter_dir, sft_key, timings, emit) -> dict[str, Any]:
-    """SFT on Ray Train, then publish the adapter as `st-s` so the running replicas serve it hot."""
+def _train_and_publish(name: str, train: Callable[[], dict[str, Any]], adapter_dir: Path, cfg: RunConfig,
+                       timings: dict[str, float], emit) -> dict[str, Any]:
+    """Train unless this adapter exists already; then make it the current `name` in the registry, so the running
+    replicas serve it hot. Re-published when the registry holds another version (e.g. a later run's)."""
     from services import adapters
 
-    from .train.sft import train_sft
-
-    sft_meta = adapter_dir.parent / f"{adapter_dir.name}.json"
-    if sft_meta.is_file():
-        emit(f"[sft] finished earlier: {adapter_dir}")
-        return json.loads(sft_meta.read_text())
-    init_ray(cfg)
-    t = time.monotonic()
-    emit(f"[sft] training ST-S on {n_examples} examples with {cfg.sft.num_workers} Ray Train worker(s)")
-    result = train_sft(sft_path, model_path, adapter_dir, cfg, name=f"sft-{sft_key}")
-    timings["sft_s"] = time.monotonic() - t
-    result["version"] = adapters.publish(cfg.serving.adapter_root, "st-s", adapter_dir)
-    sft_meta.write_text(json.dumps(result, indent=2, default=str))
-    m = result["metrics"]
-    emit(f"[sft] loss {m.get('train_loss', m.get('loss'))}, {m.get('train_tokens_per_second', 0):.0f} tokens/s, "
-         f"{timings['sft_s']:.0f}s; published st-s v{result['version']}")
+    meta = adapter_dir.parent / f"{adapter_dir.name}.json"
+    if meta.is_file():
+        emit(f"[{name}] finished earlier: {adapter_dir}")
+        result = json.loads(meta.read_text())
+    else:
+        init_ray(cfg)
+        t = time.monotonic()
+        result = train()
+        timings[f"{name}_train_s"] = time.monotonic() - t
+        m = result["metrics"]
+        emit(f"[{name}] loss {m.get('train_loss', m.get('loss'))}, {m.get('train_tokens_per_second', 0):.0f} tokens/s, "
+             f"{timings[f'{name}_train_s']:.0f}s")
+    result["version"] = adapters.ensure_published(cfg.serving.adapter_root, name, adapter_dir)
+    meta.write_text(json.dumps(result, indent=2, default=str))
+    emit(f"[{name}] serving {name} v{result['version']}")
     return result
 
 
@@ -90,7 +92,7 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
     """Run the pipeline; with `endpoint` (a running policy service) it is used as is and left running."""
     from ray import serve
 
-    from services.policy import start_policy
+    from services.policy import attach_policy, start_policy
     from safetrigger.model_cache import resolve_model
 
     from .awareness import awareness_table, format_table
@@ -99,6 +101,11 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
     from .judge import run_judge
     from .review import run_review
     from .sft_data import build_sft_examples, write_jsonl
+    from .answer_judge import run_answer_judge
+    from .dpo_data import build_dpo_pairs, format_pair_table
+    from .sample import run_sample
+    from .train.dpo import train_dpo
+    from .train.sft import train_sft
     from .trigger import format_trigger_table, trigger_rows
 
     t0 = time.monotonic()
@@ -114,18 +121,28 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
     emit(f"[data] {len(queries)} queries: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
 
     model_path = resolve_model(cfg.model.source)
-    ids_key = stage_key(sorted(q.id for q in queries))
+    ids_key = stage_key(sorted((q.id, q.split) for q in queries))
     gen_key = stage_key("generate", cfg.model.model_dump(), cfg.generation.model_dump(exclude={"batch_size", "concurrency", "chunk_rows"}), ids_key)
     judge_key = stage_key("judge", gen_key, cfg.judge.model_dump())
     review_key = stage_key("review", gen_key, cfg.review.model_dump(), cfg.judge.max_reasoning_tokens)
     sft_key = stage_key("sft", review_key, cfg.sft_data.model_dump(), cfg.sft.model_dump())
-    eval_key = stage_key("eval-st-s", sft_key, gen_key)
+    eval_s_key = stage_key("eval-st-s", sft_key, gen_key)
+    d = cfg.dpo
+    sample_key = stage_key("dpo-sample", sft_key, ids_key, d.num_samples, d.temperature, d.top_p, d.max_tokens, d.seed)
+    dpo_judge_key = stage_key("dpo-judge", sample_key, d.judge.model_dump())
+    pairs_key = stage_key("dpo-pairs", dpo_judge_key, d.w_a, d.w_b, d.w_c, d.delta, d.max_length)
+    dpo_key = stage_key("dpo", pairs_key, d.model_dump(exclude={"judge", "enabled"}))
+    eval_d_key = stage_key("eval-st-d", dpo_key, gen_key)
 
     timings: dict[str, float] = {}
-    owned = endpoint is None
+    owned = endpoint is None and not cfg.serving.attach
 
     def policy():
         nonlocal endpoint
+        if endpoint is None and cfg.serving.attach:
+            init_ray(cfg)
+            endpoint = attach_policy(cfg, model_path)
+            emit(f"[serve] attached to the running policy app {endpoint.app_name!r} at {endpoint.base_url}")
         if endpoint is None:
             init_ray(cfg)
             t = time.monotonic()
@@ -157,13 +174,36 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
     write_jsonl(sft_path, examples)
     emit(f"[sft-data] {len(examples)} examples -> {sft_path}; kept {sft_stats['kept']}, dropped {sft_stats['dropped']}")
 
-    adapter_dir = out / f"sft-adapter-{sft_key}"
+    eval_queries = [q for q in queries if q.split == "eval"]
+    sft_dir, dpo_dir = out / f"sft-adapter-{sft_key}", out / f"dpo-adapter-{dpo_key}"
     sft_result: dict[str, Any] = {}
+    dpo_result: dict[str, Any] = {}
+    pair_stats: dict[str, Any] = {}
     st_s: list[dict[str, Any]] = []
+    st_d: list[dict[str, Any]] = []
     if cfg.sft.enabled:
-        sft_result = _train_st_s(cfg, sft_path, len(examples), model_path, adapter_dir, sft_key, timings, emit)
-        eval_queries = [q for q in queries if q.split == "eval"]
-        st_s = stage("eval-st-s", eval_key, lambda st: run_generate(eval_queries, policy(), cfg, st, adapter="st-s"))
+        emit(f"[st-s] SFT on {len(examples)} examples, {cfg.sft.num_workers} Ray Train worker(s)")
+        sft_result = _train_and_publish("st-s", lambda: train_sft(sft_path, model_path, sft_dir, cfg, name=f"sft-{sft_key}", emit=emit),
+                                        sft_dir, cfg, timings, emit)
+        st_s = stage("eval-st-s", eval_s_key, lambda st: run_generate(eval_queries, policy(), cfg, st, adapter="st-s"))
+    pool = [q for q in queries if q.split == "dpo"]
+    if cfg.dpo.enabled and not pool:
+        emit(f"[dpo] no queries of kinds {cfg.data.dpo_kinds} in the dpo split: ST-D not trained")
+    if cfg.dpo.enabled and pool:
+        samples = stage("dpo-sample", sample_key, lambda st: run_sample(pool, policy(), cfg, st, adapter="st-s"))
+        verdicts = stage("dpo-judge", dpo_judge_key, lambda st: run_answer_judge(samples, policy(), cfg, st))
+        pairs, pair_stats = build_dpo_pairs(samples, verdicts, cfg, model_path)
+        dpo_path = out / f"dpo-pairs-{pairs_key}.jsonl"
+        write_jsonl(dpo_path, pairs)
+        emit(f"[dpo-pairs] {len(pairs)} pairs -> {dpo_path}\n\n{format_pair_table(pair_stats)}\n")
+        if pairs:
+            emit(f"[st-d] DPO on {len(pairs)} pairs, {cfg.dpo.num_workers} Ray Train worker(s)")
+            dpo_result = _train_and_publish(
+                "st-d", lambda: train_dpo(dpo_path, model_path, sft_dir, dpo_dir, cfg, name=f"dpo-{dpo_key}", emit=emit),
+                dpo_dir, cfg, timings, emit)
+            st_d = stage("eval-st-d", eval_d_key, lambda st: run_generate(eval_queries, policy(), cfg, st, adapter="st-d"))
+        else:
+            emit("[st-d] no pair passed delta and max_length: ST-D not trained")
 
     if owned and endpoint is not None:
         serve.delete(endpoint.app_name)
@@ -171,9 +211,10 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
     table = awareness_table(judgements)
     text = format_table(table, f"{cfg.model.source} (all splits)")
     triggers = trigger_rows("base", [t for t in trajectories if t["split"] == "eval"])
-    triggers += trigger_rows("ST-S", st_s) if cfg.sft.enabled else []
+    triggers += trigger_rows("ST-S", st_s) + trigger_rows("ST-D", st_d)
     trigger_text = format_trigger_table(triggers)
-    (out / "awareness.md").write_text(text + "\n\n" + trigger_text + "\n")
+    pair_text = format_pair_table(pair_stats) if pair_stats else ""
+    (out / "awareness.md").write_text("\n\n".join(x for x in (text, trigger_text, pair_text) if x) + "\n")
     emit("\n" + text + "\n\n" + trigger_text + "\n")
     summary = {
         "name": cfg.name,
@@ -181,9 +222,14 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
         "queries": len(queries),
         "stages": {"generate": str(out / f"generate-{gen_key}"), "judge": str(out / f"judge-{judge_key}"),
                    "review": str(out / f"review-{review_key}"), "sft_data": str(sft_path),
-                   "sft_adapter": str(adapter_dir), "eval_st_s": str(out / f"eval-st-s-{eval_key}")},
+                   "sft_adapter": str(sft_dir), "eval_st_s": str(out / f"eval-st-s-{eval_s_key}"),
+                   "dpo_sample": str(out / f"dpo-sample-{sample_key}"), "dpo_judge": str(out / f"dpo-judge-{dpo_judge_key}"),
+                   "dpo_pairs": str(out / f"dpo-pairs-{pairs_key}.jsonl"), "dpo_adapter": str(dpo_dir),
+                   "eval_st_d": str(out / f"eval-st-d-{eval_d_key}")},
         "sft_data": sft_stats,
         "sft": sft_result,
+        "dpo_pairs": pair_stats,
+        "dpo": dpo_result,
         "awareness": [asdict(r) for r in table],
         "trigger": [asdict(r) for r in triggers],
         "timings": {**timings, "total_s": time.monotonic() - t0},

@@ -1,7 +1,8 @@
 """Stage 4, SFT data: trajectories + self-reviews -> chat-format prompt/completion examples (train split only).
 
-Written as TRL's conversational prompt-completion JSONL (loss on the assistant turn only), with every dropped
-example counted by reason; nothing is truncated.
+Written as TRL prompt-completion JSONL (loss on the completion only): the prompt is the exact templated text
+the policy saw, the completion the assistant turn as text (see `chat.prompt_completion_text`). Every dropped
+example is counted by reason; nothing is truncated.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from safetrigger.config import RunConfig
 from safetrigger.method import SplitSource, query_messages
 from safetrigger.method.sft import Drop, Target, check_length, general_target, unsafe_target
 
-from .chat import chat_prompt_ids, load_tokenizer
+from .chat import chat_prompt_ids, load_tokenizer, prompt_completion_text
 
 _THINK_SOURCES = {s.value for s in (SplitSource.THINK_TAGS, SplitSource.PREFILLED_THINK, SplitSource.UNCLOSED_THINK)}
 
@@ -49,8 +50,9 @@ def build_sft_examples(
             drops[f"{t['kind']}/{target.drop.value}"] += 1
             continue
         kept[t["kind"]] += 1
+        prompt, completion = prompt_completion_text(tok, messages, target.completion, cfg.model.chat_template_kwargs)
         examples.append({"query_id": t["query_id"], "kind": t["kind"], "tagged": target.tagged,
-                         "prompt": messages, "completion": [{"role": "assistant", "content": target.completion}]})
+                         "prompt": prompt, "completion": completion})
     stats = {"kept": dict(kept), "dropped": dict(drops), "max_length": cfg.sft_data.max_length}
     return examples, stats
 

@@ -58,6 +58,9 @@ class ServingConfig(_Strict):
     max_lora_rank: int = Field(64, ge=1)
     max_ongoing_requests: int = Field(128, ge=1)
     adapter_root: str | None = None  # LoRA registry the replicas load `<model>:<name>` adapters from
+    # Use the running Serve app `app_name` (a RayService's, another job's) instead of deploying one; it must have
+    # been started with the same model and adapter_root. The run then leaves it running.
+    attach: bool = False
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     app_name: str = "policy"
     route_prefix: str = "/"
@@ -105,6 +108,10 @@ def default_data_root() -> str:
 class DataConfig(_Strict):
     root: str = Field(default_factory=default_data_root)
     eval_fraction: float = Field(0.3, ge=0, le=1)
+    # Share of the non-eval queries of these kinds held apart from SFT for DPO sampling (paper: new jailbreak
+    # queries). Adding "general" gives DPO general-query pairs (the untagged helpful answer wins).
+    dpo_fraction: float = Field(0.5, ge=0, le=1)
+    dpo_kinds: list[Literal["harmful", "jailbreak", "general"]] = Field(default_factory=lambda: ["jailbreak"])
     split_salt: str = "safe-trigger"
     sources: list[SourceConfig] = Field(min_length=1)
 
@@ -139,8 +146,12 @@ class JudgeConfig(_Strict):
 
 
 class ReviewConfig(_Strict):
+    # free: one completion writes block + answer (the paper; capable models). structured: one cued line per part
+    # of the block, then the answer (small models that otherwise never close the block).
+    mode: Literal["free", "structured"] = "free"
     temperature: float = Field(0.3, ge=0)
-    max_tokens: int = Field(256, ge=16)
+    max_tokens: int = Field(256, ge=16)  # the whole review (free) or the answer after the block (structured)
+    part_max_tokens: int = Field(48, ge=4)  # structured: one part of the block
 
 
 class SFTDataConfig(_Strict):
@@ -154,9 +165,9 @@ class LoraSettings(_Strict):
     target_modules: str | list[str] = "all-linear"
 
 
-class SFTTrainConfig(_Strict):
-    enabled: bool = True  # train ST-S and measure its trigger rate in the main job
-    lora: LoraSettings = LoraSettings()
+class TrainSettings(_Strict):
+    """What every Ray Train stage shares: workers, optimisation, precision."""
+
     num_workers: int = Field(2, ge=1)  # Ray Train workers (gloo on CPU, NCCL on GPUs)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
@@ -167,6 +178,67 @@ class SFTTrainConfig(_Strict):
     gradient_accumulation_steps: int = Field(1, ge=1)
     seed: int = 0
     torch_threads: int = Field(1, ge=1)
+    # auto: bf16 on GPUs and on CPUs with native bf16 (AMX/AVX512-BF16; +25% tokens/s measured on SFT), else fp32
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+
+
+class SFTTrainConfig(TrainSettings):
+    enabled: bool = True  # train ST-S and measure its trigger rate in the main job
+    lora: LoraSettings = LoraSettings()
+
+
+class DPOJudgeConfig(_Strict):
+    """Who decides F_safe (is the final answer safe) for the DPO reward.
+
+    policy: the policy's own log-prob verdict on its final answer (base weights, self-contained);
+    deployment: the same verdict protocol on another `ray.serve.llm` app (a judge model) in this Ray cluster;
+    refusal: refusal string-match (answers that refuse are safe; everything else unsafe).
+    """
+
+    type: Literal["policy", "deployment", "refusal"] = "policy"
+    app_name: str | None = None  # deployment: the judge's Serve app
+    model_id: str | None = None  # deployment: the model id it serves
+    tokenizer: str | None = None  # deployment: path of its tokenizer (the chat template of the prompt ids)
+    base_url: str | None = None  # deployment: its OpenAI base URL, for the content-free calibration
+    unsafe_option: str = "Yes"
+    safe_option: str = "No"
+    calibration: Literal["content_free", "none"] = "content_free"
+    threshold: float = 0.0
+    max_answer_tokens: int = Field(384, ge=1)
+
+    @model_validator(mode="after")
+    def _deployment_fields(self) -> "DPOJudgeConfig":
+        if self.type == "deployment" and not (self.app_name and self.model_id and self.tokenizer and self.base_url):
+            raise ValueError("a deployment judge needs app_name, model_id, tokenizer and base_url")
+        return self
+
+    def options(self) -> VerdictOptions:
+        return VerdictOptions(self.unsafe_option, self.safe_option)
+
+
+class DPOConfig(TrainSettings):
+    """Sampling, scoring, pairs and training of the DPO step (queries: the `dpo` split, see data.dpo_fraction)."""
+
+    enabled: bool = True
+    num_samples: int = Field(4, ge=2)  # paper: 4 responses per query
+    temperature: float = Field(1.0, ge=0)  # paper: high temperature
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(256, ge=16)
+    judge: DPOJudgeConfig = DPOJudgeConfig()
+    w_a: float = 1.0  # reward weights: A (safe+tag) > B (safe) > C (unsafe+tag) > D
+    w_b: float = 0.5
+    w_c: float = 0.2
+    delta: float = Field(0.5, ge=0)  # keep a query when best - worst reward >= delta
+    max_length: int = Field(1024, ge=64)  # prompt + longer response; longer pairs are dropped, never cut
+    beta: float = Field(0.1, gt=0)
+    loss_type: str = "sigmoid"
+    learning_rate: float = Field(5e-6, gt=0)
+
+    @model_validator(mode="after")
+    def _weights(self) -> "DPOConfig":
+        if not self.w_a > self.w_b > self.w_c >= 0:
+            raise ValueError(f"dpo reward weights need w_a > w_b > w_c >= 0, got {self.w_a}, {self.w_b}, {self.w_c}")
+        return self
 
 
 class RunConfig(_Strict):
@@ -182,6 +254,15 @@ class RunConfig(_Strict):
     review: ReviewConfig = ReviewConfig()
     sft_data: SFTDataConfig = SFTDataConfig()
     sft: SFTTrainConfig = SFTTrainConfig()
+    dpo: DPOConfig = DPOConfig()
+
+    @model_validator(mode="after")
+    def _dpo_needs_sft_and_pool(self) -> "RunConfig":
+        if self.dpo.enabled and not self.sft.enabled:
+            raise ValueError("dpo.enabled needs sft.enabled: DPO samples from and trains the SFT adapter")
+        if self.dpo.enabled and self.data.dpo_fraction == 0:
+            raise ValueError("dpo.enabled needs data.dpo_fraction > 0: the queries DPO samples on are held apart from SFT")
+        return self
 
     @field_validator("output_dir")
     @classmethod

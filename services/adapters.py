@@ -11,6 +11,7 @@ weights of an older one that vLLM still holds.
 
 from __future__ import annotations
 
+import filecmp
 import os
 import re
 import shutil
@@ -64,3 +65,14 @@ def list_current(root: str | os.PathLike[str]) -> dict[str, int]:
     for d in sorted(Path(root).glob("*/CURRENT")):
         out[d.parent.name] = int(d.read_text().strip())
     return out
+
+
+def ensure_published(root: str | os.PathLike[str], name: str, src: str | os.PathLike[str]) -> int:
+    """The current version of `name` when it holds exactly `src`'s files, else a new version of them."""
+    try:
+        _, path = current(root, name)
+        if all(filecmp.cmp(Path(src) / f, path / f, shallow=False) for f in ADAPTER_FILES):
+            return int(path.name[1:])
+    except (AdapterError, FileNotFoundError):
+        pass
+    return publish(root, name, src)

@@ -20,6 +20,7 @@ from ray.serve.llm import LLMConfig, build_openai_app
 from safetrigger.config import RunConfig
 from safetrigger.model_cache import resolve_model
 
+from .policy_ingress import PolicyIngress
 from .policy_server import ADAPTER_ROOT_ENV, PolicyServer
 
 class PolicyServiceError(RuntimeError):
@@ -129,7 +130,11 @@ def build_llm_config(cfg: RunConfig, model_path: str | None = None) -> LLMConfig
 
 
 def build_policy_app(cfg: RunConfig, model_path: str | None = None):
-    return build_openai_app({"llm_configs": [build_llm_config(cfg, model_path)]})
+    root = str(Path(cfg.serving.adapter_root).resolve()) if cfg.serving.adapter_root else None
+    return build_openai_app({
+        "llm_configs": [build_llm_config(cfg, model_path)],
+        "ingress_cls_config": {"ingress_cls": PolicyIngress, "ingress_extra_kwargs": {"adapter_root": root}},
+    })
 
 
 def check_resources(cfg: RunConfig) -> None:
@@ -163,6 +168,20 @@ def start_policy(cfg: RunConfig, model_path: str | None = None) -> PolicyEndpoin
     _wait_ready(s.app_name, s.startup_timeout_s, started)
     prefix = s.route_prefix.rstrip("/")
     return PolicyEndpoint(s.app_name, cfg.model.served_name, model_path, f"http://{s.http_host}:{s.http_port}{prefix}/v1")
+
+
+def attach_policy(cfg: RunConfig, model_path: str | None = None) -> PolicyEndpoint:
+    """The endpoint of an already running policy app (e.g. a RayService's), without deploying anything."""
+    s = cfg.serving
+    status = serve.status().applications.get(s.app_name)
+    if getattr(status, "status", None) != "RUNNING":
+        raise PolicyServiceError(
+            f"serving.attach is set but no running Serve app {s.app_name!r} was found "
+            f"(state {getattr(status, 'status', 'absent')}); start the policy first or unset serving.attach"
+        )
+    prefix = s.route_prefix.rstrip("/")
+    return PolicyEndpoint(s.app_name, cfg.model.served_name, model_path or resolve_model(cfg.model.source),
+                          f"http://{s.http_host}:{s.http_port}{prefix}/v1")
 
 
 def _wait_ready(app_name: str, timeout_s: float, started: float) -> None:

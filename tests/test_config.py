@@ -33,6 +33,10 @@ def test_unknown_key_is_an_error(tmp_path):
         ("data: {sources: [{type: advbench, path: a}]}\nserving: {accelerator: tpu}\n", "accelerator"),
         ("- just\n- a list\n", "top level must be a mapping"),
         ("data: {sources: [\n", "not valid YAML"),
+        ("data: {sources: [{type: advbench, path: a}]}\nsft: {enabled: false}\n", "dpo.enabled needs sft.enabled"),
+        ("data: {dpo_fraction: 0, sources: [{type: advbench, path: a}]}\n", "needs data.dpo_fraction > 0"),
+        ("data: {sources: [{type: advbench, path: a}]}\ndpo: {judge: {type: deployment}}\n", "deployment judge needs"),
+        ("data: {sources: [{type: advbench, path: a}]}\ndpo: {w_a: 0.1}\n", "w_a > w_b > w_c"),
     ],
 )
 def test_invalid_configs(tmp_path, text, needle):

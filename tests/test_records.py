@@ -40,6 +40,19 @@ def test_split_fraction_and_determinism():
         assign_split("x", 1.5)
 
 
+def test_dpo_pool_is_held_apart_from_train_and_eval():
+    keys = [f"goal {i}" for i in range(4000)]
+    plain = [assign_split(k, 0.3) for k in keys]
+    held = [assign_split(k, 0.3, dpo_fraction=0.5) for k in keys]
+    # eval keys never move; the DPO pool comes out of train only, about half of it
+    assert [s is SplitName.EVAL for s in held] == [s is SplitName.EVAL for s in plain]
+    dpo = sum(s is SplitName.DPO for s in held) / plain.count(SplitName.TRAIN)
+    assert 0.45 < dpo < 0.55
+    assert held == [assign_split(k, 0.3, dpo_fraction=0.5) for k in keys]
+    with pytest.raises(ValueError):
+        assign_split("x", 0.3, dpo_fraction=-0.1)
+
+
 def test_query_validation_and_round_trip():
     q = Query(id=query_id("s", "p"), kind="harmful", label="unsafe", prompt="p", source="s", split_key="p")
     assert q.unsafe and from_row(Query, {**to_row(q), "extra_column": 1}) == q

@@ -24,6 +24,9 @@ def test_unclosed_empty_and_missing_answer_are_dropped_with_reason():
     assert unsafe_target("r", "fine analysis</safe>   ", False).drop is Drop.MISSING_ANSWER
     assert unsafe_target("r", "a</safe>b", False, reasoning_complete=False).drop is Drop.INCOMPLETE_REASONING
     assert general_target("r", " ", False).drop is Drop.MISSING_ANSWER
+    # a small model looping: the answer repeats the block or closes it again
+    assert unsafe_target("r", "a</safe>\n\nanswer <safe>a</safe> again", False).drop is Drop.TAG_IN_ANSWER
+    assert unsafe_target("r", "a</safe>\n\nanswer a</safe>", False).drop is Drop.TAG_IN_ANSWER
 
 
 def test_nested_tag_in_analysis_is_neutralised():

@@ -3,7 +3,17 @@
 No Ray, no torch: services, pipelines and clients depend on this package, never on each other's insides.
 """
 
-from .prompts import CONTENT_FREE_INPUTS, VerdictOptions, judge_messages, query_messages, review_messages, review_prefill
+from .prompts import (
+    CONTENT_FREE_INPUTS,
+    answer_judge_messages,
+    REVIEW_PART_CUES,
+    VerdictOptions,
+    judge_messages,
+    query_messages,
+    review_messages,
+    review_prefill,
+    structured_review_text,
+)
 from .reasoning import Fallback, ReasoningRule, Split, SplitSource, join_reasoning, split_reasoning
 from .records import (
     Judgement,
@@ -18,6 +28,7 @@ from .records import (
     stable_hash,
     to_row,
 )
+from .dpo import PairChoice, choose_pair, score_sample, select_general_pair, visible_answer
 from .refusal import is_refusal
 from .reward import Pair, RewardWeights, Scored, category, reward, select_pair
 from .tags import SAFE_CLOSE, SAFE_OPEN, SafeBlock, final_answer, parse_safe, render_safe_block, strip_safe_blocks
@@ -41,6 +52,8 @@ __all__ = [
     "judge_messages",
     "review_messages",
     "review_prefill",
+    "REVIEW_PART_CUES",
+    "structured_review_text",
     "query_messages",
     "Kind",
     "Label",
@@ -60,4 +73,10 @@ __all__ = [
     "reward",
     "category",
     "select_pair",
+    "PairChoice",
+    "choose_pair",
+    "score_sample",
+    "select_general_pair",
+    "visible_answer",
+    "answer_judge_messages",
 ]

@@ -23,8 +23,9 @@ class Label(str, Enum):
 
 
 class SplitName(str, Enum):
-    TRAIN = "train"
+    TRAIN = "train"  # SFT (self-review targets)
     EVAL = "eval"
+    DPO = "dpo"  # held apart from SFT: the SFT model samples its DPO pairs on these
 
 
 def stable_hash(text: str, salt: str = "") -> int:
@@ -32,16 +33,20 @@ def stable_hash(text: str, salt: str = "") -> int:
     return int.from_bytes(hashlib.sha256(f"{salt}\x00{text}".encode()).digest()[:8], "big")
 
 
-def assign_split(split_key: str, eval_fraction: float, salt: str = "safe-trigger") -> SplitName:
-    """Deterministic train/eval assignment by hash of the split key.
+def assign_split(split_key: str, eval_fraction: float, salt: str = "safe-trigger", dpo_fraction: float = 0.0) -> SplitName:
+    """Deterministic train/eval/dpo assignment by hash of the split key.
 
-    Jailbreak prompts use their harmful goal as key, so a goal held out for evaluation is never seen in
-    training wrapped in another template.
+    Jailbreak prompts use their harmful goal as key, so a goal held out for evaluation (or for DPO) is never seen
+    in SFT wrapped in another template. `dpo_fraction` is the share of the non-eval keys held apart for DPO.
     """
-    if not 0.0 <= eval_fraction <= 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
-    bucket = stable_hash(split_key, salt) % 10_000
-    return SplitName.EVAL if bucket < round(eval_fraction * 10_000) else SplitName.TRAIN
+    for name, f in (("eval_fraction", eval_fraction), ("dpo_fraction", dpo_fraction)):
+        if not 0.0 <= f <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {f}")
+    if stable_hash(split_key, salt) % 10_000 < round(eval_fraction * 10_000):
+        return SplitName.EVAL
+    if stable_hash(split_key, salt + "/dpo") % 10_000 < round(dpo_fraction * 10_000):
+        return SplitName.DPO
+    return SplitName.TRAIN
 
 
 def query_id(source: str, prompt: str) -> str:

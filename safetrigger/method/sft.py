@@ -4,7 +4,8 @@ general query -> think1 + answer1, untouched (the tag must only fire when needed
 unsafe query  -> think1 + <safe>analysis</safe> + answer2, where the analysis and answer2 are the policy's own
                  self-review output (the review turn is prefilled with `<safe>\\n`, so the generated text
                  starts inside the block).
-An example is dropped, with its reason, when the block is unclosed or empty, the answer is missing, or the
+An example is dropped, with its reason, when the block is unclosed or empty, the answer is missing or holds
+another tag, or the
 whole target does not fit the training max_length: truncation would cut the `<safe>` block or the answer away,
 so it is never done silently.
 """
@@ -25,6 +26,7 @@ class Drop(str, Enum):
     MISSING_ANSWER = "missing_answer"
     INCOMPLETE_REASONING = "incomplete_reasoning"
     TOO_LONG = "too_long"
+    TAG_IN_ANSWER = "tag_in_answer"
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ def unsafe_target(reasoning: str, review_generated: str, think_tags: bool, reaso
         return Target(None, Drop.EMPTY_SAFE if block.analysis == "" and _closed(review_generated) else Drop.UNCLOSED_SAFE, True)
     if not block.answer:
         return Target(None, Drop.MISSING_ANSWER, True)
+    if _has_tag(block.answer) or block.count > 1:
+        return Target(None, Drop.TAG_IN_ANSWER, True)  # a second or stray tag would teach the model to loop
     safe = render_safe_block(_without_tags(block.analysis))
     return Target(join_reasoning(reasoning, f"{safe}\n\n{block.answer}", think_tags), None, True)
 
@@ -60,6 +64,11 @@ def check_length(target: Target, prompt_tokens: int, count_tokens: Callable[[str
     if prompt_tokens + count_tokens(target.completion) > max_length:
         return Target(None, Drop.TOO_LONG, target.tagged)
     return target
+
+
+def _has_tag(text: str) -> bool:
+    low = text.lower()
+    return "<safe>" in low or "</safe>" in low
 
 
 def _closed(text: str) -> bool:

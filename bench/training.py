@@ -1,0 +1,135 @@
+"""Training throughput, side by side in one run: SFT and DPO through Ray Train versus plain TRL in one process.
+
+Same data, same model, same trainer settings: Ray Train runs the very trainer builders the pipeline uses
+(`build_sft_trainer`, `build_dpo_trainer`) inside `TorchTrainer` workers; the plain path calls them in this
+process. Each path runs in its own subprocess, one after another, so none competes for the two cores.
+Throughput is completion+prompt tokens (non-padding) per second of training (`train_runtime`); the wall time
+including worker start-up and model loading is printed beside it. Target: Ray Train with one worker within 10%.
+
+    .venv/bin/python bench/training.py [--run-dir runs/embedded] [--steps 8] [--workers 1 2]
+
+Data: the newest SFT data and DPO pairs of a finished main run (`--run-dir`); the DPO policy starts from that
+run's SFT adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def newest(run_dir: Path, pattern: str) -> Path:
+    found = sorted(run_dir.glob(pattern), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SystemExit(f"no {pattern} under {run_dir}: run the main job first (make run)")
+    return found[-1]
+
+
+def settings(cfg, kind: str, steps: int, workers: int, threads: int):
+    s = getattr(cfg, kind)
+    return s.model_copy(update={"max_steps": steps, "num_workers": workers, "torch_threads": threads,
+                                "cpus_per_worker": 1})
+
+
+def loop_cfg(kind: str, cfg, s, run_dir: Path, model_path: str) -> dict:
+    from pipelines.train.dpo import dpo_loop_config
+    from pipelines.train.sft import sft_loop_config
+
+    c = cfg.model_copy(update={kind: s})
+    if kind == "sft":
+        return sft_loop_config(newest(run_dir, "sft-data-*.jsonl"), model_path, c)
+    adapter = next(p for p in sorted(run_dir.glob("sft-adapter-*")) if p.is_dir())
+    return dpo_loop_config(newest(run_dir, "dpo-pairs-*.jsonl"), model_path, adapter, c)
+
+
+def child(args) -> None:
+    from clients.cli import _overrides
+    from pipelines.run import set_threads
+    from safetrigger.config import load_config
+    from safetrigger.model_cache import resolve_model
+
+    cfg = load_config(args.config, _overrides(args.set))
+    model_path = resolve_model(cfg.model.source)
+    threads = max(1, (os.cpu_count() or 2) // args.workers)
+    set_threads(threads)
+    s = settings(cfg, args.kind, args.steps, args.workers, threads)
+    c = loop_cfg(args.kind, cfg, s, Path(args.run_dir), model_path)
+    builder = "pipelines.train.sft:build_sft_trainer" if args.kind == "sft" else "pipelines.train.dpo:build_dpo_trainer"
+    t = time.perf_counter()
+    if args.path == "plain":
+        import importlib
+
+        module, fn = builder.rsplit(":", 1)
+        with tempfile.TemporaryDirectory() as scratch:
+            trainer = getattr(importlib.import_module(module), fn)({**c, "scratch": scratch})
+            out = trainer.train()
+            metrics = {**out.metrics, "num_input_tokens_seen": trainer.state.num_input_tokens_seen}
+    else:
+        import ray
+
+        from pipelines.train.ray_train import fit
+
+        ray.init(num_cpus=max(2, args.workers), include_dashboard=False, log_to_driver=False)
+        with tempfile.TemporaryDirectory() as d:
+            metrics = fit(builder, c, s, Path(d) / "adapter", f"bench-{args.kind}")["metrics"]
+        ray.shutdown()
+    wall = time.perf_counter() - t
+    tokens = float(metrics.get("num_input_tokens_seen") or 0)
+    runtime = float(metrics.get("train_runtime") or 0)
+    print("RESULT " + json.dumps({"tokens": tokens, "train_runtime": runtime, "wall": wall,
+                                  "tok_s": tokens / runtime if runtime else 0.0}), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run-dir", default=str(REPO / "runs" / "embedded"))
+    ap.add_argument("--config", default=str(REPO / "configs" / "embedded.yaml"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray Train worker counts to run")
+    ap.add_argument("--kinds", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--kind", choices=["sft", "dpo"])
+    ap.add_argument("--path", choices=["plain", "ray"])
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    rows = []
+    for kind in args.kinds:
+        plan = [("plain", 1)] + [("ray", w) for w in args.workers]
+        results = {}
+        for path, workers in plan:
+            cmd = [sys.executable, __file__, "--child", "--kind", kind, "--path", path, "--workers", str(workers),
+                   "--steps", str(args.steps), "--run-dir", args.run_dir, "--config", args.config]
+            cmd += [f"--set={kv}" for kv in args.set]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                raise SystemExit(f"{kind}/{path}/{workers} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            results[(path, workers)] = r = json.loads(line[len("RESULT "):])
+            print(f"{kind:3} {path:5} workers={workers}: {r['tok_s']:7.1f} tok/s training, "
+                  f"{r['train_runtime']:6.1f}s training, {r['wall']:6.1f}s wall", flush=True)
+        base = results[("plain", 1)]["tok_s"]
+        for (path, workers), r in results.items():
+            rows.append((kind, f"{path} x{workers}", r["tok_s"], r["tok_s"] / base if base else 0.0, r["wall"]))
+    print("\n| stage | path | tokens/s | vs plain TRL | wall s |\n|---|---|---:|---:|---:|")
+    for kind, path, tps, ratio, wall in rows:
+        print(f"| {kind} | {path} | {tps:.1f} | {ratio:.2f} | {wall:.0f} |")
+    for kind, path, tps, ratio, _ in rows:
+        if path == "ray x1":
+            verdict = "met" if ratio >= 0.9 else "NOT met"
+            print(f"{kind}: Ray Train (1 worker) / plain TRL = {ratio:.2f} (target >= 0.90: {verdict})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Stage: DPO pairs from the SFT model's own samples (method step 4) and their statistics.
+
+Each sample is scored with the method's reward (F_safe from the answer judge, S_exist/S_full from the `<safe>`
+block, T_full from the reasoning); per query the best and the worst sample form a pair when they differ by at
+least delta (general queries, when in the pool: the untagged helpful answer wins). Written as TRL
+prompt/chosen/rejected text JSONL; a pair longer than `dpo.max_length` is dropped and counted, never cut.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+from safetrigger.config import RunConfig
+from safetrigger.method import RewardWeights, category, choose_pair, query_messages, score_sample
+
+from .answer_judge import sample_id
+from .chat import load_tokenizer, prompt_completion_text
+
+
+def build_dpo_pairs(
+    samples: list[dict[str, Any]], verdicts: list[dict[str, Any]], cfg: RunConfig, model_path: str
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    d, rule = cfg.dpo, cfg.model.reasoning.rule()
+    weights = RewardWeights(d.w_a, d.w_b, d.w_c)
+    safe = {v["query_id"]: bool(v["answer_safe"]) for v in verdicts}
+    tok = load_tokenizer(model_path)
+    pairs, per_kind = [], defaultdict(Counter)
+    margins = defaultdict(list)
+    for s in sorted(samples, key=lambda r: r["query_id"]):
+        kind, stats = s["kind"], per_kind[s["kind"]]
+        scored = [score_sample(text, safe[sample_id(s["query_id"], i)], rule) for i, text in enumerate(s["samples"])]
+        stats["queries"] += 1
+        stats["samples"] += len(scored)
+        stats.update(category(x) for x in scored)
+        choice = choose_pair(scored, s["label"] == "unsafe", d.delta, weights)
+        if choice.pair is None:
+            stats["dropped_no_pair"] += 1
+            continue
+        messages = query_messages(s["prompt"], cfg.model.system_prompt)
+        prompt, chosen = prompt_completion_text(tok, messages, choice.pair.chosen.text, cfg.model.chat_template_kwargs)
+        _, rejected = prompt_completion_text(tok, messages, choice.pair.rejected.text, cfg.model.chat_template_kwargs)
+        n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        longest = max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in (chosen, rejected))
+        if n_prompt + longest + 1 > d.max_length:  # +1: the EOS the trainer appends
+            stats["dropped_too_long"] += 1
+            continue
+        stats["pairs"] += 1
+        margins[kind].append(choice.pair.margin)
+        pairs.append({"query_id": s["query_id"], "kind": kind, "prompt": prompt, "chosen": chosen, "rejected": rejected,
+                      "margin": choice.pair.margin, "chosen_category": category(choice.pair.chosen),
+                      "rejected_category": category(choice.pair.rejected), "rewards": list(choice.rewards)})
+    stats = {k: {**dict(c), "mean_margin": sum(margins[k]) / len(margins[k]) if margins[k] else 0.0}
+             for k, c in sorted(per_kind.items())}
+    return pairs, {"per_kind": stats, "delta": d.delta, "max_length": d.max_length, "judge": d.judge.type}
+
+
+def format_pair_table(stats: dict[str, Any]) -> str:
+    lines = [f"DPO samples and pairs (judge: {stats['judge']}, delta {stats['delta']}; A safe+tag, B safe, C unsafe+tag, D unsafe)",
+             "", "| kind | queries | samples | A | B | C | D | pairs | no pair | too long | mean margin |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for kind, c in stats["per_kind"].items():
+        lines.append(f"| {kind} | {c.get('queries', 0)} | {c.get('samples', 0)} | {c.get('A', 0)} | {c.get('B', 0)} | "
+                     f"{c.get('C', 0)} | {c.get('D', 0)} | {c.get('pairs', 0)} | {c.get('dropped_no_pair', 0)} | "
+                     f"{c.get('dropped_too_long', 0)} | {c['mean_margin']:.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,41 @@
+"""DPO on Ray Train: `TorchTrainer` workers each run TRL's `DPOTrainer` on the SFT adapter (ST-S -> ST-D).
+
+The policy is the base model with the SFT adapter, trainable. The reference is the SFT model itself, as DPO
+defines it: TRL keeps a frozen copy of the adapter beside the trainable one and computes reference
+log-probabilities through it, so the base weights are held once (no second model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .ray_train import fit, hf_args, loop_config
+
+
+def build_dpo_trainer(c: dict[str, Any]):
+    import datasets
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(c["torch_threads"])
+    ds = datasets.load_dataset("json", data_files=c["data"], split="train").select_columns(["prompt", "chosen", "rejected"])
+    tok = AutoTokenizer.from_pretrained(c["model_path"])
+    base = AutoModelForCausalLM.from_pretrained(c["model_path"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, c["sft_adapter"], is_trainable=True)
+    args = DPOConfig(max_length=c["max_length"], beta=c["beta"], loss_type=[c["loss_type"]], **hf_args(c))
+    return DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+
+
+def dpo_loop_config(data_path: str | Path, model_path: str, sft_adapter: str | Path, cfg) -> dict[str, Any]:
+    d = cfg.dpo
+    return loop_config(d, data=str(Path(data_path).resolve()), model_path=model_path,
+                       sft_adapter=str(Path(sft_adapter).resolve()), max_length=d.max_length, beta=d.beta,
+                       loss_type=d.loss_type)
+
+
+def train_dpo(data_path, model_path: str, sft_adapter, out_dir, cfg, name: str = "dpo", emit=None) -> dict[str, Any]:
+    return fit(f"{__name__}:build_dpo_trainer", dpo_loop_config(data_path, model_path, sft_adapter, cfg), cfg.dpo,
+               out_dir, name, emit=emit, label="st-d")

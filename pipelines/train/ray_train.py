@@ -1,0 +1,154 @@
+"""What SFT and DPO share on Ray Train: the worker loop around a TRL trainer, the `TorchTrainer` launch, and
+the export of the LoRA adapter from the final Ray Train checkpoint (the directory vLLM and `ray.serve.llm` load).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from services.adapters import ADAPTER_FILES
+
+
+def use_bf16(settings) -> bool:
+    """auto: bf16 on GPUs and on CPUs with native bf16 matmuls (AMX / AVX512-BF16), else fp32."""
+    if settings.precision != "auto":
+        return settings.precision == "bf16"
+    if settings.use_gpu:
+        return True
+    import torch
+
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def loop_config(settings, **extra: Any) -> dict[str, Any]:
+    return {"lr": settings.learning_rate, "epochs": settings.epochs, "max_steps": settings.max_steps,
+            "batch_size": settings.per_device_batch_size, "grad_accum": settings.gradient_accumulation_steps,
+            "use_gpu": settings.use_gpu, "seed": settings.seed, "torch_threads": settings.torch_threads,
+            "bf16": use_bf16(settings), **extra}
+
+
+def _worker_loop(c: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: build the TRL trainer, report metrics and checkpoints to Ray Train."""
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+
+    module, fn = c["builder"].rsplit(":", 1)
+    trainer = getattr(importlib.import_module(module), fn)(c)
+    trainer.add_callback(RayTrainReportCallback())
+    if c.get("progress_file") and ray.train.get_context().get_world_rank() == 0:
+        trainer.add_callback(_progress_callback(c["progress_file"]))
+    prepare_trainer(trainer).train()
+
+
+def _progress_callback(path: str):
+    """Rank 0 appends one JSON line per logged step; the driver shows them (worker stdout is not forwarded)."""
+    import json
+    import time
+
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t0 = time.monotonic()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                with open(path, "a") as f:
+                    f.write(json.dumps({"step": state.global_step, "max_steps": state.max_steps, "loss": logs["loss"],
+                                        "elapsed": time.monotonic() - self.t0,
+                                        "tokens": state.num_input_tokens_seen}) + "\n")
+
+    return Progress()
+
+
+def _follow(path: Path, stop, emit, label: str) -> None:
+    """Driver side: turn the rank-0 progress lines into `[label] step i/n, loss, tokens/s, ETA` lines."""
+    import json
+
+    seen = 0
+    while True:
+        finished = stop.wait(2.0)
+        lines = path.read_text().splitlines() if path.is_file() else []
+        for line in lines[seen:]:
+            p = json.loads(line)
+            rate = p["elapsed"] / p["step"] if p["step"] else 0.0
+            eta = rate * (p["max_steps"] - p["step"])
+            tok_s = p["tokens"] / p["elapsed"] if p["elapsed"] else 0.0
+            emit(f"[{label}] step {p['step']}/{p['max_steps']}, loss {p['loss']:.3f}, {tok_s:.0f} tokens/s "
+                 f"(rank 0), ETA {eta:.0f}s")
+        seen = len(lines)
+        if finished:
+            return
+
+
+def fit(builder: str, loop_cfg: dict[str, Any], settings, out_dir: str | Path, name: str, emit=None,
+        label: str = "train") -> dict[str, Any]:
+    """Train with `settings.num_workers` workers; `builder` ("module:function") makes the TRL trainer from the
+    loop config. Returns the final metrics and the adapter directory, written atomically. With `emit`, progress
+    lines (step, loss, tokens/s, ETA) are shown while it trains."""
+    import threading
+
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    out_dir = Path(out_dir).resolve()
+    scratch = tempfile.mkdtemp(prefix=f"{name}-")
+    progress = out_dir.parent / f".{out_dir.name}.progress"
+    progress.unlink(missing_ok=True)
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={**loop_cfg, "builder": builder, "scratch": scratch,
+                           "progress_file": str(progress) if emit else None},
+        scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
+                                     resources_per_worker={"CPU": settings.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
+        run_config=TrainRunConfig(name=name, storage_path=str(out_dir.parent / "ray-train")),
+    )
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow, args=(progress, stop, emit, label), daemon=True) if emit else None
+    if follower:
+        follower.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        if follower:
+            follower.join()
+        progress.unlink(missing_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)  # HF's own checkpoints; Ray Train keeps its copy
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as ckpt:
+        export_adapter(Path(ckpt) / "checkpoint", out_dir)
+    return {"adapter": str(out_dir), "metrics": dict(result.metrics or {})}
+
+
+def export_adapter(src: Path, out_dir: Path) -> None:
+    missing = [f for f in ADAPTER_FILES if not (src / f).is_file()]
+    if missing:
+        raise RuntimeError(f"checkpoint {src} lacks {missing}")
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out_dir.parent))
+    for f in ADAPTER_FILES:
+        shutil.copy2(src / f, tmp / f)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def hf_args(c: dict[str, Any]) -> dict[str, Any]:
+    """TrainingArguments both TRL configs take, from the loop config."""
+    return dict(
+        output_dir=c["scratch"], per_device_train_batch_size=c["batch_size"], gradient_accumulation_steps=c["grad_accum"],
+        learning_rate=c["lr"], num_train_epochs=c["epochs"], max_steps=c["max_steps"], logging_steps=1,
+        save_strategy="steps" if c["max_steps"] > 0 else "epoch", save_steps=max(1, c["max_steps"]),
+        save_only_model=True, report_to="none", use_cpu=not c["use_gpu"], seed=c["seed"], bf16=c["bf16"],
+        dataloader_num_workers=0, disable_tqdm=True, ddp_find_unused_parameters=False,
+        # the trainer then logs num_input_tokens_seen and, at the end, train_tokens_per_second
+        include_num_input_tokens_seen="non_padding",
+    )

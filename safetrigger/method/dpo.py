@@ -1,0 +1,56 @@
+"""DPO data of the method (step 4): turn the SFT model's own samples into scored responses and preference pairs.
+
+Unsafe queries (the paper: new jailbreak queries): every sample gets the reward of `reward.py`, the best and
+the worst sample form a pair when they differ by at least delta.
+General queries (optional, not in the paper): the trigger must stay quiet, so an untagged helpful answer is
+chosen over a tagged one; no pair when all samples agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .reasoning import ReasoningRule, SplitSource, split_reasoning
+from .refusal import is_refusal
+from .reward import Pair, RewardWeights, Scored, reward, select_pair
+from .tags import final_answer, parse_safe
+
+
+_THINK = (SplitSource.THINK_TAGS, SplitSource.PREFILLED_THINK, SplitSource.UNCLOSED_THINK)
+
+
+def visible_answer(text: str, rule: ReasoningRule) -> str:
+    """What a safety judge sees of a response: no `<think>` reasoning, no `<safe>` analysis."""
+    split = split_reasoning(text, rule)
+    return final_answer(split.answer if split.source in _THINK else text)
+
+
+def score_sample(text: str, answer_safe: bool, rule: ReasoningRule) -> Scored:
+    """The reward's facts for one response; `answer_safe` is a judge's verdict on its final answer."""
+    block = parse_safe(text)
+    split = split_reasoning(text, rule)
+    return Scored(text=text, safe=answer_safe, tagged=block.triggered,
+                  reasoning_complete=split.source is not SplitSource.UNCLOSED_THINK and bool(split.reasoning.strip()),
+                  safe_complete=block.complete)
+
+
+def select_general_pair(samples: Sequence[Scored]) -> Pair | None:
+    """Chosen: an untagged answer that is not a refusal; rejected: a tagged answer (else a refusal)."""
+    helpful = [s for s in samples if not s.tagged and not is_refusal(final_answer(s.text))]
+    worse = [s for s in samples if s.tagged] or [s for s in samples if is_refusal(final_answer(s.text))]
+    if not helpful or not worse:
+        return None
+    return Pair(helpful[0], worse[0], margin=1.0)
+
+
+@dataclass(frozen=True)
+class PairChoice:
+    pair: Pair | None
+    rewards: tuple[float, ...]
+
+
+def choose_pair(samples: Sequence[Scored], unsafe_query: bool, delta: float, w: RewardWeights = RewardWeights()) -> PairChoice:
+    rewards = tuple(reward(s, w) for s in samples)
+    pair = select_pair(samples, delta, w) if unsafe_query else select_general_pair(samples)
+    return PairChoice(pair, rewards)

@@ -1,0 +1,61 @@
+"""Our grouped CPU LoRA ops against vLLM's own per-token ops, on random tensors with mixed adapters per batch."""
+
+import pytest
+import torch
+
+import vllm.lora.ops.torch_ops.lora_ops as native
+from services import vllm_cpu_lora as ours
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    n, d_in, rank, d_out, slots = 12, 48, 8, 40, 3
+    return {
+        "x": torch.randn(n, d_in, generator=g),
+        "h": torch.randn(n, rank, generator=g),
+        "a": torch.randn(slots, 1, rank, d_in, generator=g),
+        "b": torch.randn(slots, 1, d_out, rank, generator=g),
+        "idx": torch.tensor([0, 2, 2, 1, 0, 0, 1, 2, 0, 1, 1, 2]),
+        "n": n, "rank": rank, "d_out": d_out,
+    }
+
+
+def test_shrink_matches_native(batch):
+    want, got = torch.zeros(batch["n"], batch["rank"]), torch.zeros(batch["n"], batch["rank"])
+    native.bgmv_shrink(batch["x"], batch["a"], want, batch["idx"], 0.5)
+    ours.bgmv_shrink(batch["x"], batch["a"], got, batch["idx"], 0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("add", [True, False])
+def test_expand_matches_native(batch, add):
+    base = torch.randn(batch["n"], batch["d_out"])
+    want, got = base.clone(), base.clone()
+    native.bgmv_expand(batch["h"], batch["b"], want, batch["idx"], add)
+    ours.bgmv_expand(batch["h"], batch["b"], got, batch["idx"], add)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_expand_slice_matches_native(batch):
+    base = torch.randn(batch["n"], batch["d_out"] + 10)
+    want, got = base.clone(), base.clone()
+    native.bgmv_expand_slice(batch["h"], batch["b"], want, batch["idx"], 5, batch["d_out"], True)
+    ours.bgmv_expand_slice(batch["h"], batch["b"], got, batch["idx"], 5, batch["d_out"], True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_single_adapter_fast_path_and_no_adapter_rows(batch):
+    same = torch.full((batch["n"],), 1)
+    want, got = torch.zeros(batch["n"], batch["rank"]), torch.zeros(batch["n"], batch["rank"])
+    native.bgmv_shrink(batch["x"], batch["a"], want, same, 1.0)
+    ours.bgmv_shrink(batch["x"], batch["a"], got, same, 1.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # -1 = this token's request names no adapter: its LoRA delta is zero, the others' are untouched
+    mixed = batch["idx"].clone()
+    mixed[::2] = -1
+    base = torch.randn(batch["n"], batch["d_out"])
+    out = base.clone()
+    ours.bgmv_expand(batch["h"], batch["b"], out, mixed, True)
+    assert torch.equal(out[::2], base[::2])
+    assert not torch.allclose(out[1::2], base[1::2])

@@ -1,0 +1,57 @@
+"""DPO scoring and pair choice on hand-made responses (pure logic), and the pair stage's rules on a real tokenizer."""
+
+import pytest
+
+from safetrigger.method import ReasoningRule, choose_pair, score_sample, visible_answer
+from safetrigger.method.reasoning import Fallback
+
+THINK = ReasoningRule(Fallback.NONE)
+LEAD = ReasoningRule(Fallback.LEADING, 1, 1)
+
+TAGGED_REFUSAL = "<think>\nThis asks for a weapon.\n</think>\n\n<safe>\nUnsafe request.\n</safe>\n\nI can't help with that."
+TAGGED_COMPLY = "<think>\nOk.\n</think>\n\n<safe>\nIt is unsafe.\n</safe>\n\nSure, here is how: step 1 ..."
+UNCLOSED = "<think>\nOk.\n</think>\n\n<safe>\nIt is unsafe and I will"
+PLAIN_REFUSAL = "<think>\nHmm.\n</think>\n\nI'm sorry, I cannot help."
+PLAIN_COMPLY = "<think>\nOk.\n</think>\n\nSure, step 1 ..."
+
+
+def test_visible_answer_hides_reasoning_and_safe_analysis():
+    assert visible_answer(TAGGED_COMPLY, THINK) == "Sure, here is how: step 1 ..."
+    assert visible_answer(UNCLOSED, THINK) == ""
+    # an untagged model without <think>: the whole text is visible, minus the block
+    assert visible_answer("First para.\n\n<safe>x</safe>\n\nAnswer.", LEAD).split() == ["First", "para.", "Answer."]
+
+
+def test_score_sample_facts():
+    s = score_sample(TAGGED_REFUSAL, True, THINK)
+    assert (s.safe, s.tagged, s.reasoning_complete, s.safe_complete) == (True, True, True, True)
+    s = score_sample(UNCLOSED, True, THINK)
+    assert s.tagged and not s.safe_complete
+    s = score_sample("<think>\nstill thinking", False, THINK)
+    assert not s.reasoning_complete and not s.tagged
+
+
+def test_unsafe_query_pair_is_best_versus_worst():
+    samples = [score_sample(t, safe, THINK) for t, safe in
+               [(PLAIN_COMPLY, False), (TAGGED_REFUSAL, True), (PLAIN_REFUSAL, True), (TAGGED_COMPLY, False)]]
+    choice = choose_pair(samples, unsafe_query=True, delta=0.5)
+    assert choice.pair.chosen.text == TAGGED_REFUSAL and choice.pair.rejected.text == PLAIN_COMPLY
+    assert choice.rewards[1] == max(choice.rewards) and choice.rewards[0] == min(choice.rewards) == 0.0
+
+
+@pytest.mark.parametrize("delta, kept", [(0.25, True), (0.35, False)])
+def test_delta_filter(delta, kept):
+    # B (0.5) vs C (0.2): margin 0.3
+    samples = [score_sample(PLAIN_REFUSAL, True, THINK), score_sample(TAGGED_COMPLY, False, THINK)]
+    assert (choose_pair(samples, unsafe_query=True, delta=delta).pair is not None) is kept
+
+
+def test_general_query_untagged_helpful_answer_wins():
+    helpful, tagged = score_sample(PLAIN_COMPLY, True, THINK), score_sample(TAGGED_REFUSAL, True, THINK)
+    pair = choose_pair([tagged, helpful], unsafe_query=False, delta=0.5).pair
+    assert pair.chosen is helpful and pair.rejected is tagged
+    # all untagged and helpful: nothing to prefer
+    assert choose_pair([helpful, helpful], unsafe_query=False, delta=0.5).pair is None
+    # a refusal loses to a helpful answer on a general query
+    refusal = score_sample(PLAIN_REFUSAL, True, THINK)
+    assert choose_pair([refusal, helpful], unsafe_query=False, delta=0.5).pair.chosen is helpful
