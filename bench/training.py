@@ -36,8 +36,9 @@ def newest(run_dir: Path, pattern: str) -> Path:
 
 def settings(cfg, kind: str, steps: int, workers: int, threads: int):
     s = getattr(cfg, kind)
+    # each worker gets the cores it computes on: Ray then sets its OMP_NUM_THREADS to match
     return s.model_copy(update={"max_steps": steps, "num_workers": workers, "torch_threads": threads,
-                                "cpus_per_worker": 1})
+                                "cpus_per_worker": threads})
 
 
 def loop_cfg(kind: str, cfg, s, run_dir: Path, model_path: str) -> dict:
@@ -59,9 +60,10 @@ def child(args) -> None:
 
     cfg = load_config(args.config, _overrides(args.set))
     model_path = resolve_model(cfg.model.source)
-    threads = max(1, (os.cpu_count() or 2) // args.workers)
+    workers = args.workers[0]
+    threads = max(1, (os.cpu_count() or 2) // workers)
     set_threads(threads)
-    s = settings(cfg, args.kind, args.steps, args.workers, threads)
+    s = settings(cfg, args.kind, args.steps, workers, threads)
     c = loop_cfg(args.kind, cfg, s, Path(args.run_dir), model_path)
     builder = "pipelines.train.sft:build_sft_trainer" if args.kind == "sft" else "pipelines.train.dpo:build_dpo_trainer"
     t = time.perf_counter()
@@ -78,7 +80,7 @@ def child(args) -> None:
 
         from pipelines.train.ray_train import fit
 
-        ray.init(num_cpus=max(2, args.workers), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=max(2, workers), include_dashboard=False, log_to_driver=False)
         with tempfile.TemporaryDirectory() as d:
             metrics = fit(builder, c, s, Path(d) / "adapter", f"bench-{args.kind}")["metrics"]
         ray.shutdown()

@@ -46,7 +46,8 @@ def _worker_loop(c: dict[str, Any]) -> None:
 
 
 def _progress_callback(path: str):
-    """Rank 0 appends one JSON line per logged step; the driver shows them (worker stdout is not forwarded)."""
+    """Rank 0 appends one JSON line per logged step; the driver shows them (worker stdout is not forwarded).
+    The trainer gathers `num_input_tokens_seen` over all workers, so the rate is the whole run's."""
     import json
     import time
 
@@ -80,7 +81,7 @@ def _follow(path: Path, stop, emit, label: str) -> None:
             eta = rate * (p["max_steps"] - p["step"])
             tok_s = p["tokens"] / p["elapsed"] if p["elapsed"] else 0.0
             emit(f"[{label}] step {p['step']}/{p['max_steps']}, loss {p['loss']:.3f}, {tok_s:.0f} tokens/s "
-                 f"(rank 0), ETA {eta:.0f}s")
+                 f"(all workers), ETA {eta:.0f}s")
         seen = len(lines)
         if finished:
             return
