@@ -44,9 +44,17 @@ def test_jailbreak_split_follows_the_goal(data_root):
                 "templates_per_goal": 2})
     qs = load_all(data)
     goal_split = {q.prompt: q.split for q in qs if q.source == "advbench"}
-    for q in qs:
-        if q.source == "jailbreak_templates":
-            assert q.split == goal_split[q.split_key]  # a held-out goal is never trained on in another template
+    jailbreaks = [q for q in qs if q.source == "jailbreak_templates"]
+    for q in jailbreaks:
+        # a held-out goal is never trained on in another template
+        assert (q.split == "eval") == (goal_split[q.split_key] == "eval")
+    # the DPO pool (default: half of the non-eval jailbreak goals) is drawn by goal too
+    by_goal = {}
+    for q in jailbreaks:
+        by_goal.setdefault(q.split_key, set()).add(q.split)
+    assert all(len(splits) == 1 for splits in by_goal.values())
+    assert {"train", "dpo", "eval"} == {q.split for q in jailbreaks}
+    assert all(q.split != "dpo" for q in qs if q.source == "advbench")  # dpo_kinds: jailbreak only
 
 
 def test_limit_is_a_deterministic_spread_sample(data_root):

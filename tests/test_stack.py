@@ -102,7 +102,7 @@ def test_generate_judge_and_resume(stack):
         assert r["completion_tokens"] > 0 and r["prompt_tokens"] > 0
         assert r["finish_reason"] in ("stop", "length")
         assert json.loads(r["sampling"])["max_tokens"] == 48
-        assert r["response"].strip() and r["model"] == "policy" and r["split"] in ("train", "eval")
+        assert r["response"].strip() and r["model"] == "policy" and r["split"] in ("train", "eval", "dpo")
         assert r["split_source"] in ("leading_paragraphs", "leading_sentences", "none")
 
     judged = run_judge(rows, ep, cfg, StageStore(tmp / "judge"))
