@@ -69,9 +69,10 @@ def run_answer_judge(samples: list[dict[str, Any]], endpoint: PolicyEndpoint, cf
     answers = [(sample_id(s["query_id"], i), s["prompt"], visible_answer(text, rule))
                for s in samples for i, text in enumerate(s["samples"])]
     j = cfg.dpo.judge
+    done = store.done_ids()
     if j.type == "refusal":
         store.commit([{"query_id": sid, "margin": 0.0, "answer_safe": is_refusal(a), "resolved": True}
-                      for sid, _, a in answers if sid not in store.done_ids()])
+                      for sid, _, a in answers if sid not in done])
         return store.read()
     target = judge_target(endpoint, cfg)
     tok = load_tokenizer(target.model_path)
@@ -81,7 +82,6 @@ def run_answer_judge(samples: list[dict[str, Any]], endpoint: PolicyEndpoint, cf
     if j.calibration == "content_free":
         free = [answer_prompt_ids(tok, cfg, q, a) for q, a in CONTENT_FREE_ANSWERS]
         baseline = content_free_baseline(target.base_url, model, free, unsafe_id, safe_id)
-    done = store.done_ids()
     rows = [{"query_id": sid, "prompt_ids": answer_prompt_ids(tok, cfg, q, a)} for sid, q, a in answers if sid not in done]
     g = cfg.generation
     run_through_policy(rows, target, _Pre(model), _Post(unsafe_id, safe_id, baseline, j.threshold), store, "dpo-judge",
