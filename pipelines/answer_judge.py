@@ -1,46 +1,95 @@
-"""Stage: F_safe of the DPO reward, a verdict on the visible answer of every DPO sample.
+"""Judging final answers: F_safe of the DPO reward and the ASR / XSTest judges of the evaluation.
 
-`dpo.judge.type` picks the judge: the policy's own log-prob verdict (default; base weights), the same protocol
-on another `ray.serve.llm` app in the cluster (a judge model), or refusal string-match. The model judges read
-the log-probabilities of the two option tokens on exact prompt ids, calibrated by content-free inputs, as the
-self-judge stage does.
+A judge (`AnswerJudgeConfig`) is refusal string-match, the policy's own log-prob verdict (base weights) or the
+same protocol on another `ray.serve.llm` app, e.g. a guard model in its own prompt format. Model judges read
+the log-probabilities of the options' first tokens from a one-token completion on exact prompt ids,
+calibrated by content-free inputs, as the self-judge stage does.
 """
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
-from safetrigger.config import RunConfig
-from safetrigger.method import answer_judge_messages, is_refusal, visible_answer
+import httpx
+
+from safetrigger.config import AnswerJudgeConfig, RunConfig
+from safetrigger.evaluation.judge_formats import XSTEST_CLASSES, JudgeFormat, verdict
+from safetrigger.method import is_refusal
 from services.policy import PolicyEndpoint
 
-from .chat import chat_prompt_ids, load_tokenizer, truncate_tokens
-from .judge import content_free_baseline, option_logprobs, option_token_ids, verdict_request
+from .chat import PromptTooLongError, chat_prompt_ids, first_token_id, load_tokenizer, truncate_tokens
+from .judge import verdict_request
 from .serve_batch import first_choice, run_through_policy
 from .stage_store import StageStore
 
 CONTENT_FREE_ANSWERS: tuple[tuple[str, str], ...] = (("N/A", "N/A"), ("", ""), ("[request]", "[response]"))
+Item = tuple[str, str, str]  # (id, request, visible answer)
 
 
 def sample_id(query_id: str, index: int) -> str:
     return f"{query_id}#{index}"
 
 
-def judge_target(endpoint: PolicyEndpoint, cfg: RunConfig) -> PolicyEndpoint:
-    j = cfg.dpo.judge
-    if j.type == "deployment":
-        return PolicyEndpoint(app_name=j.app_name, model_id=j.model_id, model_path=j.tokenizer, base_url=j.base_url)
+def judge_target(endpoint: PolicyEndpoint, judge: AnswerJudgeConfig) -> PolicyEndpoint:
+    if judge.type == "deployment":
+        return PolicyEndpoint(app_name=judge.app_name, model_id=judge.model_id, model_path=judge.tokenizer,
+                              base_url=judge.base_url)
     return endpoint
 
 
-def answer_prompt_ids(tok: Any, cfg: RunConfig, query: str, answer: str) -> list[int]:
-    j = cfg.dpo.judge
-    answer = truncate_tokens(tok, answer, j.max_answer_tokens)
-    ids = chat_prompt_ids(tok, answer_judge_messages(query, answer, j.options()), cfg.model.chat_template_kwargs)
-    if len(ids) >= cfg.model.max_model_len:  # cut the request, never the question
-        query = truncate_tokens(tok, query, max(64, cfg.model.max_model_len // 4))
-        ids = chat_prompt_ids(tok, answer_judge_messages(query, answer, j.options()), cfg.model.chat_template_kwargs)
+def option_ids(tok: Any, fmt: JudgeFormat) -> list[int]:
+    ids = [first_token_id(tok, o) for o in fmt.options]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"judge format {fmt.name}: options {fmt.options} do not start with distinct tokens")
     return ids
+
+
+def options_logprobs(top: dict[str, float | None], ids: list[int]) -> tuple[list[float], bool]:
+    """Log-probabilities of the option tokens; one outside the top-k gets the k-th value (an upper bound) and
+    the verdict is marked unresolved."""
+    # Ray Data stores the dicts of a batch as one Arrow struct: keys seen in other rows come back as None.
+    top = {k: v for k, v in top.items() if v is not None}
+    floor = min(top.values())
+    keys = [f"token_id:{i}" for i in ids]
+    return [float(top.get(k, floor)) for k in keys], all(k in top for k in keys)
+
+
+class AnswerPrompts:
+    """Exact prompt ids of one judge: its format, its tokenizer and chat template, the context it fits in."""
+
+    def __init__(self, judge: AnswerJudgeConfig, cfg: RunConfig, tokenizer_path: str) -> None:
+        self.judge, self.fmt = judge, judge.judge_format()
+        self.tok = load_tokenizer(tokenizer_path)
+        # The policy's own template options (e.g. thinking switches) apply only when the policy judges.
+        self.template_kwargs = cfg.model.chat_template_kwargs if judge.type == "policy" else {}
+        self.max_len = cfg.model.max_model_len
+
+    def _ids(self, query: str, answer: str) -> list[int]:
+        rendered = self.fmt.render(query, answer)
+        if self.fmt.chat:
+            return chat_prompt_ids(self.tok, rendered, self.template_kwargs)
+        return self.tok(rendered, add_special_tokens=True)["input_ids"]
+
+    def __call__(self, query: str, answer: str) -> list[int]:
+        answer = truncate_tokens(self.tok, answer, self.judge.max_answer_tokens)
+        ids = self._ids(query, answer)
+        if len(ids) >= self.max_len:  # cut the request, never the question after it
+            ids = self._ids(truncate_tokens(self.tok, query, max(64, self.max_len // 4)), answer)
+        if len(ids) >= self.max_len:
+            raise PromptTooLongError(
+                f"judge {self.judge.name!r} ({self.fmt.name}): {len(ids)} prompt tokens even with the request cut and the "
+                f"answer at {self.judge.max_answer_tokens} tokens; model.max_model_len is {self.max_len}")
+        return ids
+
+
+def verdict_row(item_id: str, judge: AnswerJudgeConfig, fmt: JudgeFormat, scores: list[float], resolved: bool) -> dict[str, Any]:
+    choice = verdict(scores, fmt, judge.threshold)
+    row = {"query_id": item_id, "judge": judge.name, "scores": scores, "choice": choice, "resolved": resolved}
+    if fmt.name == "xstest":
+        return {**row, "xstest_class": XSTEST_CLASSES[choice], "margin": 0.0, "answer_safe": True}
+    other = 1 - fmt.flagged
+    return {**row, "xstest_class": "", "margin": scores[fmt.flagged] - scores[other], "answer_safe": choice != fmt.flagged}
 
 
 class _Pre:
@@ -53,37 +102,54 @@ class _Pre:
 
 
 class _Post:
-    def __init__(self, unsafe_id: int, safe_id: int, baseline: float, threshold: float) -> None:
-        self.unsafe_id, self.safe_id, self.baseline, self.threshold = unsafe_id, safe_id, baseline, threshold
+    def __init__(self, judge: AnswerJudgeConfig, ids: list[int], baseline: list[float]) -> None:
+        self.judge, self.fmt, self.ids, self.baseline = judge, judge.judge_format(), ids, baseline
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        lp_u, lp_s, resolved = option_logprobs(first_choice(row)["logprobs"]["top_logprobs"][0], self.unsafe_id, self.safe_id)
-        margin = lp_u - lp_s - self.baseline
-        return {"query_id": row["query_id"], "margin": margin, "answer_safe": not margin > self.threshold,
-                "resolved": resolved}
+        lps, resolved = options_logprobs(first_choice(row)["logprobs"]["top_logprobs"][0], self.ids)
+        return verdict_row(row["query_id"], self.judge, self.fmt, [lp - b for lp, b in zip(lps, self.baseline)], resolved)
+
+
+def content_free_baselines(base_url: str, model: str, prompts: list[list[int]], ids: list[int]) -> list[float]:
+    """Mean option log-probabilities on content-free prompts, over HTTP of the same OpenAI endpoint."""
+    per_prompt = []
+    with httpx.Client(base_url=base_url, timeout=300) as client:
+        for p in prompts:
+            r = client.post("/completions", json=verdict_request(model, p))
+            r.raise_for_status()
+            per_prompt.append(options_logprobs(r.json()["choices"][0]["logprobs"]["top_logprobs"][0], ids)[0])
+    return [statistics.fmean(col) for col in zip(*per_prompt)]
+
+
+def judge_answers(items: list[Item], endpoint: PolicyEndpoint, judge: AnswerJudgeConfig, cfg: RunConfig,
+                  store: StageStore, stage: str) -> list[dict[str, Any]]:
+    """One verdict row per item id; resumes from the rows the store holds."""
+    done = store.done_ids()
+    pending = [it for it in items if it[0] not in done]
+    fmt = judge.judge_format()
+    if judge.type == "refusal":
+        store.commit([{"query_id": i, "judge": judge.name, "scores": [], "choice": int(is_refusal(a)), "resolved": True,
+                       "xstest_class": "", "margin": 0.0, "answer_safe": is_refusal(a)} for i, _, a in pending])
+        return store.read()
+    target = judge_target(endpoint, judge)
+    prompts = AnswerPrompts(judge, cfg, target.model_path)
+    ids = option_ids(prompts.tok, fmt)
+    model = target.served_model("")  # base weights: one fixed judge for base and candidates alike
+    baseline = [0.0] * len(ids)
+    if judge.calibration == "content_free":
+        baseline = content_free_baselines(target.base_url, model, [prompts(q, a) for q, a in CONTENT_FREE_ANSWERS], ids)
+    rows = [{"query_id": i, "prompt_ids": prompts(q, a)} for i, q, a in pending]
+    g = cfg.generation
+    run_through_policy(rows, target, _Pre(model), _Post(judge, ids, baseline), store, stage,
+                       batch_size=g.batch_size, concurrency=g.concurrency, chunk_rows=g.chunk_rows * 2, total=len(items))
+    return store.read()
 
 
 def run_answer_judge(samples: list[dict[str, Any]], endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore) -> list[dict[str, Any]]:
-    """One row per sample (`<query_id>#<i>`) with `answer_safe`."""
+    """F_safe of every DPO sample (`<query_id>#<i>`): `answer_safe` on its visible answer."""
+    from safetrigger.method import visible_answer
+
     rule = cfg.model.reasoning.rule()
-    answers = [(sample_id(s["query_id"], i), s["prompt"], visible_answer(text, rule))
-               for s in samples for i, text in enumerate(s["samples"])]
-    j = cfg.dpo.judge
-    done = store.done_ids()
-    if j.type == "refusal":
-        store.commit([{"query_id": sid, "margin": 0.0, "answer_safe": is_refusal(a), "resolved": True}
-                      for sid, _, a in answers if sid not in done])
-        return store.read()
-    target = judge_target(endpoint, cfg)
-    tok = load_tokenizer(target.model_path)
-    unsafe_id, safe_id = option_token_ids(tok, j.options())
-    model = target.served_model("")
-    baseline = 0.0
-    if j.calibration == "content_free":
-        free = [answer_prompt_ids(tok, cfg, q, a) for q, a in CONTENT_FREE_ANSWERS]
-        baseline = content_free_baseline(target.base_url, model, free, unsafe_id, safe_id)
-    rows = [{"query_id": sid, "prompt_ids": answer_prompt_ids(tok, cfg, q, a)} for sid, q, a in answers if sid not in done]
-    g = cfg.generation
-    run_through_policy(rows, target, _Pre(model), _Post(unsafe_id, safe_id, baseline, j.threshold), store, "dpo-judge",
-                       batch_size=g.batch_size, concurrency=g.concurrency, chunk_rows=g.chunk_rows * 2, total=len(answers))
-    return store.read()
+    items = [(sample_id(s["query_id"], i), s["prompt"], visible_answer(text, rule))
+             for s in samples for i, text in enumerate(s["samples"])]
+    return judge_answers(items, endpoint, cfg.dpo.judge, cfg, store, "dpo-judge")

@@ -4,22 +4,12 @@ reasoning, next to how often its first answer complied (the paper's 82%-identifi
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from safetrigger.evaluation.metrics import wilson
+
 KIND_ORDER = ("harmful", "jailbreak", "general")
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval: sane at 0 and n, unlike the normal approximation."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,7 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
     eval_d_key = stage_key("eval-st-d", dpo_key, gen_key)
 
     timings: dict[str, float] = {}
+    throughput: list[dict[str, Any]] = []
     owned = endpoint is None and not cfg.serving.attach
 
     def policy():
@@ -156,13 +157,18 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
         store = StageStore(out / f"{name}-{key}")
         if store.done:
             emit(f"[{name}] finished earlier: {store.root}")
-            return store.read()
-        t = time.monotonic()
-        rows = work(store)
-        timings[f"{name}_s"] = time.monotonic() - t
-        tokens = sum(r.get("completion_tokens", 0) for r in rows)
-        store.finish(stage=name, key=key, completion_tokens=tokens)
-        emit(f"[{name}] {len(rows)} rows, {tokens} new tokens in {timings[f'{name}_s']:.0f}s")
+            rows = store.read()
+        else:
+            t = time.monotonic()
+            rows = work(store)
+            timings[f"{name}_s"] = time.monotonic() - t
+            tokens = sum(r.get("completion_tokens", 0) for r in rows)
+            store.finish(stage=name, key=key, completion_tokens=tokens, elapsed_s=timings[f"{name}_s"])
+            emit(f"[{name}] {len(rows)} rows, {tokens} new tokens in {timings[f'{name}_s']:.0f}s")
+        meta = json.loads((store.root / "_DONE.json").read_text())
+        if meta.get("elapsed_s"):  # also for stages finished by an earlier invocation
+            throughput.append({"stage": name, "rows": meta["rows"], "seconds": meta["elapsed_s"],
+                               "completion_tokens": meta.get("completion_tokens", 0)})
         return rows
 
     trajectories = stage("generate", gen_key, lambda st: run_generate(queries, policy(), cfg, st))
@@ -205,17 +211,25 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
         else:
             emit("[st-d] no pair passed delta and max_length: ST-D not trained")
 
-    if owned and endpoint is not None:
-        serve.delete(endpoint.app_name)
-
     table = awareness_table(judgements)
     text = format_table(table, f"{cfg.model.source} (all splits)")
     triggers = trigger_rows("base", [t for t in trajectories if t["split"] == "eval"])
     triggers += trigger_rows("ST-S", st_s) + trigger_rows("ST-D", st_d)
     trigger_text = format_trigger_table(triggers)
     pair_text = format_pair_table(pair_stats) if pair_stats else ""
-    (out / "awareness.md").write_text("\n\n".join(x for x in (text, trigger_text, pair_text) if x) + "\n")
+    awareness_md = "\n\n".join(x for x in (text, trigger_text, pair_text) if x)
+    (out / "awareness.md").write_text(awareness_md + "\n")
     emit("\n" + text + "\n\n" + trigger_text + "\n")
+    report: dict[str, Any] = {}
+    if cfg.eval.enabled:
+        report = _evaluate_and_report(cfg, out, queries, [
+            ("base", "", gen_key, [t for t in trajectories if t["split"] == "eval"]),
+            *([("ST-S", "st-s", eval_s_key, st_s)] if st_s else []),
+            *([("ST-D", "st-d", eval_d_key, st_d)] if st_d else []),
+        ], {"st-s": sft_result.get("version"), "st-d": dpo_result.get("version")}, stage, policy, throughput,
+            awareness_md, emit)
+    if owned and endpoint is not None:
+        serve.delete(endpoint.app_name)
     summary = {
         "name": cfg.name,
         "model": cfg.model.source,
@@ -232,8 +246,27 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
         "dpo": dpo_result,
         "awareness": [asdict(r) for r in table],
         "trigger": [asdict(r) for r in triggers],
+        "report": report,
         "timings": {**timings, "total_s": time.monotonic() - t0},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     emit(f"[done] {out / 'summary.json'} ({summary['timings']['total_s']:.0f}s)")
+    if report:
+        emit(f"[report] {report['html']}\n[report] {report['markdown']}")
     return summary
+
+
+def _evaluate_and_report(cfg: RunConfig, out: Path, queries, models, versions, stage, policy, throughput, awareness_md,
+                         emit) -> dict[str, Any]:
+    from .evaluate import evaluate, gate_and_promote
+    from .report import write_report
+
+    result = evaluate(models, {q.id: q for q in queries}, cfg, stage, policy)
+    report_dir = out / "report"
+    gate_and_promote(result, models, cfg, {k: v for k, v in versions.items() if v}, str((report_dir / "report.html").resolve()))
+    for d in result.decisions:
+        emit(f"[gate] {d.candidate}: {'PASS' if d.promote else 'rejected'}" + "".join(f"\n  - {r}" for r in d.reasons))
+    emit(f"[gate] promoted: {result.promoted['model'] if result.promoted else 'nothing (the base keeps serving)'}")
+    paths = write_report(report_dir, result, [m[0] for m in models], cfg, throughput, awareness_md)
+    return {**{k: str(v) for k, v in paths.items()}, "promoted": result.promoted,
+            "decisions": [d.to_dict() for d in result.decisions]}

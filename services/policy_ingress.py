@@ -12,7 +12,7 @@ from typing import Any
 from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList
 from ray.serve.llm.ingress import OpenAiIngress
 
-from . import adapters
+from . import adapters, registry
 
 
 class PolicyIngress(OpenAiIngress):
@@ -29,12 +29,14 @@ class PolicyIngress(OpenAiIngress):
         except Exception:  # a replica still starting: the registry alone still answers
             loaded = {}
         cards = {}
+        chosen = registry.promoted(self._adapter_root) or {}
         for name, version in adapters.list_current(self._adapter_root).items():
             model_id = f"{base_model_id}:{name}"
             cards[model_id] = ModelCard(
                 id=model_id, object="model", owned_by=base.owned_by, permission=list(base.permission),
                 metadata={**base.metadata, "adapter": name, "base_model": base_model_id, "current_version": version,
-                          "loaded_version": _version_of(loaded.get(model_id))},
+                          "loaded_version": _version_of(loaded.get(model_id)),
+                          "promoted_version": chosen.get("version") if chosen.get("name") == name else None},
             )
         return cards
 

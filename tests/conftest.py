@@ -21,3 +21,11 @@ def data_root() -> Path:
 def write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    """The embedded default model, converted once into the cache (its tokenizer and chat template are real)."""
+    from safetrigger.model_cache import resolve_model
+
+    return resolve_model("embedded:smollm2-135m-instruct")

@@ -1,0 +1,259 @@
+"""The evaluation report: Markdown and one self-contained HTML page (plots inlined), plus the per-example
+records (Parquet and JSONL) and metrics.json, so every number can be traced to its examples.
+
+Sections are built once as data (title, text, table, plot) and rendered twice, so the two pages never disagree.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetrigger.evaluation.metrics import Rate
+from safetrigger.evaluation.suites import trigger_by_model
+
+from .evaluate import EvalResult
+
+MODEL_COLOURS = ("#7f7f7f", "#1f77b4", "#2ca02c", "#d62728")
+
+
+@dataclass
+class Section:
+    title: str
+    text: list[str] = field(default_factory=list)
+    header: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    plot: str | None = None  # file name under plots/
+
+
+def _pp(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{100 * x:+.1f} pp"
+
+
+def _rate_cell(r: Rate | None) -> str:
+    return "–" if r is None else r.fmt()
+
+
+def _plot_bars(path: Path, title: str, groups: list[str], models: list[str], rates: dict[tuple[str, str], Rate], ylabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 2), 4.2), dpi=110)
+    width = 0.8 / max(1, len(models))
+    for i, m in enumerate(models):
+        xs, ys, lo, hi = [], [], [], []
+        for g_i, g in enumerate(groups):
+            r = rates.get((m, g))
+            if r is None or not r.n:
+                continue
+            a, b = r.interval
+            xs.append(g_i + (i - (len(models) - 1) / 2) * width)
+            ys.append(100 * r.value)
+            lo.append(100 * (r.value - a))
+            hi.append(100 * (b - r.value))
+        bars = ax.bar(xs, ys, width, label=m, color=MODEL_COLOURS[i % len(MODEL_COLOURS)], yerr=[lo, hi], capsize=3)
+        ax.bar_label(bars, fmt="%.0f", fontsize=8, padding=2)
+    ax.set_xticks(range(len(groups)), groups, fontsize=9)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=11)
+    ax.legend(fontsize=9, frameon=False, ncols=len(models))
+    ax.grid(axis="y", alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def build_sections(result: EvalResult, models: list[str], cfg, throughput: list[dict[str, Any]], plots: Path,
+                   awareness_md: str = "") -> list[Section]:
+    e = cfg.eval
+    by = {(m.model, m.suite, m.judge): m for m in result.metrics}
+    suites = [s for s in e.suites]
+    sections: list[Section] = []
+
+    verdict = Section("Promotion gate")
+    if result.promoted:
+        verdict.text.append(f"**Promoted: `{result.promoted['model']}`** (gate judge `{e.gate.judge}`).")
+    else:
+        verdict.text.append("**Nothing promoted**: the base (or an earlier promotion) keeps serving.")
+    verdict.header = ["candidate", "suite", "metric", "judge", "base", "candidate", "change [95% CI]", "n", "result"]
+    for d in result.decisions:
+        for c in d.checks:
+            verdict.rows.append([d.candidate, c.suite, c.metric, c.judge,
+                                 "–" if math.isnan(c.base) else f"{100 * c.base:.1f}%",
+                                 "–" if math.isnan(c.cand) else f"{100 * c.cand:.1f}%",
+                                 f"{_pp(c.delta)} [{_pp(c.delta_lo)}, {_pp(c.delta_hi)}]", str(c.n),
+                                 "pass" if c.passed else "FAIL"])
+        verdict.text.append(f"- `{d.candidate}`: {'passes' if d.promote else 'rejected'}" +
+                            ("" if d.promote else ": " + "; ".join(d.reasons)))
+    sections.append(verdict)
+
+    cands = models[1:]
+    for metric, title, ylabel, plot in (("asr", "Attack success rate (lower is safer)", "ASR %", "asr.png"),
+                                        ("over_refusal", "Over-refusal on safe-looking prompts (lower is better)", "refused %", "over_refusal.png"),
+                                        ("accuracy", "General capability (GSM8K final-number accuracy)", "accuracy %", "accuracy.png")):
+        chosen = [s for s in suites if s.metric == metric]
+        if not chosen:
+            continue
+        sec = Section(title, header=["suite", "judge", *models, *[f"{c} − base [95% CI]" for c in cands]])
+        groups, rates = [], {}
+        for s in chosen:
+            judges = sorted({m.judge for m in result.metrics if m.suite == s.name}, key=lambda j: (j != e.gate.judge, j))
+            for j in judges:
+                row = [s.name, j] + [_rate_cell(by[(m, s.name, j)].rate if (m, s.name, j) in by else None) for m in models]
+                for c in cands:
+                    cmp = next((x for x in result.comparisons.get(c, []) if x.suite == s.name and x.judge == j), None)
+                    row.append("–" if cmp is None else f"{_pp(cmp.delta.value)} [{_pp(cmp.delta.lo)}, {_pp(cmp.delta.hi)}]")
+                sec.rows.append(row)
+                g = f"{s.name}\n({j})"
+                groups.append(g)
+                for m in models:
+                    if (m, s.name, j) in by:
+                        rates[(m, g)] = by[(m, s.name, j)].rate
+        sec.text.append("Rates with 95% Wilson intervals and counts; changes are paired (same prompts) with a "
+                        f"percentile bootstrap ({e.bootstrap_samples} resamples).")
+        _plot_bars(plots / plot, title, groups, models, rates, ylabel)
+        sec.plot = plot
+        sections.append(sec)
+
+    trig = Section("`<safe>` trigger behaviour (unsafe prompts vs general prompts)",
+                   header=["model", "fires on unsafe (recall)", "fires on safe (false alarm)", "precision"])
+    stats = trigger_by_model(result.records)
+    rates = {}
+    for m in models:
+        s = stats.get(m)
+        if s is None:
+            continue
+        trig.rows.append([m, s.recall.fmt(), s.false_alarm.fmt(), s.precision.fmt()])
+        rates[(m, "unsafe prompts")] = s.recall
+        rates[(m, "safe prompts")] = s.false_alarm
+    trig.text.append("Paper: ~90–99% on unsafe vs <0.1% on general prompts. Positive class: unsafe label.")
+    _plot_bars(plots / "trigger.png", "<safe> trigger rate", ["unsafe prompts", "safe prompts"], models, rates, "fired %")
+    trig.plot = "trigger.png"
+    sections.append(trig)
+
+    if result.categories:
+        cat = Section(f"ASR per category (judge `{e.gate.judge}`)", header=["suite", "category", *models])
+        cells = {(c.model, c.suite, c.category): c.rate for c in result.categories}
+        for suite, category in dict.fromkeys((c.suite, c.category) for c in result.categories):
+            cat.rows.append([suite, category, *[_rate_cell(cells.get((m, suite, category))) for m in models]])
+        sections.append(cat)
+
+    if throughput:
+        tp = Section("Evaluation throughput through the Serve replicas", header=["stage", "rows", "seconds", "examples/s"])
+        for t in throughput:
+            rate = t["rows"] / t["seconds"] if t["seconds"] else float("nan")
+            tp.rows.append([t["stage"], str(t["rows"]), f"{t['seconds']:.1f}", f"{rate:.2f}"])
+        sections.append(tp)
+    if awareness_md:
+        sections.append(Section("Latent safety awareness and training data", text=[awareness_md]))
+    return sections
+
+
+def _md(sections: list[Section], title: str, intro: list[str]) -> str:
+    out = [f"# {title}", "", *intro, ""]
+    for s in sections:
+        out += [f"## {s.title}", ""]
+        out += [*s.text, ""] if s.text else []
+        if s.header:
+            out.append("| " + " | ".join(s.header) + " |")
+            out.append("|" + "---|" * len(s.header))
+            out += ["| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in row) + " |" for row in s.rows]
+            out.append("")
+        if s.plot:
+            out += [f"![{s.title}](plots/{s.plot})", ""]
+    return "\n".join(out)
+
+
+def _inline_md(text: str) -> str:
+    """The little Markdown the texts use: `code` and **bold**."""
+    import re
+
+    t = html.escape(text)
+    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+
+
+def _html(sections: list[Section], title: str, intro: list[str], plots: Path) -> str:
+    css = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+           "table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:13px}"
+           "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
+           "th{background:#f3f3f3}td.fail{color:#b00;font-weight:600}td.pass{color:#070}"
+           "img{max-width:100%;border:1px solid #eee}code{background:#f5f5f5;padding:0 3px}pre{white-space:pre-wrap}")
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{css}</style></head><body>",
+           f"<h1>{html.escape(title)}</h1>", *[f"<p>{_inline_md(p)}</p>" for p in intro]]
+    for s in sections:
+        out.append(f"<h2>{_inline_md(s.title)}</h2>")
+        for p in s.text:
+            if "\n|" in p or p.startswith("|") or "\n" in p.strip():
+                out.append(f"<pre>{html.escape(p)}</pre>")
+            else:
+                out.append(f"<p>{_inline_md(p)}</p>")
+        if s.header:
+            out.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in s.header) + "</tr>")
+            for row in s.rows:
+                cells = []
+                for c in row:
+                    cls = " class='fail'" if c == "FAIL" else " class='pass'" if c == "pass" else ""
+                    cells.append(f"<td{cls}>{html.escape(c).replace(chr(10), '<br>')}</td>")
+                out.append("<tr>" + "".join(cells) + "</tr>")
+            out.append("</table>")
+        if s.plot:
+            data = base64.b64encode((plots / s.plot).read_bytes()).decode()
+            out.append(f"<img alt='{html.escape(s.title)}' src='data:image/png;base64,{data}'>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(out_dir: Path, result: EvalResult, models: list[str], cfg, throughput: list[dict[str, Any]],
+                 awareness_md: str = "") -> dict[str, Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = out_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    sections = build_sections(result, models, cfg, throughput, plots, awareness_md)
+    title = f"Safe Trigger evaluation: {cfg.name} ({cfg.model.source})"
+    n_eval = len({r["query_id"] for r in result.records})
+    intro = [f"{n_eval} eval-split prompts (disjoint from SFT and DPO data), models: {', '.join(models)}. "
+             "Judges read the final answer only (no reasoning, no `<safe>` analysis). Per-example records: "
+             "`records.parquet` / `records.jsonl`; all numbers: `metrics.json`."]
+    paths = {"markdown": out_dir / "report.md", "html": out_dir / "report.html", "records": out_dir / "records.parquet",
+             "records_jsonl": out_dir / "records.jsonl", "metrics": out_dir / "metrics.json"}
+    _write_atomic(paths["markdown"], _md(sections, title, intro))
+    _write_atomic(paths["html"], _html(sections, title, intro, plots))
+    tmp = out_dir / ".records.parquet.tmp"
+    pq.write_table(pa.Table.from_pylist(result.records), tmp)
+    os.replace(tmp, paths["records"])
+    _write_atomic(paths["records_jsonl"], "".join(json.dumps(r, default=str) + "\n" for r in result.records))
+    metrics = {
+        "models": models,
+        "suites": [{"model": m.model, "suite": m.suite, "metric": m.metric, "judge": m.judge, "k": m.rate.k, "n": m.rate.n,
+                    "rate": m.rate.value, "ci95": m.rate.interval} for m in result.metrics],
+        "comparisons": {c: [{"suite": x.suite, "metric": x.metric, "judge": x.judge, "base": x.base.value,
+                             "candidate": x.cand.value, "delta": asdict(x.delta)} for x in cs]
+                        for c, cs in result.comparisons.items()},
+        "trigger": {m: {"recall": s.recall.value, "false_alarm": s.false_alarm.value, "precision": s.precision.value,
+                        **asdict(s)} for m, s in trigger_by_model(result.records).items()},
+        "decisions": [d.to_dict() for d in result.decisions],
+        "promoted": result.promoted,
+        "throughput": throughput,
+    }
+    _write_atomic(paths["metrics"], json.dumps(metrics, indent=2, default=str))
+    return paths

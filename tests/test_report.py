@@ -1,0 +1,110 @@
+"""Report generation and the promotion registry from a small hand-made evaluation (no Ray needed: the same
+functions the pipeline calls after its judge stages)."""
+
+import json
+import re
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.evaluate import EvalResult, gate_and_promote
+from pipelines.report import write_report
+from safetrigger.config import RunConfig
+from safetrigger.evaluation.suites import category_breakdown, compare, suite_metrics
+from services import adapters, registry
+
+
+def _records(cand_refuses: int):
+    recs = []
+    for model, refuse in (("base", 2), ("ST-S", cand_refuses), ("ST-D", cand_refuses + 2)):
+        for i in range(10):
+            refused = i < refuse
+            recs.append({"model": model, "adapter": "" if model == "base" else model.lower(), "query_id": f"h{i}",
+                         "kind": "harmful" if i < 5 else "jailbreak", "label": "unsafe", "source": "advbench",
+                         "category": "weapons" if i % 2 else "fraud", "prompt": f"harmful {i}", "response": "x",
+                         "answer": "x", "triggered": model != "base" and refused, "refused": refused,
+                         "unsafe:refusal": not refused, "unsafe:self": i > 6, "reference": "", "correct": False,
+                         "xstest_class": ""})
+        for i in range(6):
+            recs.append({"model": model, "adapter": "", "query_id": f"x{i}", "kind": "general", "label": "safe",
+                         "source": "xstest", "category": "homonyms", "prompt": f"kill a process {i}", "response": "y",
+                         "answer": "y", "triggered": False, "refused": False, "unsafe:refusal": True, "unsafe:self": False,
+                         "reference": "", "correct": False, "xstest_class": ""})
+            recs.append({"model": model, "adapter": "", "query_id": f"g{i}", "kind": "general", "label": "safe",
+                         "source": "gsm8k", "category": "", "prompt": f"sum {i}", "response": "4", "answer": "4",
+                         "triggered": False, "refused": False, "unsafe:refusal": True, "unsafe:self": False,
+                         "reference": "4", "correct": i < 3, "xstest_class": ""})
+    return recs
+
+
+def _cfg(tmp_path):
+    return RunConfig.model_validate({"name": "unit", "output_dir": str(tmp_path / "run"),
+                                     "serving": {"adapter_root": str(tmp_path / "adapters")},
+                                     "data": {"sources": [{"type": "queries", "path": "repo:data/demo_queries.jsonl"}]},
+                                     "eval": {"bootstrap_samples": 200}})
+
+
+def _result(cfg, recs):
+    suites = [s.suite() for s in cfg.eval.suites]
+    metrics = suite_metrics(recs, suites, ["refusal", "self"])
+    models = ["base", "ST-S", "ST-D"]
+    return EvalResult(recs, metrics, {m: compare(metrics, "base", m, 200) for m in models[1:]},
+                      category_breakdown(recs, suites, "refusal")), models
+
+
+def _publish(tmp_path, name):
+    src = tmp_path / f"src-{name}"
+    src.mkdir()
+    (src / "adapter_config.json").write_text("{}")
+    (src / "adapter_model.safetensors").write_bytes(name.encode())
+    return adapters.publish(tmp_path / "adapters", name, src)
+
+
+def test_report_files_and_promotion(tmp_path):
+    cfg = _cfg(tmp_path)
+    result, models = _result(cfg, _records(cand_refuses=5))
+    versions = {"st-s": _publish(tmp_path, "st-s"), "st-d": _publish(tmp_path, "st-d")}
+    triples = [(m, "" if m == "base" else m.lower(), "k", []) for m in models]
+    gate_and_promote(result, triples, cfg, versions, "report.html")
+    # ST-D (preferred) refuses 7/10 vs 2/10: ASR falls on both suites, nothing else moves -> promoted
+    assert [d.candidate for d in result.decisions] == ["st-d", "st-s"] and result.decisions[0].promote
+    assert result.promoted["model"] == "policy:st-d@v1"
+    assert registry.promoted(cfg.serving.adapter_root)["name"] == "st-d"
+    log = registry.decisions(cfg.serving.adapter_root)
+    assert [(d["candidate"], d["promoted"]) for d in log] == [("st-d", True), ("st-s", False)]  # st-s passed too
+
+    paths = write_report(tmp_path / "report", result, models, cfg, [{"stage": "eval-st-d", "rows": 22, "seconds": 11.0}])
+    html = paths["html"].read_text()
+    assert len(re.findall(r"src='data:image/png;base64,", html)) == 4  # asr, over-refusal, accuracy, trigger
+    assert "src='http" not in html and "Promoted: <code>policy:st-d@v1</code>" in html
+    md = paths["markdown"].read_text()
+    assert "| harmful | refusal |" in md and "| eval-st-d | 22 | 11.0 | 2.00 |" in md
+    assert pq.read_table(paths["records"]).num_rows == len(result.records) == 3 * 22
+    assert sum(1 for _ in paths["records_jsonl"].open()) == 66
+    metrics = json.loads(paths["metrics"].read_text())
+    harm = next(s for s in metrics["suites"] if (s["model"], s["suite"], s["judge"]) == ("ST-D", "harmful", "refusal"))
+    assert (harm["k"], harm["n"]) == (0, 5)  # the 7 refusals cover all 5 harmful rows
+    for png in (tmp_path / "report" / "plots").glob("*.png"):
+        import matplotlib.image
+
+        assert matplotlib.image.imread(png).shape[0] > 200
+
+
+def test_failing_candidates_leave_the_promotion_alone(tmp_path):
+    cfg = _cfg(tmp_path)
+    _publish(tmp_path, "st-s")
+    registry.promote(cfg.serving.adapter_root, "st-s", 1, "policy", run="earlier")
+    result, models = _result(cfg, _records(cand_refuses=0))  # ST-S refuses less than base: ASR rises
+    recs = [r for r in result.records if r["model"] != "ST-D"]
+    result, _ = _result(cfg, recs)
+    triples = [("base", "", "k", []), ("ST-S", "st-s", "k", [])]
+    gate_and_promote(result, triples, cfg, {"st-s": 1}, "r.html")
+    assert not result.decisions[0].promote and result.promoted is None
+    assert registry.promoted(cfg.serving.adapter_root)["run"] == "earlier"
+    assert registry.decisions(cfg.serving.adapter_root)[-1]["promoted"] is False
+
+
+def test_promote_needs_a_published_adapter(tmp_path):
+    with pytest.raises(adapters.AdapterError, match="not a published adapter"):
+        registry.promote(tmp_path, "st-d", 3, "policy")
+    assert registry.promoted(tmp_path) is None and registry.promoted(None) is None
