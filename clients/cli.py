@@ -1,8 +1,13 @@
-"""`safe-trigger` command line."""
+"""`safe-trigger` command line: run a pipeline here, or talk to a gateway (chat, jobs) and serve one.
+
+Gateway commands read SAFE_TRIGGER_URL and SAFE_TRIGGER_API_KEY (or --url / --key).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 import yaml
@@ -18,15 +23,79 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _client(args):
+    from .client import Client
+
+    if not args.key:
+        raise SystemExit("safe-trigger: no API key: pass --key or set SAFE_TRIGGER_API_KEY")
+    return Client(args.url, args.key)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safe-trigger", description="Safe Trigger: self-generated <safe> alignment")
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="run the pipeline locally (or on the Ray cluster in ray.address)")
     run_p.add_argument("config", help="YAML run config, e.g. configs/embedded.yaml")
     run_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value by dotted key, e.g. --set generation.max_tokens=64")
-    args = parser.parse_args(argv)
 
+    def remote(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--url", default=os.environ.get("SAFE_TRIGGER_URL", "http://127.0.0.1:8000/gw"))
+        p.add_argument("--key", default=os.environ.get("SAFE_TRIGGER_API_KEY"))
+        return p
+
+    chat = remote("chat", "ask the served model")
+    chat.add_argument("prompt")
+    chat.add_argument("--model")
+    chat.add_argument("--max-tokens", type=int)
+    chat.add_argument("--show-safety", action="store_true", help="keep the <safe> block in the answer")
+    chat.add_argument("--no-stream", action="store_true")
+    submit = remote("submit", "run a pipeline config as a job on the cluster")
+    submit.add_argument("config")
+    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--wait", action="store_true", help="follow its progress until it ends")
+    for name, help in (("status", "a job's status"), ("logs", "a job's logs"), ("cancel", "stop a job"),
+                       ("report", "a job's evaluation report")):
+        p = remote(name, help)
+        p.add_argument("job_id")
+        if name == "logs":
+            p.add_argument("--follow", "-f", action="store_true")
+        if name == "report":
+            p.add_argument("--format", choices=("markdown", "json", "html"), default="markdown")
+            p.add_argument("--out", help="write to this file instead of standard output")
+    serve = sub.add_parser("serve", help="serve the policy and the gateway on this Ray cluster")
+    serve.add_argument("config", help="run config: the policy to serve (model, serving)")
+    serve.add_argument("gateway", help="gateway config (keys, limits, artifact roots)")
+    keygen = sub.add_parser("keygen", help="make an API key: prints the key once and its keys-file entry")
+    keygen.add_argument("id")
+    keygen.add_argument("--scopes", default="inference", help="comma-separated: inference,jobs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    if args.command == "keygen":
+        from services.gateway.auth import hash_key, new_key
+
+        key = new_key()
+        print(f"key (shown once): {key}", file=sys.stderr)
+        print(yaml.safe_dump([{"id": args.id, "sha256": hash_key(key), "scopes": args.scopes.split(",")}]), end="")
+        return 0
+    if args.command == "serve":
+        return _serve(args)
+    from .client import SafeTriggerError
+
+    try:
+        return _remote(args)
+    except SafeTriggerError as e:
+        print(f"safe-trigger: {e.message} (HTTP {e.status})" if e.status else f"safe-trigger: {e.message}", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
     from safetrigger.config import ConfigError, load_config
 
     try:
@@ -34,15 +103,83 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"safe-trigger: {e}", file=sys.stderr)
         return 2
-    if args.command == "run":
-        from pipelines.datasets import DatasetError
-        from pipelines.run import run
+    from pipelines.datasets import DatasetError
+    from pipelines.run import run
 
-        try:
-            run(cfg)
-        except DatasetError as e:
-            print(f"safe-trigger: bad input data: {e}", file=sys.stderr)
-            return 2
+    try:
+        run(cfg)
+    except DatasetError as e:
+        print(f"safe-trigger: bad input data: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _remote(args) -> int:
+    c = _client(args)
+    if args.command == "chat":
+        if args.no_stream:
+            r = c.chat(args.prompt, model=args.model, max_tokens=args.max_tokens, safety="visible" if args.show_safety else None)
+            print(r.content)
+            safety = r.safety.__dict__
+        else:
+            safety = {}
+            for choice in c.chat_stream(args.prompt, model=args.model, max_tokens=args.max_tokens,
+                                        safety="visible" if args.show_safety else None):
+                print((choice.get("delta") or {}).get("content") or "", end="", flush=True)
+                safety = choice.get("safety") or safety
+            print()
+        print(f"[safety] triggered={safety.get('triggered')} complete={safety.get('complete')}", file=sys.stderr)
+        return 0
+    if args.command == "submit":
+        from safetrigger.config import load_config
+
+        cfg = load_config(args.config, _overrides(args.set))  # validated here first: a bad config never leaves
+        job = c.submit(cfg.model_dump(mode="json", exclude={"output_dir"}) | {"output_dir": "run"})
+        print(job)
+        if args.wait:
+            st = c.wait(job, on_progress=lambda s: print(f"[{s.status}] {s.stage or ''} {s.progress or ''}", file=sys.stderr))
+            return 0 if st.status == "SUCCEEDED" else 1
+        return 0
+    if args.command == "status":
+        print(json.dumps(c.status(args.job_id).__dict__, indent=2))
+    elif args.command == "logs":
+        if args.follow:
+            for piece in c.follow_logs(args.job_id):
+                print(piece, end="", flush=True)
+        else:
+            print(c.logs(args.job_id), end="")
+    elif args.command == "cancel":
+        print("stopped" if c.cancel(args.job_id) else "already finished")
+    elif args.command == "report":
+        out = c.report(args.job_id, args.format)
+        text = json.dumps(out, indent=2) if args.format == "json" else out
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+            print(args.out)
+        else:
+            print(text)
+    return 0
+
+
+def _serve(args) -> int:
+    import signal
+
+    from pipelines.run import init_ray, set_threads, with_adapter_root
+    from safetrigger.config import load_config
+    from services.gateway.config import load_gateway_config
+    from services.gateway.deploy import start_gateway
+    from services.policy import start_policy
+
+    cfg = with_adapter_root(load_config(args.config))
+    gw = load_gateway_config(args.gateway)
+    set_threads(cfg.torch_threads)
+    init_ray(cfg)
+    ep = start_policy(cfg)
+    gw = gw.model_copy(update={"policy_base_url": ep.base_url, "adapter_root": gw.adapter_root or cfg.serving.adapter_root})
+    prefix = start_gateway(gw)
+    print(f"gateway ready at http://{cfg.serving.http_host}:{cfg.serving.http_port}{prefix} (policy at {ep.base_url})")
+    signal.sigwait({signal.SIGINT, signal.SIGTERM})
     return 0
 
 

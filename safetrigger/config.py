@@ -75,6 +75,9 @@ class RayConfig(_Strict):
     # CPU per stage actor and deadlocks when they cannot all be scheduled.
     num_cpus: int | None = 8
     namespace: str = "safe-trigger"
+    # A local Ray's dashboard hosts the job server the gateway's jobs API submits to; off for plain runs.
+    dashboard: bool = False
+    dashboard_port: int = Field(8265, ge=1, le=65535)
 
 
 class SourceConfig(_Strict):
@@ -180,6 +183,8 @@ class TrainSettings(_Strict):
     torch_threads: int = Field(1, ge=1)
     # auto: bf16 on GPUs and on CPUs with native bf16 (AMX/AVX512-BF16; +25% tokens/s measured on SFT), else fp32
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # How Ray Train places its workers: PACK fills a node first; SPREAD puts one per node where it can
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 class SFTTrainConfig(TrainSettings):

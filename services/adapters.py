@@ -60,6 +60,14 @@ def current(root: str | os.PathLike[str], name: str) -> tuple[int, Path]:
     return version, base / f"v{version:04d}"
 
 
+def version(root: str | os.PathLike[str], name: str, number: int) -> tuple[int, Path]:
+    _check_name(name)
+    path = Path(root) / name / f"v{number:04d}"
+    if not (path / ADAPTER_FILES[1]).is_file():
+        raise AdapterError(f"no version {number} of adapter {name!r} under {root}")
+    return number, path
+
+
 def list_current(root: str | os.PathLike[str]) -> dict[str, int]:
     out = {}
     for d in sorted(Path(root).glob("*/CURRENT")):

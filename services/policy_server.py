@@ -58,7 +58,12 @@ class PolicyServer(LLMServer):
         if not root:
             raise ValueError(f"adapter {requested!r} requested but no adapter registry is configured")
         name = requested.split(":", 1)[1]
-        version, path = adapters.current(root, name)
+        if "@v" in name:  # pinned, e.g. the promoted version while a newer one is CURRENT
+            name, pinned = name.rsplit("@v", 1)
+            requested = requested.rsplit("@v", 1)[0]
+            version, path = adapters.version(root, name, int(pinned))
+        else:
+            version, path = adapters.current(root, name)
         versioned = f"{requested}@v{version}"
         if not hasattr(self, "_adapter_lock"):
             self._adapter_lock, self._loaded = asyncio.Lock(), {}

@@ -29,3 +29,15 @@ def model_path() -> str:
     from safetrigger.model_cache import resolve_model
 
     return resolve_model("embedded:smollm2-135m-instruct")
+
+
+def random_adapter(model_path, out, seed):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    lora = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(out)
+    return out

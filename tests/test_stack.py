@@ -17,6 +17,7 @@ from pipelines.run import run
 from pipelines.stage_store import StageStore
 from safetrigger.config import RunConfig
 from services.policy import PolicyServiceError, check_resources
+from tests.conftest import random_adapter
 
 pytestmark = pytest.mark.stack
 
@@ -190,18 +191,6 @@ def test_eval_judges_on_the_replicas(stack):
     assert by[("over_refusal", "xstest")].n == 4
 
 
-def _random_adapter(model_path, out, seed):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    lora = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
-    get_peft_model(model, lora).save_pretrained(out)
-    return out
-
-
 def test_adapters_hot_load_and_never_serve_stale_weights(stack):
     cfg, ep, tmp = stack
     from services import adapters
@@ -222,13 +211,13 @@ def test_adapters_hot_load_and_never_serve_stale_weights(stack):
         return meta["current_version"], meta["loaded_version"]
 
     base = ask("policy")
-    assert adapters.publish(cfg.serving.adapter_root, "st", _random_adapter(ep.model_path, tmp / "a1", 1)) == 1
+    assert adapters.publish(cfg.serving.adapter_root, "st", random_adapter(ep.model_path, tmp / "a1", 1)) == 1
     assert listed("policy:st") == (1, None)  # published, not yet asked for
     v1 = ask("policy:st")
     assert v1 != base  # the adapter is applied, no restart
     assert ep.loaded_adapters() == {"policy:st": "policy:st@v1"}
     assert listed("policy:st") == (1, 1)
-    assert adapters.publish(cfg.serving.adapter_root, "st", _random_adapter(ep.model_path, tmp / "a2", 2)) == 2
+    assert adapters.publish(cfg.serving.adapter_root, "st", random_adapter(ep.model_path, tmp / "a2", 2)) == 2
     assert listed("policy:st") == (2, 1)  # the next request will load v2
     v2 = ask("policy:st")
     assert v2 != v1  # re-published under the same name: the new weights answer

@@ -107,7 +107,8 @@ def fit(builder: str, loop_cfg: dict[str, Any], settings, out_dir: str | Path, n
         train_loop_config={**loop_cfg, "builder": builder, "scratch": scratch,
                            "progress_file": str(progress) if emit else None},
         scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
-                                     resources_per_worker={"CPU": settings.cpus_per_worker}),
+                                     resources_per_worker={"CPU": settings.cpus_per_worker},
+                                     placement_strategy=settings.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
         run_config=TrainRunConfig(name=name, storage_path=str(out_dir.parent / "ray-train")),
     )

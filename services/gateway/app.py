@@ -1,0 +1,236 @@
+"""The gateway's FastAPI app: OpenAI-compatible inference, the jobs API, health, readiness and metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from services import registry
+
+from . import schemas
+from .auth import AuthError, KeyRing
+from .config import GatewayConfig, KeyConfig
+from .inference import RequestError, resolve_model, safety_field, shape_message, shape_stream
+from .jobs import JobsService
+
+log = logging.getLogger("safe_trigger.gateway")
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", retry_after: float | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(int(retry_after))} if retry_after is not None else None
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("safe_trigger_gateway_requests", "Requests by route and status", ["route", "status"], registry=self.registry)
+        self.latency = Histogram("safe_trigger_gateway_request_seconds", "Request latency", ["route"], registry=self.registry,
+                                 buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.tokens = Counter("safe_trigger_gateway_completion_tokens", "Completion tokens served", ["model"], registry=self.registry)
+        self.responses = Counter("safe_trigger_gateway_responses", "Completed responses", ["model"], registry=self.registry)
+        self.triggered = Counter("safe_trigger_gateway_safe_triggered", "Responses whose <safe> block fired", ["model"], registry=self.registry)
+
+    def answered(self, model: str, safety: dict[str, Any], tokens: int = 0) -> None:
+        self.responses.labels(model).inc()
+        if safety.get("triggered"):
+            self.triggered.labels(model).inc()
+        if tokens:
+            self.tokens.labels(model).inc(tokens)
+
+
+def build_app(cfg: GatewayConfig) -> FastAPI:
+    app = FastAPI(title="Safe Trigger gateway", version="1.0",
+                  description="OpenAI-compatible inference with a structured <safe> field, and pipeline jobs.")
+    ring = KeyRing(list(cfg.keys))
+    metrics = Metrics()
+    jobs = JobsService(cfg)
+    limits = cfg.limits
+    state: dict[str, Any] = {}
+
+    def client() -> httpx.AsyncClient:
+        # one pooled client per replica: a fresh connection per request costs more than the gateway itself
+        if "http" not in state:
+            state["http"] = httpx.AsyncClient(base_url=cfg.policy_base_url, timeout=cfg.request_timeout_s,
+                                              limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        return state["http"]
+
+    async def read_json(request: Request) -> dict[str, Any]:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {limits.max_body_bytes}")
+        raw = await request.body()
+        if len(raw) > limits.max_body_bytes:
+            raise RequestError(413, f"request body of {len(raw)} bytes exceeds the limit of {limits.max_body_bytes}")
+        try:
+            body = json.loads(raw or b"{}")
+        except json.JSONDecodeError as e:
+            raise RequestError(400, f"body is not valid JSON: {e.msg} at position {e.pos}") from None
+        if not isinstance(body, dict):
+            raise RequestError(400, "body must be a JSON object")
+        return body
+
+    def check_generation(body: dict[str, Any], prompt_chars: int) -> None:
+        if prompt_chars > limits.max_prompt_chars:
+            raise RequestError(400, f"prompt of {prompt_chars} characters exceeds the limit of {limits.max_prompt_chars}")
+        for name in ("max_tokens", "max_completion_tokens"):
+            v = body.get(name)
+            if v is None:
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise RequestError(400, f"{name} must be a positive integer, got {v!r}")
+            if v > limits.max_tokens:
+                raise RequestError(400, f"{name} {v} exceeds the limit of {limits.max_tokens}")
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+            body["max_tokens"] = limits.max_tokens
+        if body.get("n") not in (None, 1):
+            raise RequestError(400, "n must be 1 (one choice per request)")
+        for name, lo, hi in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0), ("presence_penalty", -2.0, 2.0),
+                             ("frequency_penalty", -2.0, 2.0)):
+            v = body.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi):
+                raise RequestError(400, f"{name} must be a number in [{lo:g}, {hi:g}], got {v!r}")
+        if "stream" in body and not isinstance(body["stream"], bool):
+            raise RequestError(400, "stream must be true or false")
+        if body.get("model") is not None and not isinstance(body["model"], str):
+            raise RequestError(400, "model must be a string")
+
+    def visibility(body: dict[str, Any], key: KeyConfig) -> bool:
+        v = body.pop("safety", None)
+        if v is None:
+            return key.show_safety
+        if v not in ("hidden", "visible"):
+            raise RequestError(400, f"safety must be 'hidden' or 'visible', got {v!r}")
+        return v == "visible"
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, e: RequestError):
+        return _error(e.status, e.message)
+
+    @app.exception_handler(AuthError)
+    async def _auth_error(_: Request, e: AuthError):
+        kind = "rate_limit_error" if e.status == 429 else "authentication_error" if e.status == 401 else "permission_error"
+        return _error(e.status, e.message, kind, e.retry_after)
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next):
+        t = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        metrics.latency.labels(path).observe(time.perf_counter() - t)
+        return response
+
+    async def _forward(request: Request, path: str, chat: bool):
+        key = ring.authenticate(request.headers.get("authorization"), "inference")
+        body = await read_json(request)
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+                raise RequestError(400, "messages must be a non-empty list of message objects")
+            chars = sum(len(m.get("content") or "") if isinstance(m.get("content"), str) else len(json.dumps(m.get("content")))
+                        for m in messages)
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, (str, list)) or not prompt:
+                raise RequestError(400, "prompt must be a non-empty string or list")
+            chars = len(prompt) if isinstance(prompt, str) else len(json.dumps(prompt))
+        check_generation(body, chars)
+        show = visibility(body, key)
+        body["model"] = resolve_model(body.get("model"), cfg.served_name, cfg.adapter_root)
+        ring.acquire(key)
+        released = False
+        try:
+            if body.get("stream"):
+                req = client().build_request("POST", path, json=body)
+                upstream = await client().send(req, stream=True)
+                if upstream.status_code != 200:
+                    detail = (await upstream.aread()).decode(errors="replace")[:2000]
+                    await upstream.aclose()
+                    return _error(upstream.status_code, f"policy: {detail}", "upstream_error")
+
+                async def events():
+                    try:
+                        if chat:
+                            async for e in shape_stream(upstream.aiter_lines(), show,
+                                                        lambda s: metrics.answered(body["model"], s)):
+                                yield e
+                        else:
+                            async for line in upstream.aiter_lines():
+                                if line:
+                                    yield line + "\n\n"
+                    finally:
+                        await upstream.aclose()
+                        ring.release(key)
+
+                released = True  # the stream releases the slot when it ends
+                return StreamingResponse(events(), media_type="text/event-stream",
+                                         headers={"x-safe-trigger-model": body["model"]})
+            r = await client().post(path, json=body)
+            if r.status_code != 200:
+                return _error(r.status_code, f"policy: {r.text[:2000]}", "upstream_error")
+            out = r.json()
+            tokens = int((out.get("usage") or {}).get("completion_tokens") or 0)
+            for choice in out.get("choices", []):
+                if chat:
+                    choice["message"] = shape_message(choice.get("message") or {}, show)
+                    safety = choice["message"]["safety"]
+                else:
+                    safety = choice["safety"] = safety_field(choice.get("text") or "")
+                metrics.answered(body["model"], safety, tokens)
+            return JSONResponse(out, headers={"x-safe-trigger-model": body["model"]})
+        except httpx.HTTPError as e:
+            log.warning("policy unreachable for key %s: %s", key.id, type(e).__name__)
+            return _error(503, "the policy service is unreachable; retry later", "upstream_error", 5)
+        finally:
+            if not released:
+                ring.release(key)
+
+    @app.post("/v1/chat/completions", openapi_extra=schemas.body(schemas.CHAT))
+    async def chat_completions(request: Request):
+        """OpenAI chat completions; `safety: "hidden"|"visible"` overrides the key's default visibility."""
+        return await _forward(request, "/chat/completions", chat=True)
+
+    @app.post("/v1/completions", openapi_extra=schemas.body(schemas.COMPLETION))
+    async def completions(request: Request):
+        return await _forward(request, "/completions", chat=False)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        ring.authenticate(request.headers.get("authorization"), "inference")
+        try:
+            r = await client().get("/models")
+        except httpx.HTTPError:
+            return _error(503, "the policy service is unreachable; retry later", "upstream_error", 5)
+        listed = r.json()
+        chosen = registry.promoted(cfg.adapter_root)
+        listed["promoted"] = chosen["model"] if chosen else cfg.served_name
+        return listed
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        try:
+            r = await client().get("/models", timeout=5)
+            ok = r.status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    jobs.mount(app, ring)
+    return app

@@ -1,0 +1,50 @@
+"""Gateway settings: where the policy answers, which keys may do what, and the limits every request meets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KeyConfig(_Strict):
+    """One API key, stored as its SHA-256 only (`safe-trigger keygen` prints the key once)."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # what logs and metrics name; never the key itself
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    scopes: list[Literal["inference", "jobs"]] = Field(min_length=1)
+    requests_per_minute: float = Field(600, gt=0)
+    burst: int = Field(20, ge=1)
+    max_concurrent: int = Field(8, ge=1)
+    show_safety: bool = False  # default visibility of the <safe> block in `content` for this key's users
+
+
+class LimitsConfig(_Strict):
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_prompt_chars: int = Field(32_000, ge=1)
+    max_tokens: int = Field(2048, ge=1)  # the most a request may ask for; also the default when it asks nothing
+
+
+class GatewayConfig(_Strict):
+    policy_base_url: str = "http://127.0.0.1:8000/v1"  # the policy's OpenAI app (ray.serve.llm ingress)
+    served_name: str = "policy"  # the policy's base model id
+    adapter_root: str | None = None  # the adapter registry; PROMOTED.json there picks the default model
+    keys: list[KeyConfig] = Field(default_factory=list)
+    limits: LimitsConfig = LimitsConfig()
+    # jobs: where the Ray job server listens, and the only places a job may read from and write to
+    ray_dashboard_url: str = "http://127.0.0.1:8265"
+    artifact_root: str = "runs/jobs"
+    allowed_data_roots: list[str] = Field(default_factory=list)
+    policy_app_name: str = "policy"  # jobs attach to this running policy app instead of starting their own
+    request_timeout_s: float = Field(600, gt=0)
+
+
+def load_gateway_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    return GatewayConfig.model_validate(yaml.safe_load(Path(path).read_text()) or {})

@@ -1,0 +1,182 @@
+"""The jobs API: a pipeline config in, a Ray Job out (`JobSubmissionClient`), status, logs, cancel and report.
+
+A config is validated before anything runs, and confined: it writes only under `<artifact_root>/<job id>/`, reads
+data only under the allowed roots, and attaches to the running policy app (its adapters land in the registry the
+gateway serves from) instead of starting its own. Keys see only their own jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
+
+from safetrigger.config import REPO_ROOT, RunConfig, default_data_root
+
+from . import schemas
+from .config import GatewayConfig
+from .inference import RequestError
+
+JOB_ID = re.compile(r"^st-[0-9a-f]{12}$")
+_STAGE_LINE = re.compile(r"^\[([a-z0-9][a-z0-9/_-]*)\] (.+)$")
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    real = Path(os.path.realpath(path))
+    return any(real == r or r in real.parents for r in roots)
+
+
+def confine(raw: Any, cfg: GatewayConfig, job_id: str) -> RunConfig:
+    """The job's RunConfig, or RequestError(422) naming what is not allowed."""
+    if not isinstance(raw, dict):
+        raise RequestError(422, "config must be a JSON object (a RunConfig)")
+    try:
+        run = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise RequestError(422, f"invalid config: {e}") from None
+    out = Path(run.output_dir)
+    if out.is_absolute() or ".." in out.parts:
+        raise RequestError(422, f"output_dir {run.output_dir!r}: must be relative, without '..'; jobs write under their own artifact directory")
+    roots = [Path(os.path.realpath(r)) for r in (cfg.allowed_data_roots or [default_data_root()])]
+    data_root = Path(run.data.root)
+    if not _inside(data_root, roots):
+        raise RequestError(422, f"data.root {run.data.root!r} is outside the allowed data roots")
+    repo = [Path(os.path.realpath(REPO_ROOT))]
+    for i, src in enumerate(run.data.sources):
+        for field, value in (("path", src.path), ("goals", src.goals)):
+            if not value or src.type == "hf" and field == "path":
+                continue
+            if ".." in Path(value.removeprefix("repo:")).parts:
+                raise RequestError(422, f"data.sources[{i}].{field} {value!r}: '..' is not allowed")
+            resolved = run.data.resolve(value)
+            if not _inside(resolved, repo if value.startswith("repo:") else roots):
+                raise RequestError(422, f"data.sources[{i}].{field} {value!r} is outside the allowed data roots")
+    source = run.model.source
+    if source.startswith(("/", ".", "~")) and not _inside(Path(os.path.expanduser(source)), roots):
+        raise RequestError(422, f"model.source {source!r}: a local model must lie under the allowed roots")
+    job_dir = Path(cfg.artifact_root).resolve() / job_id
+    return run.model_copy(update={
+        "output_dir": str(job_dir / out),
+        "ray": run.ray.model_copy(update={"address": "auto"}),
+        "serving": run.serving.model_copy(update={"attach": True, "app_name": cfg.policy_app_name,
+                                                  "adapter_root": cfg.adapter_root}),
+    })
+
+
+def progress_of(logs: str) -> tuple[str | None, str | None]:
+    """The stage and message of the last progress line a run printed."""
+    for line in reversed(logs.splitlines()):
+        m = _STAGE_LINE.match(line.strip())
+        if m:
+            return m.group(1), m.group(2)
+    return None, None
+
+
+class JobsService:
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self._client = None
+
+    def client(self):
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            self._client = JobSubmissionClient(self.cfg.ray_dashboard_url)
+        return self._client
+
+    def job_dir(self, job_id: str) -> Path:
+        return Path(self.cfg.artifact_root).resolve() / job_id
+
+    async def _own(self, job_id: str, key_id: str):
+        if not JOB_ID.match(job_id):
+            raise RequestError(404, f"no job {job_id!r}")
+        try:
+            info = await run_in_threadpool(self.client().get_job_info, job_id)
+        except RuntimeError:
+            raise RequestError(404, f"no job {job_id!r}") from None
+        if (info.metadata or {}).get("key") != key_id:
+            raise RequestError(404, f"no job {job_id!r}")
+        return info
+
+    def mount(self, app: FastAPI, ring) -> None:
+        @app.post("/v1/jobs", status_code=201, openapi_extra=schemas.body(schemas.JOB))
+        async def submit(request: Request):
+            """Run a pipeline config (a RunConfig as JSON under `config`) as a Ray Job."""
+            key = ring.authenticate(request.headers.get("authorization"), "jobs")
+            try:
+                body = await request.json()
+            except ValueError:
+                raise RequestError(400, "body is not valid JSON") from None
+            if not isinstance(body, dict) or "config" not in body:
+                raise RequestError(422, "body must be an object with a 'config' (a RunConfig)")
+            job_id = f"st-{uuid.uuid4().hex[:12]}"
+            run = confine(body["config"], self.cfg, job_id)
+            job_dir = self.job_dir(job_id)
+            job_dir.mkdir(parents=True)
+            config_path = job_dir / "config.yaml"
+            config_path.write_text(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False))
+            env = {"PYTHONPATH": str(REPO_ROOT), "SAFE_TRIGGER_DATA": run.data.root, "PYTHONUNBUFFERED": "1"}
+            await run_in_threadpool(
+                self.client().submit_job, entrypoint=f"{sys.executable} -m clients.cli run {config_path}",
+                submission_id=job_id, runtime_env={"env_vars": env}, metadata={"key": key.id, "name": str(body.get("name") or run.name)})
+            return {"id": job_id, "status": "PENDING", "artifacts": str(job_dir)}
+
+        @app.get("/v1/jobs/{job_id}")
+        async def status(job_id: str, request: Request):
+            key = ring.authenticate(request.headers.get("authorization"), "jobs")
+            info = await self._own(job_id, key.id)
+            logs = await run_in_threadpool(self.client().get_job_logs, job_id)
+            stage, message = progress_of(logs)
+            report = self.job_dir(job_id) / "report" / "metrics.json"
+            return {"id": job_id, "status": str(info.status.value if hasattr(info.status, "value") else info.status),
+                    "message": info.message, "stage": stage, "progress": message,
+                    "start_time": info.start_time, "end_time": info.end_time, "report_ready": report.is_file(),
+                    "name": (info.metadata or {}).get("name")}
+
+        @app.get("/v1/jobs/{job_id}/logs")
+        async def logs(job_id: str, request: Request, follow: bool = False):
+            key = ring.authenticate(request.headers.get("authorization"), "jobs")
+            await self._own(job_id, key.id)
+            if not follow:
+                return PlainTextResponse(await run_in_threadpool(self.client().get_job_logs, job_id))
+
+            async def tail():
+                async for piece in self.client().tail_job_logs(job_id):
+                    yield piece
+
+            return StreamingResponse(tail(), media_type="text/plain")
+
+        @app.delete("/v1/jobs/{job_id}")
+        async def cancel(job_id: str, request: Request):
+            key = ring.authenticate(request.headers.get("authorization"), "jobs")
+            await self._own(job_id, key.id)
+            stopped = await run_in_threadpool(self.client().stop_job, job_id)
+            return JSONResponse({"id": job_id, "stopped": bool(stopped)}, status_code=202)
+
+        @app.get("/v1/jobs/{job_id}/report")
+        async def report(job_id: str, request: Request, format: str = "json"):
+            key = ring.authenticate(request.headers.get("authorization"), "jobs")
+            info = await self._own(job_id, key.id)
+            root = self.job_dir(job_id)
+            found = sorted(root.rglob("report/metrics.json"))
+            if not found:
+                raise RequestError(404, f"job {job_id} has no report yet (status {info.status})")
+            rdir = found[0].parent
+            if format == "html":
+                return HTMLResponse((rdir / "report.html").read_text())
+            if format == "markdown":
+                return PlainTextResponse((rdir / "report.md").read_text(), media_type="text/markdown")
+            if format != "json":
+                raise RequestError(400, f"format must be json, html or markdown, got {format!r}")
+            import json
+
+            return {"id": job_id, "metrics": json.loads((rdir / "metrics.json").read_text()), "markdown": (rdir / "report.md").read_text()}

@@ -1,0 +1,38 @@
+"""Application builders for Ray Serve config files (a RayService's serveConfigV2, `serve run`):
+
+    import_path: services.serve_apps:policy_app     args: {config: configs/r1-distill-llama-8b.yaml}
+    import_path: services.serve_apps:gateway_app    args: {config: …, gateway: configs/gateway.yaml}
+
+The same builders the Python API uses, so a RayService serves exactly what `safe-trigger serve` serves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from safetrigger.config import load_config
+
+
+def _run_config(args: dict[str, Any]):
+    from pipelines.run import with_adapter_root
+
+    return with_adapter_root(load_config(args["config"]))
+
+
+def policy_app(args: dict[str, Any]):
+    from .policy import build_policy_app
+
+    return build_policy_app(_run_config(args))
+
+
+def gateway_app(args: dict[str, Any]):
+    from .gateway.config import load_gateway_config
+    from .gateway.deploy import build_gateway_deployment
+
+    cfg = _run_config(args)
+    gw = load_gateway_config(args["gateway"])
+    s = cfg.serving
+    update = {"adapter_root": gw.adapter_root or s.adapter_root, "served_name": cfg.model.served_name}
+    if "policy_base_url" not in gw.model_fields_set:  # the policy app behind the same Serve proxy
+        update["policy_base_url"] = f"http://127.0.0.1:{s.http_port}{s.route_prefix.rstrip('/')}/v1"
+    return build_gateway_deployment(gw.model_copy(update=update), num_replicas=int(args.get("num_replicas", 1)))

