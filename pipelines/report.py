@@ -57,8 +57,8 @@ def _plot_bars(path: Path, title: str, groups: list[str], models: list[str], rat
             a, b = r.interval
             xs.append(g_i + (i - (len(models) - 1) / 2) * width)
             ys.append(100 * r.value)
-            lo.append(100 * (r.value - a))
-            hi.append(100 * (b - r.value))
+            lo.append(max(0.0, 100 * (r.value - a)))  # the interval's float ends can sit a hair inside the rate
+            hi.append(max(0.0, 100 * (b - r.value)))
         bars = ax.bar(xs, ys, width, label=m, color=MODEL_COLOURS[i % len(MODEL_COLOURS)], yerr=[lo, hi], capsize=3)
         ax.bar_label(bars, fmt="%.0f", fontsize=8, padding=2)
     ax.set_xticks(range(len(groups)), groups, fontsize=9)
@@ -214,6 +214,17 @@ def _html(sections: list[Section], title: str, intro: list[str], plots: Path) ->
     return "\n".join(out)
 
 
+def _finite(x: Any) -> Any:
+    """Strict JSON: a rate of nothing (n=0) is null, not NaN, so every JSON reader accepts the file."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -255,5 +266,5 @@ def write_report(out_dir: Path, result: EvalResult, models: list[str], cfg, thro
         "promoted": result.promoted,
         "throughput": throughput,
     }
-    _write_atomic(paths["metrics"], json.dumps(metrics, indent=2, default=str))
+    _write_atomic(paths["metrics"], json.dumps(_finite(metrics), indent=2, default=str, allow_nan=False))
     return paths

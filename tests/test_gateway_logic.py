@@ -125,6 +125,7 @@ def test_job_configs_are_confined(tmp_path, data_root):
     run = confine(base, gw, "st-0123456789ab")
     assert run.output_dir == str((tmp_path / "jobs" / "st-0123456789ab" / "run").resolve())
     assert run.serving.attach and run.serving.adapter_root == "/srv/adapters" and run.ray.address == "auto"
+    assert (run.serving.http_host, run.serving.http_port, run.serving.route_prefix) == ("127.0.0.1", 8000, "/")
     ok_repo = {**base, "data": {"root": str(data_root), "sources": [{"type": "queries", "path": "repo:data/demo_queries.jsonl"}]}}
     assert confine(ok_repo, gw, "st-0123456789ab").data.sources[0].path.startswith("repo:")
     link = data_root.parent / "escape-link"  # never created: a symlink would be resolved by realpath anyway

@@ -47,7 +47,9 @@ def cluster(tmp_path_factory):
     # Token auth is switched on by `ray start --head` whenever ~/.ray/auth_token exists, but a joining node does
     # not pick the token up (Ray 2.59+); this cluster lives on 127.0.0.1 only, so it runs without.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    head = _ray_start(["--head", "--node-ip-address", "127.0.0.1", "--port", str(GCS), "--num-cpus", "4",
+    # logical CPUs (more than the cores, as in ray.num_cpus): the head holds the policy replica, its ingress and
+    # Ray Data's stage actors, and must still fit one of the two Train workers
+    head = _ray_start(["--head", "--node-ip-address", "127.0.0.1", "--port", str(GCS), "--num-cpus", "8",
                        "--resources", '{"node:head-test": 1}', "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                        "--dashboard-port", str(DASHBOARD), "--dashboard-agent-listen-port", "52400",
                        "--metrics-export-port", "52401", "--ray-client-server-port", "6392",
@@ -84,6 +86,7 @@ def cluster(tmp_path_factory):
         assert not [p for p in _processes_of(session) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+@pytest.mark.timeout(1500)
 def test_pipeline_job_uses_both_nodes(cluster, data_root):
     from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_actors
@@ -113,7 +116,7 @@ def test_pipeline_job_uses_both_nodes(cluster, data_root):
     job = client.submit_job(entrypoint=f"{sys.executable} -m clients.cli run {path}",
                             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1",
                                                       "RAY_AUTH_MODE": "disabled"}})
-    deadline = time.monotonic() + 1200
+    deadline = time.monotonic() + 1300
     while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
         time.sleep(3)

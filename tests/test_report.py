@@ -81,7 +81,7 @@ def test_report_files_and_promotion(tmp_path):
     assert "| harmful | refusal |" in md and "| eval-st-d | 22 | 11.0 | 2.00 |" in md
     assert pq.read_table(paths["records"]).num_rows == len(result.records) == 3 * 22
     assert sum(1 for _ in paths["records_jsonl"].open()) == 66
-    metrics = json.loads(paths["metrics"].read_text())
+    metrics = json.loads(paths["metrics"].read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     harm = next(s for s in metrics["suites"] if (s["model"], s["suite"], s["judge"]) == ("ST-D", "harmful", "refusal"))
     assert (harm["k"], harm["n"]) == (0, 5)  # the 7 refusals cover all 5 harmful rows
     for png in (tmp_path / "report" / "plots").glob("*.png"):

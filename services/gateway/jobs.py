@@ -13,6 +13,7 @@ import sys
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import yaml
 from fastapi import FastAPI, Request
@@ -64,11 +65,15 @@ def confine(raw: Any, cfg: GatewayConfig, job_id: str) -> RunConfig:
     if source.startswith(("/", ".", "~")) and not _inside(Path(os.path.expanduser(source)), roots):
         raise RequestError(422, f"model.source {source!r}: a local model must lie under the allowed roots")
     job_dir = Path(cfg.artifact_root).resolve() / job_id
+    url = urlparse(cfg.policy_base_url)  # where the attached policy answers: the job calls it for judge baselines
+    prefix = url.path.rstrip("/").removesuffix("/v1") or "/"
     return run.model_copy(update={
+        "model": run.model.model_copy(update={"served_name": cfg.served_name}),
         "output_dir": str(job_dir / out),
         "ray": run.ray.model_copy(update={"address": "auto"}),
         "serving": run.serving.model_copy(update={"attach": True, "app_name": cfg.policy_app_name,
-                                                  "adapter_root": cfg.adapter_root}),
+                                                  "adapter_root": cfg.adapter_root, "http_host": url.hostname or "127.0.0.1",
+                                                  "http_port": url.port or 80, "route_prefix": prefix}),
     })
 
 
@@ -136,10 +141,10 @@ class JobsService:
             info = await self._own(job_id, key.id)
             logs = await run_in_threadpool(self.client().get_job_logs, job_id)
             stage, message = progress_of(logs)
-            report = self.job_dir(job_id) / "report" / "metrics.json"
+            report_ready = any(self.job_dir(job_id).rglob("report/metrics.json"))
             return {"id": job_id, "status": str(info.status.value if hasattr(info.status, "value") else info.status),
                     "message": info.message, "stage": stage, "progress": message,
-                    "start_time": info.start_time, "end_time": info.end_time, "report_ready": report.is_file(),
+                    "start_time": info.start_time, "end_time": info.end_time, "report_ready": report_ready,
                     "name": (info.metadata or {}).get("name")}
 
         @app.get("/v1/jobs/{job_id}/logs")
