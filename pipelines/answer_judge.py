@@ -8,10 +8,7 @@ calibrated by content-free inputs, as the self-judge stage does.
 
 from __future__ import annotations
 
-import statistics
 from typing import Any
-
-import httpx
 
 from safetrigger.config import AnswerJudgeConfig, RunConfig
 from safetrigger.evaluation.judge_formats import XSTEST_CLASSES, JudgeFormat, verdict
@@ -19,7 +16,7 @@ from safetrigger.method import is_refusal
 from services.policy import PolicyEndpoint
 
 from .chat import PromptTooLongError, chat_prompt_ids, first_token_id, load_tokenizer, truncate_tokens
-from .judge import verdict_request
+from .judge import content_free_baselines, options_logprobs, verdict_request
 from .serve_batch import first_choice, run_through_policy
 from .stage_store import StageStore
 
@@ -43,16 +40,6 @@ def option_ids(tok: Any, fmt: JudgeFormat) -> list[int]:
     if len(set(ids)) != len(ids):
         raise ValueError(f"judge format {fmt.name}: options {fmt.options} do not start with distinct tokens")
     return ids
-
-
-def options_logprobs(top: dict[str, float | None], ids: list[int]) -> tuple[list[float], bool]:
-    """Log-probabilities of the option tokens; one outside the top-k gets the k-th value (an upper bound) and
-    the verdict is marked unresolved."""
-    # Ray Data stores the dicts of a batch as one Arrow struct: keys seen in other rows come back as None.
-    top = {k: v for k, v in top.items() if v is not None}
-    floor = min(top.values())
-    keys = [f"token_id:{i}" for i in ids]
-    return [float(top.get(k, floor)) for k in keys], all(k in top for k in keys)
 
 
 class AnswerPrompts:
@@ -108,17 +95,6 @@ class _Post:
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         lps, resolved = options_logprobs(first_choice(row)["logprobs"]["top_logprobs"][0], self.ids)
         return verdict_row(row["query_id"], self.judge, self.fmt, [lp - b for lp, b in zip(lps, self.baseline)], resolved)
-
-
-def content_free_baselines(base_url: str, model: str, prompts: list[list[int]], ids: list[int]) -> list[float]:
-    """Mean option log-probabilities on content-free prompts, over HTTP of the same OpenAI endpoint."""
-    per_prompt = []
-    with httpx.Client(base_url=base_url, timeout=300) as client:
-        for p in prompts:
-            r = client.post("/completions", json=verdict_request(model, p))
-            r.raise_for_status()
-            per_prompt.append(options_logprobs(r.json()["choices"][0]["logprobs"]["top_logprobs"][0], ids)[0])
-    return [statistics.fmean(col) for col in zip(*per_prompt)]
 
 
 def judge_answers(items: list[Item], endpoint: PolicyEndpoint, judge: AnswerJudgeConfig, cfg: RunConfig,

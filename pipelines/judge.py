@@ -58,24 +58,25 @@ def verdict_request(model: str, prompt_ids: list[int]) -> dict[str, Any]:
             "logprobs": TOP_K, "return_tokens_as_token_ids": True}
 
 
-def option_logprobs(top: dict[str, float | None], unsafe_id: int, safe_id: int) -> tuple[float, float, bool]:
+def options_logprobs(top: dict[str, float | None], ids: list[int]) -> tuple[list[float], bool]:
+    """Log-probabilities of the option tokens; one outside the top-k gets the k-th value (an upper bound) and
+    the verdict is marked unresolved."""
     # Ray Data stores the dicts of a batch as one Arrow struct: keys seen in other rows come back as None.
     top = {k: v for k, v in top.items() if v is not None}
     floor = min(top.values())
-    u, s = f"token_id:{unsafe_id}", f"token_id:{safe_id}"
-    return float(top.get(u, floor)), float(top.get(s, floor)), u in top and s in top
+    keys = [f"token_id:{i}" for i in ids]
+    return [float(top.get(k, floor)) for k in keys], all(k in top for k in keys)
 
 
-def content_free_baseline(base_url: str, model: str, prompts: list[list[int]], unsafe_id: int, safe_id: int) -> float:
-    """Mean verdict margin of content-free prompts, asked over HTTP of the same OpenAI endpoint."""
-    margins = []
+def content_free_baselines(base_url: str, model: str, prompts: list[list[int]], ids: list[int]) -> list[float]:
+    """Mean option log-probabilities on content-free prompts, asked over HTTP of the same OpenAI endpoint."""
+    per_prompt = []
     with httpx.Client(base_url=base_url, timeout=300) as client:
-        for ids in prompts:
-            r = client.post("/completions", json=verdict_request(model, ids))
+        for p in prompts:
+            r = client.post("/completions", json=verdict_request(model, p))
             r.raise_for_status()
-            lp_u, lp_s, _ = option_logprobs(r.json()["choices"][0]["logprobs"]["top_logprobs"][0], unsafe_id, safe_id)
-            margins.append(lp_u - lp_s)
-    return statistics.fmean(margins)
+            per_prompt.append(options_logprobs(r.json()["choices"][0]["logprobs"]["top_logprobs"][0], ids)[0])
+    return [statistics.fmean(col) for col in zip(*per_prompt)]
 
 
 class _Pre:
@@ -95,7 +96,7 @@ class _Post:
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         top = first_choice(row)["logprobs"]["top_logprobs"][0]
-        lp_unsafe, lp_safe, resolved = option_logprobs(top, self.unsafe_id, self.safe_id)
+        (lp_unsafe, lp_safe), resolved = options_logprobs(top, [self.unsafe_id, self.safe_id])
         margin = lp_unsafe - lp_safe - self.baseline
         judgement = Judgement(
             query_id=row["query_id"], kind=row["kind"], label=row["label"], split=row["split"],
@@ -119,7 +120,8 @@ def run_judge(
     baseline = 0.0
     if cfg.judge.calibration == "content_free":
         free = [judge_prompt_ids(tok, cfg, q, r) for q, r in CONTENT_FREE_INPUTS]
-        baseline = content_free_baseline(endpoint.base_url, model, free, unsafe_id, safe_id)
+        mean_unsafe, mean_safe = content_free_baselines(endpoint.base_url, model, free, [unsafe_id, safe_id])
+        baseline = mean_unsafe - mean_safe
     g = cfg.generation
     post = _Post(unsafe_id, safe_id, baseline, cfg.judge.threshold, endpoint.model_id)
     run_through_policy(
