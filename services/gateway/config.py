@@ -35,6 +35,10 @@ class LimitsConfig(_Strict):
 class GatewayConfig(_Strict):
     policy_base_url: str = "http://127.0.0.1:8000/v1"  # the policy's OpenAI app (ray.serve.llm ingress)
     served_name: str = "policy"  # the policy's base model id
+    # generation goes to the policy's LLMServer deployment by handle (same Serve cluster), or over HTTP to
+    # policy_base_url (a policy elsewhere); model lists and readiness always ask policy_base_url
+    policy_via: Literal["handle", "http"] = "handle"
+    policy_deployment: str | None = None  # default: ray.serve.llm's name for it, "PolicyServer:<served_name>"
     adapter_root: str | None = None  # the adapter registry; PROMOTED.json there picks the default model
     keys: list[KeyConfig] = Field(default_factory=list)
     limits: LimitsConfig = LimitsConfig()
@@ -44,6 +48,10 @@ class GatewayConfig(_Strict):
     allowed_data_roots: list[str] = Field(default_factory=list)
     policy_app_name: str = "policy"  # jobs attach to this running policy app instead of starting their own
     request_timeout_s: float = Field(600, gt=0)
+
+    @property
+    def deployment(self) -> str:
+        return self.policy_deployment or f"PolicyServer:{self.served_name}"
 
 
 def load_gateway_config(path: str | os.PathLike[str]) -> GatewayConfig:

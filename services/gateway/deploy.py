@@ -18,9 +18,17 @@ def build_gateway_deployment(cfg: GatewayConfig, num_replicas: int = 1, route_pr
                       max_ongoing_requests=256)
     @serve.ingress(app)
     class Gateway:
-        pass
+        def __init__(self) -> None:
+            if cfg.policy_via == "handle":  # else the first request pays for importing the request models
+                import ray.serve.llm.openai_api_models  # noqa: F401
 
     return Gateway.bind()
+
+
+def pointed_at(cfg: GatewayConfig, policy: Any) -> GatewayConfig:
+    """`cfg` in front of a running policy (a `services.policy.PolicyEndpoint`): its app, deployment and URL."""
+    return cfg.model_copy(update={"policy_base_url": policy.base_url, "policy_app_name": policy.app_name,
+                                  "policy_deployment": policy.deployment_name, "served_name": policy.model_id})
 
 
 def start_gateway(cfg: GatewayConfig, route_prefix: str = "/gw", name: str = "gateway", **kw: Any) -> str:

@@ -6,11 +6,12 @@ or the request asks to see it. Streaming goes through `SafeStream`, so a hidden 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, AsyncIterator
 
-from safetrigger.method import parse_safe
-from safetrigger.method.safe_stream import SafeStream, _held
-from services import registry
+from safetrigger.method import parse_safe, strip_safe_blocks
+from safetrigger.method.safe_stream import SafeStream, held_back
+from services import adapters, registry
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -30,9 +31,26 @@ def resolve_model(requested: str | None, served_name: str, adapter_root: str | N
     if requested == f"{served_name}:base":
         return served_name
     if requested.startswith(f"{served_name}:"):
+        _check_adapter(requested.split(":", 1)[1], adapter_root)
         return requested
     raise RequestError(404, f"model {requested!r} not found: use {served_name!r} (the promoted model), "
                             f"{served_name}:base or {served_name}:<adapter>")
+
+
+def _check_adapter(name: str, adapter_root: str | None) -> None:
+    """404 here, with a reason, rather than a failed request inside a replica (messages name no server paths)."""
+    if not adapter_root:
+        raise RequestError(404, f"adapter {name!r} not found: this gateway serves no adapters")
+    adapter, _, pinned = name.partition("@v")
+    try:
+        if pinned:
+            if not pinned.isdigit():
+                raise RequestError(400, f"adapter version must be '@v<number>', got {name!r}")
+            adapters.version(adapter_root, adapter, int(pinned))
+        else:
+            adapters.current(adapter_root, adapter)
+    except adapters.AdapterError:
+        raise RequestError(404, f"adapter {name!r} not found") from None
 
 
 def split_think(content: str) -> tuple[str, str]:
@@ -46,6 +64,12 @@ def split_think(content: str) -> tuple[str, str]:
 def safety_field(content: str) -> dict[str, Any]:
     b = parse_safe(content)
     return {"triggered": b.triggered, "complete": b.complete, "analysis": b.analysis}
+
+
+def shape_text_choice(choice: dict[str, Any], show_safety: bool) -> dict[str, Any]:
+    """A completions choice: raw text, so only the `<safe>` blocks come out when hidden, whitespace untouched."""
+    text = choice.get("text") or ""
+    return {**choice, "text": text if show_safety else strip_safe_blocks(text).text, "safety": safety_field(text)}
 
 
 def shape_message(message: dict[str, Any], show_safety: bool) -> dict[str, Any]:
@@ -78,7 +102,7 @@ class ThinkSplitter:
         if self._state == "think":
             at = self._buf.find(THINK_CLOSE)
             if at < 0:
-                keep = _held(self._buf, THINK_CLOSE)
+                keep = held_back(self._buf, THINK_CLOSE)
                 out, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep:]
                 return out, ""
             reasoning, self._buf, self._state = self._buf[:at], self._buf[at + len(THINK_CLOSE):], "answer"
@@ -92,49 +116,86 @@ class ThinkSplitter:
         return (rest, "") if self._state == "think" else ("", rest)
 
 
-async def shape_stream(lines: AsyncIterator[str], show_safety: bool, on_done) -> AsyncIterator[str]:
-    """Server-sent events from the policy -> server-sent events for the client, one choice per stream."""
-    think, safe = ThinkSplitter(), SafeStream()
-    last: dict[str, Any] | None = None
-    finish: str | None = None
-    async for line in lines:
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            break
+class StreamShaper:
+    """One streamed choice, payload by payload: chat deltas get `reasoning_content` split off and the `<safe>`
+    block held out of `content`; completions the same for `text`. What could still be a partial tag is held
+    back and goes out with the last chunk, which also carries the finish reason and the `safety` verdict."""
+
+    def __init__(self, chat: bool, show_safety: bool) -> None:
+        self.chat, self.show = chat, show_safety
+        self._think, self._safe = ThinkSplitter(), SafeStream(strip_leading=chat)
+        self._last: dict[str, Any] | None = None
+        self._finish: str | None = None
+
+    def feed(self, data: str) -> str:
+        """One upstream SSE payload -> the SSE event(s) to send now ("" when everything is held back)."""
         chunk = json.loads(data)
         if not chunk.get("choices"):
-            last = chunk  # e.g. a usage-only chunk: passed on as is
-            yield f"data: {data}\n\n"
-            continue
+            self._last = chunk  # e.g. a usage-only chunk: passed on as is
+            return f"data: {data}\n\n"
         choice = chunk["choices"][0]
-        delta = choice.get("delta") or {}
-        reasoning, content = think.feed(delta.get("content") or "")
-        visible = safe.feed(content)
-        delta = {k: v for k, v in delta.items() if k != "content"}
-        if reasoning:
-            delta["reasoning_content"] = (delta.get("reasoning_content") or "") + reasoning
-        text = content if show_safety else visible
-        if text:
-            delta["content"] = text
-        finish = choice.get("finish_reason") or finish
-        last = chunk
-        if delta:  # the finish reason goes out with the last chunk, after what was held back
-            yield "data: " + json.dumps({**chunk, "choices": [{**choice, "delta": delta, "finish_reason": None}]}) + "\n\n"
-    # the end: whatever was held back, the finish reason and the safety verdict in one last chunk
-    reasoning, content = think.close()
-    tail = safe.feed(content) + safe.close()
-    delta: dict[str, Any] = {}
-    if reasoning:
-        delta["reasoning_content"] = reasoning
-    text = content if show_safety else tail
-    if text:
-        delta["content"] = text
-    s = safe.safety
-    safety = {"triggered": s.triggered, "complete": s.complete, "analysis": s.analysis}
-    base = last or {"object": "chat.completion.chunk"}
-    final = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish or "stop", "safety": safety}]}
-    on_done(safety)
-    yield "data: " + json.dumps(final) + "\n\n"
-    yield "data: [DONE]\n\n"
+        self._finish = choice.get("finish_reason") or self._finish
+        self._last = chunk
+        if self.chat:
+            delta = dict(choice.get("delta") or {})
+            reasoning, content = self._think.feed(delta.pop("content", None) or "")
+            visible = self._safe.feed(content)
+            if reasoning:
+                delta["reasoning_content"] = (delta.get("reasoning_content") or "") + reasoning
+            text = content if self.show else visible
+            if text:
+                delta["content"] = text
+            if not delta:
+                return ""
+            out = {**choice, "delta": delta, "finish_reason": None}
+        else:
+            raw = choice.get("text") or ""
+            visible = self._safe.feed(raw)
+            text = raw if self.show else visible
+            if not text and not choice.get("logprobs"):
+                return ""
+            out = {**choice, "text": text, "finish_reason": None}
+        # the finish reason goes out with the last chunk, after what was held back
+        return "data: " + json.dumps({**chunk, "choices": [out]}) + "\n\n"
+
+    def finish(self) -> str:
+        """The last chunk (what was held back, the finish reason, the verdict) and `[DONE]`."""
+        s = self._safe
+        if self.chat:
+            reasoning, content = self._think.close()
+            tail = s.feed(content) + s.close()
+            last: dict[str, Any] = {"index": 0, "delta": {}}
+            if reasoning:
+                last["delta"]["reasoning_content"] = reasoning
+            text = content if self.show else tail
+            if text:
+                last["delta"]["content"] = text
+        else:
+            tail = s.close()
+            last = {"index": 0, "text": "" if self.show else tail}
+        last["finish_reason"] = self._finish or "stop"
+        last["safety"] = self.safety
+        base = self._last or {"object": "chat.completion.chunk" if self.chat else "text_completion"}
+        return "data: " + json.dumps({**base, "choices": [last]}) + "\n\ndata: [DONE]\n\n"
+
+    @property
+    def safety(self) -> dict[str, Any]:
+        s = self._safe.safety
+        return {"triggered": s.triggered, "complete": s.complete, "analysis": s.analysis}
+
+
+async def shape_stream(batches: AsyncIterator[list[str]], shaper: StreamShaper,
+                       spent: list[float] | None = None) -> AsyncIterator[str]:
+    """Upstream batches of SSE payloads -> one packet per batch for the client (a batch that is all held back
+    sends nothing). `spent[0]` accumulates the time spent shaping."""
+    spent = spent if spent is not None else [0.0]
+    async for batch in batches:
+        t = time.thread_time()
+        packet = "".join(shaper.feed(data) for data in batch)
+        spent[0] += time.thread_time() - t
+        if packet:
+            yield packet
+    t = time.thread_time()
+    last = shaper.finish()
+    spent[0] += time.thread_time() - t
+    yield last

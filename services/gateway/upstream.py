@@ -1,0 +1,199 @@
+"""Where the gateway's generation requests go: one small interface, two ways to reach the policy.
+
+- `HandleUpstream` (the default inside Ray Serve): the policy's `LLMServer` deployment through a deployment
+  handle, exactly as `ray.serve.llm`'s own OpenAI ingress calls it. A request crosses Serve's proxy once, as a
+  direct request does. Going back out over HTTP crossed the proxy twice more and split the server's 50 ms stream
+  batches into one proxy message per token: measured +385 ms p50 per 32-token stream (bench/gateway.py).
+- `HttpUpstream`: any OpenAI-compatible server by URL, for a gateway in front of a policy it cannot reach by
+  handle (another Ray cluster, a plain vLLM server).
+
+Both hand streams over in batches of SSE payloads as they arrive, so the gateway writes one packet per batch.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from typing import Any, AsyncIterator, Literal
+
+import httpx
+
+Kind = Literal["chat", "completions"]
+
+
+class UpstreamError(Exception):
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.retry_after = status, message, retry_after
+
+
+class Upstream(ABC):
+    def prepare(self, kind: Kind, body: dict[str, Any]) -> Any:
+        """The request as this upstream sends it; a malformed body fails here (UpstreamError 400), before the
+        request takes a concurrency slot."""
+        return body
+
+    @abstractmethod
+    async def complete(self, kind: Kind, model: str, request: Any) -> dict[str, Any]:
+        """The whole (non-streamed) OpenAI response."""
+
+    @abstractmethod
+    async def stream(self, kind: Kind, model: str, request: Any) -> AsyncIterator[list[str]]:
+        """Batches of SSE `data:` payloads (JSON text, `[DONE]` left out). Fails with UpstreamError before the
+        first batch is handed over, so an upstream error still becomes an HTTP status."""
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def _peeked(batches: AsyncIterator[list[str]]) -> AsyncIterator[list[str]]:
+    first = await anext(batches, None)  # raises here, before any response header has gone out
+
+    async def rest():
+        try:
+            if first is not None:
+                yield first
+            async for batch in batches:
+                yield batch
+        finally:  # a client that hung up stops the generation upstream too
+            await batches.aclose()
+
+    return rest()
+
+
+def _payloads(text: str) -> list[str]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith("data:"):
+            data = line[5:].strip()
+            if data and data != "[DONE]":
+                out.append(data)
+    return out
+
+
+class HandleUpstream(Upstream):
+    def __init__(self, app_name: str, deployment: str) -> None:
+        self._app, self._deployment = app_name, deployment
+        self._handles: dict[str, Any] = {}
+
+    def _handle(self, model: str):
+        # Adapters route as Serve multiplexed models (replica affinity for loaded LoRA weights), as the OpenAI
+        # ingress does; the base model is load-balanced over all replicas.
+        if model not in self._handles:
+            from ray import serve
+
+            handle = serve.get_deployment_handle(self._deployment, self._app)
+            opts: dict[str, Any] = {"stream": True}
+            if ":" in model:
+                opts["multiplexed_model_id"] = model
+            self._handles[model] = handle.options(**opts)
+        return self._handles[model]
+
+    def prepare(self, kind: Kind, body: dict[str, Any]):
+        from pydantic import ValidationError
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+        try:
+            request = (ChatCompletionRequest if kind == "chat" else CompletionRequest).model_validate(body)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+            raise UpstreamError(400, f"{where}: {first.get('msg')}" + (f" ({e.error_count()} errors)" if e.error_count() > 1 else "")) from None
+        if kind == "chat":
+            # the same pickling fix the OpenAI ingress applies before a handle call (pydantic ValidatorIterator)
+            from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
+
+            request = _sanitize_chat_completion_request(request)
+        return request
+
+    async def _items(self, kind: Kind, model: str, request: Any) -> AsyncIterator[Any]:
+        from services.adapters import AdapterError
+
+        response = getattr(self._handle(model), kind).remote(request, None)
+        done = False
+        try:
+            async for item in response:
+                first = item[0] if isinstance(item, list) and item else item
+                error = getattr(first, "error", None)
+                if error is not None and not isinstance(first, str):
+                    raise UpstreamError(int(getattr(error, "code", 500) or 500), f"policy: {error.message}")
+                yield item
+            done = True
+        except UpstreamError:
+            raise
+        except AdapterError:  # the replica could not find the adapter version asked for
+            raise UpstreamError(404, f"adapter {model!r} not found") from None
+        except Exception as e:
+            raise UpstreamError(503, f"the policy failed: {type(e).__name__}; retry later", 5) from e
+        finally:
+            if not done:
+                response.cancel()
+
+    async def complete(self, kind: Kind, model: str, request: Any) -> dict[str, Any]:
+        items = [item async for item in self._items(kind, model, request)]  # one response object when not streamed
+        if not items:
+            raise UpstreamError(503, "the policy returned nothing; retry later", 5)
+        return items[0].model_dump() if hasattr(items[0], "model_dump") else items[0]
+
+    async def stream(self, kind: Kind, model: str, request: Any) -> AsyncIterator[list[str]]:
+        async def batches():
+            async for item in self._items(kind, model, request):
+                # LLMServer batches stream chunks (50 ms by default): a list of "data: …\n\n" strings
+                yield _payloads("".join(item) if isinstance(item, list) else str(item))
+
+        return await _peeked(batches())
+
+
+class HttpUpstream(Upstream):
+    def __init__(self, base_url: str, timeout_s: float) -> None:
+        # one pooled client per replica: a fresh connection per request costs more than the gateway itself
+        self._client = httpx.AsyncClient(base_url=base_url, timeout=timeout_s,
+                                         limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+
+    @staticmethod
+    def _path(kind: Kind) -> str:
+        return "/chat/completions" if kind == "chat" else "/completions"
+
+    async def complete(self, kind: Kind, model: str, request: Any) -> dict[str, Any]:
+        try:
+            r = await self._client.post(self._path(kind), json=request)
+        except httpx.HTTPError as e:
+            raise UpstreamError(503, f"the policy service is unreachable ({type(e).__name__}); retry later", 5) from None
+        if r.status_code != 200:
+            raise UpstreamError(r.status_code, f"policy: {r.text[:2000]}")
+        return r.json()
+
+    async def stream(self, kind: Kind, model: str, request: Any) -> AsyncIterator[list[str]]:
+        try:
+            response = await self._client.send(self._client.build_request("POST", self._path(kind), json=request), stream=True)
+        except httpx.HTTPError as e:
+            raise UpstreamError(503, f"the policy service is unreachable ({type(e).__name__}); retry later", 5) from None
+        if response.status_code != 200:
+            detail = (await response.aread()).decode(errors="replace")[:2000]
+            await response.aclose()
+            raise UpstreamError(response.status_code, f"policy: {detail}")
+
+        async def batches():
+            pending = ""
+            try:
+                async for text in response.aiter_text():
+                    pending += text
+                    complete, sep, pending = pending.rpartition("\n\n")  # only whole events
+                    if sep:
+                        yield _payloads(complete)
+                if pending.strip():
+                    yield _payloads(pending)
+            finally:
+                await response.aclose()
+
+        return await _peeked(batches())
+
+    async def get_json(self, path: str, timeout: float | None = None) -> tuple[int, Any]:
+        r = await self._client.get(path, **({"timeout": timeout} if timeout else {}))
+        try:
+            return r.status_code, r.json()
+        except json.JSONDecodeError:
+            return r.status_code, {"error": r.text[:2000]}
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
