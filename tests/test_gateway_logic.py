@@ -201,3 +201,27 @@ def test_progress_is_the_last_stage_line():
     logs = "noise\n[generate] 8/24 rows (33%), 1.2 rows/s, ETA 13s\nINFO something\n[judge] 24/24 rows (100%)\n"
     assert progress_of(logs) == ("judge", "24/24 rows (100%)")
     assert progress_of("nothing here") == (None, None)
+
+
+def test_requests_are_counted_by_route_template_and_status(tmp_path, data_root):
+    """The metrics middleware (pure ASGI) labels by the route template and the status that went out."""
+    from fastapi.testclient import TestClient
+
+    from services.gateway.app import build_app
+
+    app = build_app(GatewayConfig(keys=[KeyConfig(id="k", sha256=hash_key("st-k"), scopes=["jobs"])],
+                                  artifact_root=str(tmp_path / "jobs"), allowed_data_roots=[str(data_root)]))
+    with TestClient(app) as c:
+        assert c.get("/healthz").status_code == 200
+        assert c.post("/v1/chat/completions", json={}).status_code == 401
+        assert c.post("/v1/chat/completions", json={}, headers={"Authorization": "Bearer st-k"}).status_code == 403
+        gone = c.get("/v1/jobs/st-000000000000", headers={"Authorization": "Bearer st-k"})  # no Ray job server here
+        assert gone.status_code == 503 and gone.headers["retry-after"] == "5" and "job server" in gone.text
+        config = {"output_dir": "run", "data": {"root": str(data_root), "sources": [{"type": "advbench", "path": "advbench.jsonl"}]}}
+        lost = c.post("/v1/jobs", json={"config": config}, headers={"Authorization": "Bearer st-k"})
+        assert lost.status_code == 503 and not any((tmp_path / "jobs").glob("*"))  # no half-made job left
+        assert c.get("/nowhere").status_code == 404
+        text = c.get("/metrics").text
+    for route, status in (("/healthz", 200), ("/v1/chat/completions", 401), ("/v1/chat/completions", 403),
+                          ("/v1/jobs/{job_id}", 503), ("/v1/jobs", 503), ("unmatched", 404)):
+        assert f'safe_trigger_gateway_requests_total{{route="{route}",status="{status}"}} 1.0' in text, (route, status)

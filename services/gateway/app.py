@@ -52,6 +52,33 @@ class Metrics:
             self.tokens.labels(model).inc(tokens)
 
 
+class _Observe:
+    """Requests by route and status, and their latency. Pure ASGI: `@app.middleware("http")` (Starlette's
+    BaseHTTPMiddleware) runs the app in a child task and relays every streamed chunk through a memory stream,
+    a task switch per chunk on a busy event loop."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t, status = time.perf_counter(), [500]
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")  # the route template, not the raw path
+            self.metrics.requests.labels(path, str(status[0])).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - t)
+
+
 def build_app(cfg: GatewayConfig) -> FastAPI:
     app = FastAPI(title="Safe Trigger gateway", version="1.0",
                   description="OpenAI-compatible inference with a structured <safe> field, and pipeline jobs.")
@@ -123,22 +150,14 @@ def build_app(cfg: GatewayConfig) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, e: RequestError):
-        return _error(e.status, e.message)
+        return _error(e.status, e.message, retry_after=e.retry_after)
 
     @app.exception_handler(AuthError)
     async def _auth_error(_: Request, e: AuthError):
         kind = "rate_limit_error" if e.status == 429 else "authentication_error" if e.status == 401 else "permission_error"
         return _error(e.status, e.message, kind, e.retry_after)
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next):
-        t = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(time.perf_counter() - t)
-        return response
+    app.add_middleware(_Observe, metrics=metrics)
 
     async def _forward(request: Request, chat: bool):
         key = ring.authenticate(request.headers.get("authorization"), "inference")

@@ -17,9 +17,9 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.retry_after = status, message, retry_after
 
 
 def resolve_model(requested: str | None, served_name: str, adapter_root: str | None) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 import uuid
 from pathlib import Path
@@ -95,8 +96,24 @@ class JobsService:
         if self._client is None:
             from ray.job_submission import JobSubmissionClient
 
-            self._client = JobSubmissionClient(self.cfg.ray_dashboard_url)
+            try:
+                self._client = JobSubmissionClient(self.cfg.ray_dashboard_url)
+            except ConnectionError:
+                raise self._unreachable() from None
         return self._client
+
+    @staticmethod
+    def _unreachable() -> RequestError:
+        return RequestError(503, "the Ray job server is unreachable; retry later", retry_after=5)
+
+    async def _call(self, method: str, *args, **kwargs):
+        """A JobSubmissionClient call off the event loop; a job server that is down is a 503, not a 500."""
+        import requests
+
+        try:
+            return await run_in_threadpool(getattr(self.client(), method), *args, **kwargs)
+        except (ConnectionError, requests.exceptions.ConnectionError):
+            raise self._unreachable() from None
 
     def job_dir(self, job_id: str) -> Path:
         return Path(self.cfg.artifact_root).resolve() / job_id
@@ -105,7 +122,7 @@ class JobsService:
         if not JOB_ID.match(job_id):
             raise RequestError(404, f"no job {job_id!r}")
         try:
-            info = await run_in_threadpool(self.client().get_job_info, job_id)
+            info = await self._call("get_job_info", job_id)
         except RuntimeError:
             raise RequestError(404, f"no job {job_id!r}") from None
         if (info.metadata or {}).get("key") != key_id:
@@ -130,16 +147,20 @@ class JobsService:
             config_path = job_dir / "config.yaml"
             config_path.write_text(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False))
             env = {"PYTHONPATH": str(REPO_ROOT), "SAFE_TRIGGER_DATA": run.data.root, "PYTHONUNBUFFERED": "1"}
-            await run_in_threadpool(
-                self.client().submit_job, entrypoint=f"{sys.executable} -m clients.cli run {config_path}",
-                submission_id=job_id, runtime_env={"env_vars": env}, metadata={"key": key.id, "name": str(body.get("name") or run.name)})
+            try:
+                await self._call("submit_job", entrypoint=f"{sys.executable} -m clients.cli run {config_path}",
+                                 submission_id=job_id, runtime_env={"env_vars": env},
+                                 metadata={"key": key.id, "name": str(body.get("name") or run.name)})
+            except RequestError:
+                shutil.rmtree(job_dir, ignore_errors=True)  # nothing was submitted: leave no half-made job behind
+                raise
             return {"id": job_id, "status": "PENDING", "artifacts": str(job_dir)}
 
         @app.get("/v1/jobs/{job_id}")
         async def status(job_id: str, request: Request):
             key = ring.authenticate(request.headers.get("authorization"), "jobs")
             info = await self._own(job_id, key.id)
-            logs = await run_in_threadpool(self.client().get_job_logs, job_id)
+            logs = await self._call("get_job_logs", job_id)
             stage, message = progress_of(logs)
             report_ready = any(self.job_dir(job_id).rglob("report/metrics.json"))
             return {"id": job_id, "status": str(info.status.value if hasattr(info.status, "value") else info.status),
@@ -152,7 +173,7 @@ class JobsService:
             key = ring.authenticate(request.headers.get("authorization"), "jobs")
             await self._own(job_id, key.id)
             if not follow:
-                return PlainTextResponse(await run_in_threadpool(self.client().get_job_logs, job_id))
+                return PlainTextResponse(await self._call("get_job_logs", job_id))
 
             async def tail():
                 async for piece in self.client().tail_job_logs(job_id):
@@ -164,7 +185,7 @@ class JobsService:
         async def cancel(job_id: str, request: Request):
             key = ring.authenticate(request.headers.get("authorization"), "jobs")
             await self._own(job_id, key.id)
-            stopped = await run_in_threadpool(self.client().stop_job, job_id)
+            stopped = await self._call("stop_job", job_id)
             return JSONResponse({"id": job_id, "stopped": bool(stopped)}, status_code=202)
 
         @app.get("/v1/jobs/{job_id}/report")
