@@ -176,7 +176,8 @@ def _serve(args) -> int:
     set_threads(cfg.torch_threads)
     init_ray(cfg)
     ep = start_policy(cfg)
-    gw = pointed_at(gw, ep).model_copy(update={"adapter_root": gw.adapter_root or cfg.serving.adapter_root})
+    gw = pointed_at(gw, ep).model_copy(update={"adapter_root": gw.adapter_root or cfg.serving.adapter_root,
+                                              "policy_model_source": cfg.model.source})
     prefix = start_gateway(gw)
     print(f"gateway ready at http://{cfg.serving.http_host}:{cfg.serving.http_port}{prefix} (policy at {ep.base_url})")
     signal.sigwait({signal.SIGINT, signal.SIGTERM})

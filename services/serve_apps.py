@@ -32,7 +32,8 @@ def gateway_app(args: dict[str, Any]):
     cfg = _run_config(args)
     gw = load_gateway_config(args["gateway"])
     s = cfg.serving
-    update = {"adapter_root": gw.adapter_root or s.adapter_root, "served_name": cfg.model.served_name}
+    update = {"adapter_root": gw.adapter_root or s.adapter_root, "served_name": cfg.model.served_name,
+              "policy_model_source": cfg.model.source}
     if "policy_app_name" not in gw.model_fields_set:
         update["policy_app_name"] = s.app_name
     if "policy_base_url" not in gw.model_fields_set:  # the policy app behind the same Serve proxy

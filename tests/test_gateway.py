@@ -56,7 +56,7 @@ def gw(tmp_path_factory, data_root):
     gcfg = pointed_at(GatewayConfig(adapter_root=cfg.serving.adapter_root, keys=keys,
                                     limits={"max_tokens": 64, "max_prompt_chars": 4000, "max_body_bytes": 20_000},
                                     ray_dashboard_url=f"http://127.0.0.1:{DASHBOARD}", artifact_root=str(tmp / "jobs"),
-                                    allowed_data_roots=[str(data_root)]), ep)
+                                    allowed_data_roots=[str(data_root)], policy_model_source=cfg.model.source), ep)
     assert gcfg.policy_via == "handle" and gcfg.deployment == ep.deployment_name  # the default names agree
     prefix = start_gateway(gcfg)
     # the same gateway reaching the policy over HTTP, as one in front of a policy elsewhere would

@@ -178,6 +178,11 @@ def test_job_configs_are_confined(tmp_path, data_root):
     gw = GatewayConfig(artifact_root=str(tmp_path / "jobs"), allowed_data_roots=[str(data_root)], adapter_root="/srv/adapters")
     base = {"output_dir": "run", "data": {"root": str(data_root), "sources": [{"type": "advbench", "path": "advbench.jsonl"}]}}
     run = confine(base, gw, "st-0123456789ab")
+    served = gw.model_copy(update={"policy_model_source": "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"})
+    assert confine(base, served, "st-0123456789ab").model.source == served.policy_model_source  # filled in
+    with pytest.raises(RequestError, match="not the served policy"):
+        confine({**base, "model": {"source": "Qwen/Qwen3-8B"}}, served, "st-0123456789ab")
+    assert confine({**base, "model": {"source": served.policy_model_source}}, served, "st-0123456789ab")
     assert run.output_dir == str((tmp_path / "jobs" / "st-0123456789ab" / "run").resolve())
     assert run.serving.attach and run.serving.adapter_root == "/srv/adapters" and run.ray.address == "auto"
     assert (run.serving.http_host, run.serving.http_port, run.serving.route_prefix) == ("127.0.0.1", 8000, "/")

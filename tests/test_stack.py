@@ -343,6 +343,7 @@ def test_killed_stage_resumes_without_losing_or_duplicating_rows(stack, tmp_path
         "generation": cfg.generation.model_copy(update={"batch_size": 2, "chunk_rows": 2}),
         "sft": cfg.sft.model_copy(update={"enabled": False}),
         "dpo": cfg.dpo.model_copy(update={"enabled": False}),
+        "eval": cfg.eval.model_copy(update={"enabled": False}),  # evaluation and its report: the main-job test
     })
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run_cfg.model_dump(mode="json")))

@@ -47,6 +47,8 @@ class GatewayConfig(_Strict):
     artifact_root: str = "runs/jobs"
     allowed_data_roots: list[str] = Field(default_factory=list)
     policy_app_name: str = "policy"  # jobs attach to this running policy app instead of starting their own
+    # the served policy's model.source: a job that names none gets it, one that names another is refused
+    policy_model_source: str | None = None
     request_timeout_s: float = Field(600, gt=0)
 
     @property

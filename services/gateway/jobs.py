@@ -65,11 +65,17 @@ def confine(raw: Any, cfg: GatewayConfig, job_id: str) -> RunConfig:
     source = run.model.source
     if source.startswith(("/", ".", "~")) and not _inside(Path(os.path.expanduser(source)), roots):
         raise RequestError(422, f"model.source {source!r}: a local model must lie under the allowed roots")
+    served = cfg.policy_model_source
+    if served and source != served:
+        if "source" in run.model.model_fields_set:  # said explicitly: refuse rather than train another model's adapter
+            raise RequestError(422, f"model.source {source!r} is not the served policy's ({served!r}): a job "
+                                    "generates with, trains and serves adapters for the policy it is attached to")
+        source = served
     job_dir = Path(cfg.artifact_root).resolve() / job_id
     url = urlparse(cfg.policy_base_url)  # where the attached policy answers: the job calls it for judge baselines
     prefix = url.path.rstrip("/").removesuffix("/v1") or "/"
     return run.model_copy(update={
-        "model": run.model.model_copy(update={"served_name": cfg.served_name}),
+        "model": run.model.model_copy(update={"served_name": cfg.served_name, "source": source}),
         "output_dir": str(job_dir / out),
         "ray": run.ray.model_copy(update={"address": "auto"}),
         "serving": run.serving.model_copy(update={"attach": True, "app_name": cfg.policy_app_name,
