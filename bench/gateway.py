@@ -7,8 +7,11 @@ response has exactly max_tokens tokens:
 - direct: the policy's own OpenAI ingress (Serve proxy -> ingress -> LLMServer);
 - gateway: the gateway's default, the LLMServer by deployment handle (Serve proxy -> gateway -> LLMServer);
 - gateway-http: the gateway calling the policy's ingress over HTTP, back through the proxy (the old design).
-Prints p50/p99 of the whole streamed response and of the first token, throughput, and the p50 each gateway
-path adds (target: <= 5 ms on top of generation).
+Prints p50/p99 of the whole streamed response and of the first token, throughput, the p50 each gateway path
+adds (target: <= 5 ms on top of generation) and the gateway's own CPU time per request (its /metrics).
+Concurrent p50s on a busy 2-core machine differ by +-100 ms run to run; `--paired N` adds one client taking
+turns between the paths and reports the median paired difference, which resolves a few ms only where single
+requests are steady (a GPU); on the 2-core CPU box its interval was still ~+-150 ms (40 pairs).
 """
 
 from __future__ import annotations
@@ -88,6 +91,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per path")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--port", type=int, default=8441)
+    ap.add_argument("--paired", type=int, default=0, metavar="N",
+                    help="also N sequential requests per path, one client, paths taking turns request by request, "
+                         "compared pair by pair (median difference with a bootstrap interval)")
     args = ap.parse_args()
 
     from pipelines.run import init_ray, set_threads
@@ -138,6 +144,34 @@ def main() -> None:
         print(f"{name} adds p50 {added:+.1f} ms [95% CI {lo:+.1f}, {hi:+.1f}] to the whole response, {added_ttft:+.1f} ms to "
               f"the first token; its own work {1e3 * (t1 - t0) / max(1, c1 - c0):.2f} ms per request "
               f"(target <= 5 ms); throughput ratio {name}/direct {res['direct'][2] / res[name][2]:.2f}")
+    if args.paired:
+        paired(paths, args.paired, args.max_tokens)
+
+def paired(paths: dict, n: int, max_tokens: int) -> None:
+    """One client, no concurrency: direct, gateway and gateway-http take turns, request by request, and each
+    gateway request is compared with the direct request next to it."""
+    async def run():
+        out = {name: [] for name in paths}
+        async with httpx.AsyncClient(timeout=600) as client:
+            body = {"model": "policy", "messages": [{"role": "user", "content": "Write a short story about a lighthouse."}],
+                    "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+            for i in range(n):
+                order = list(paths) if i % 2 == 0 else list(reversed(paths))  # neither path always goes first
+                for name in order:
+                    url, headers = paths[name]
+                    out[name].append((await one(client, url, body, headers))[0])
+        return out
+
+    out = asyncio.run(run())
+    print(f"\npaired, one client, {n} requests per path: median total "
+          + ", ".join(f"{k} {1e3 * statistics.median(v):.1f} ms" for k, v in out.items()))
+    rng = random.Random(0)
+    for name in ("gateway", "gateway-http"):
+        diffs = [g - d for g, d in zip(out[name], out["direct"])]
+        boot = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(2000))
+        print(f"{name} adds {1e3 * statistics.median(diffs):+.1f} ms per request "
+              f"[95% CI {1e3 * boot[50]:+.1f}, {1e3 * boot[1949]:+.1f}] (median of {n} paired differences)")
+
 
 if __name__ == "__main__":
     main()
