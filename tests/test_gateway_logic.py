@@ -230,3 +230,46 @@ def test_requests_are_counted_by_route_template_and_status(tmp_path, data_root):
     for route, status in (("/healthz", 200), ("/v1/chat/completions", 401), ("/v1/chat/completions", 403),
                           ("/v1/jobs/{job_id}", 503), ("/v1/jobs", 503), ("unmatched", 404)):
         assert f'safe_trigger_gateway_requests_total{{route="{route}",status="{status}"}} 1.0' in text, (route, status)
+
+
+def test_http_upstream_batches_whole_events_and_reports_a_broken_stream():
+    """Network reads cut events anywhere: a batch holds only whole events, one batch per read that completes
+    any; a connection lost mid-stream is an UpstreamError (the gateway turns it into an error event)."""
+    import httpx
+
+    from services.gateway.upstream import HttpUpstream, UpstreamError
+
+    events = "".join(f'data: {{"n": {i}}}\n\n' for i in range(5)) + "data: [DONE]\n\n"
+    reads = [events[:7], events[7:30], events[30:31], events[31:]]
+
+    class Body(httpx.AsyncByteStream):
+        def __init__(self, fail: bool) -> None:
+            self.fail = fail
+
+        async def __aiter__(self):
+            for piece in reads[: 2 if self.fail else None]:
+                yield piece.encode()
+            if self.fail:
+                raise httpx.ReadError("connection reset")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/completions" and json.loads(request.content)["model"] == "policy"
+        return httpx.Response(200, stream=Body(fail=request.headers.get("x-fail") == "1"))
+
+    async def run(fail: bool):
+        up = HttpUpstream("http://policy/v1", 10, transport=httpx.MockTransport(handler))
+        up._client.headers["x-fail"] = "1" if fail else "0"
+        got = []
+        try:
+            async for batch in await up.stream("completions", "policy", {"model": "policy", "prompt": "x"}):
+                got.append(batch)
+        finally:
+            await up.aclose()
+        return got
+
+    batches = asyncio.run(run(False))
+    assert [json.loads(d)["n"] for b in batches for d in b] == [0, 1, 2, 3, 4]
+    assert all(batches) and len(batches) <= len(reads)
+    with pytest.raises(UpstreamError) as e:
+        asyncio.run(run(True))
+    assert e.value.status == 503 and "broke off" in e.value.message

@@ -145,9 +145,9 @@ class HandleUpstream(Upstream):
 
 
 class HttpUpstream(Upstream):
-    def __init__(self, base_url: str, timeout_s: float) -> None:
+    def __init__(self, base_url: str, timeout_s: float, transport: httpx.AsyncBaseTransport | None = None) -> None:
         # one pooled client per replica: a fresh connection per request costs more than the gateway itself
-        self._client = httpx.AsyncClient(base_url=base_url, timeout=timeout_s,
+        self._client = httpx.AsyncClient(base_url=base_url, timeout=timeout_s, transport=transport,
                                          limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
 
     @staticmethod
@@ -183,6 +183,8 @@ class HttpUpstream(Upstream):
                         yield _payloads(complete)
                 if pending.strip():
                     yield _payloads(pending)
+            except httpx.HTTPError as e:  # the policy went away mid-stream: the gateway ends it with an error event
+                raise UpstreamError(503, f"the policy stream broke off ({type(e).__name__})", 5) from None
             finally:
                 await response.aclose()
 
