@@ -137,9 +137,13 @@ class HandleUpstream(Upstream):
 
     async def stream(self, kind: Kind, model: str, request: Any) -> AsyncIterator[list[str]]:
         async def batches():
-            async for item in self._items(kind, model, request):
-                # LLMServer batches stream chunks (50 ms by default): a list of "data: …\n\n" strings
-                yield _payloads("".join(item) if isinstance(item, list) else str(item))
+            items = self._items(kind, model, request)
+            try:
+                async for item in items:
+                    # LLMServer batches stream chunks (50 ms by default): a list of "data: …\n\n" strings
+                    yield _payloads("".join(item) if isinstance(item, list) else str(item))
+            finally:
+                await items.aclose()  # now, not at garbage collection: cancels the request if it is unfinished
 
         return await _peeked(batches())
 
