@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from typing import Any, AsyncIterator
 
 from safetrigger.method import parse_safe, strip_safe_blocks
@@ -180,8 +181,7 @@ class StreamShaper:
 
     @property
     def safety(self) -> dict[str, Any]:
-        s = self._safe.safety
-        return {"triggered": s.triggered, "complete": s.complete, "analysis": s.analysis}
+        return asdict(self._safe.safety)  # the same three fields as safety_field
 
 
 async def shape_stream(batches: AsyncIterator[list[str]], shaper: StreamShaper,
