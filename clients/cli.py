@@ -165,7 +165,7 @@ def _remote(args) -> int:
 def _serve(args) -> int:
     import signal
 
-    from pipelines.run import init_ray, set_threads, with_adapter_root
+    from pipelines.run import emit_precision, init_ray, precision_report, set_threads, with_adapter_root
     from safetrigger.config import load_config
     from services.gateway.config import load_gateway_config
     from services.gateway.deploy import pointed_at, start_gateway
@@ -174,6 +174,7 @@ def _serve(args) -> int:
     cfg = with_adapter_root(load_config(args.config))
     gw = load_gateway_config(args.gateway)
     set_threads(cfg.torch_threads)
+    emit_precision(precision_report(cfg), print)
     init_ray(cfg)
     ep = start_policy(cfg)
     gw = pointed_at(gw, ep).model_copy(update={"adapter_root": gw.adapter_root or cfg.serving.adapter_root,

@@ -100,5 +100,6 @@ def run_generate(
         rows, endpoint, ChatRequest(cfg, model, {"temperature": g.temperature, "top_p": g.top_p}, g.seed),
         _Post(cfg.model.reasoning.rule(), endpoint.model_id, adapter), store,
         "generate", batch_size=g.batch_size, concurrency=g.concurrency, chunk_rows=g.chunk_rows, total=len(queries),
+        slow_tokens_per_s=g.slow_tokens_per_s,
     )
     return store.read()

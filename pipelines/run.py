@@ -57,6 +57,28 @@ def _write_queries(out: Path, queries) -> Path:
     return path
 
 
+def precision_report(cfg: RunConfig) -> dict[str, Any]:
+    """The CPU this run computes on and the precision each engine gets from it (printed and kept in the summary:
+    a number measured here means little without them)."""
+    from safetrigger.hardware import choose_dtype, this_cpu, training_precision
+
+    cpu = this_cpu()
+    return {"cpu": {"model": cpu.model, "logical_cpus": cpu.logical_cpus, "simd": cpu.simd(), "native_bf16": cpu.native_bf16},
+            "serving": choose_dtype(cfg.model.dtype, cfg.serving.accelerator, cpu).to_dict(),
+            "sft": training_precision(cfg.sft.precision, cfg.sft.use_gpu, cpu).to_dict(),
+            "dpo": training_precision(cfg.dpo.precision, cfg.dpo.use_gpu, cpu).to_dict()}
+
+
+def emit_precision(report: dict[str, Any], emit) -> None:
+    c = report["cpu"]
+    emit(f"[cpu] {c['model']}: {c['logical_cpus']} logical CPUs, {' '.join(c['simd']) or 'no AVX'}, "
+         f"{'native' if c['native_bf16'] else 'no native'} bf16 -> serving {report['serving']['dtype']} "
+         f"({report['serving']['reason']}), SFT {report['sft']['dtype']}, DPO {report['dpo']['dtype']}")
+    for what in ("serving", "sft", "dpo"):
+        if report[what]["warning"]:
+            emit(f"[cpu] WARNING ({what}): {report[what]['warning']}")
+
+
 def with_adapter_root(cfg: RunConfig) -> RunConfig:
     """The replicas need to know the adapter registry before they start; default: under the run's output."""
     if cfg.serving.adapter_root:
@@ -112,6 +134,8 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
     t0 = time.monotonic()
     cfg = with_adapter_root(cfg)
     set_threads(cfg.torch_threads)
+    precision = precision_report(cfg)
+    emit_precision(precision, emit)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     queries = load_all(cfg.data)
@@ -123,7 +147,9 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
 
     model_path = resolve_model(cfg.model.source)
     ids_key = stage_key(sorted((q.id, q.split) for q in queries))
-    gen_key = stage_key("generate", cfg.model.model_dump(), cfg.generation.model_dump(exclude={"batch_size", "concurrency", "chunk_rows"}), ids_key)
+    # the dtype the engine really runs in: `auto` answers differently on an AMX and an AVX2 machine
+    served_model = {**cfg.model.model_dump(), "dtype": precision["serving"]["dtype"]}
+    gen_key = stage_key("generate", served_model, cfg.generation.model_dump(exclude={"batch_size", "concurrency", "chunk_rows", "slow_tokens_per_s"}), ids_key)
     judge_key = stage_key("judge", gen_key, cfg.judge.model_dump())
     review_key = stage_key("review", gen_key, cfg.review.model_dump(), cfg.judge.max_reasoning_tokens)
     sft_key = stage_key("sft", review_key, cfg.sft_data.model_dump(), cfg.sft.model_dump())
@@ -235,6 +261,7 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
         "name": cfg.name,
         "model": cfg.model.source,
         "queries": len(queries),
+        "precision": precision,
         "stages": {"generate": str(out / f"generate-{gen_key}"), "judge": str(out / f"judge-{judge_key}"),
                    "review": str(out / f"review-{review_key}"), "sft_data": str(sft_path),
                    "sft_adapter": str(sft_dir), "eval_st_s": str(out / f"eval-st-s-{eval_s_key}"),
@@ -249,12 +276,27 @@ def run(cfg: RunConfig, emit=print, endpoint=None) -> dict[str, Any]:
         "trigger": [asdict(r) for r in triggers],
         "report": report,
         "timings": {**timings, "total_s": time.monotonic() - t0},
+        "stage_times": throughput,  # every stage store's own time, also of stages an earlier invocation finished
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_summary(out, summary)
     emit(f"[done] {out / 'summary.json'} ({summary['timings']['total_s']:.0f}s)")
     if report:
         emit(f"[report] {report['html']}\n[report] {report['markdown']}")
     return summary
+
+
+PREVIOUS_SUMMARY = "summary.previous.json"
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> Path:
+    """Atomically; the summary it replaces is kept beside it, so `bench/pipeline.py` can show what got slower."""
+    path = out / "summary.json"
+    if path.is_file():
+        os.replace(path, out / PREVIOUS_SUMMARY)
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
 
 
 def _evaluate_and_report(cfg: RunConfig, out: Path, queries, models, versions, stage, policy, throughput, awareness_md,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import os
+import sys
 
 import ray
 from ray.data import DataContext
@@ -48,6 +49,7 @@ def run_through_policy(
     concurrency: int,
     chunk_rows: int,
     total: int | None = None,
+    slow_tokens_per_s: float = 0.0,
 ) -> int:
     """Send `rows` (those not yet in the store) through the policy; returns how many rows were committed."""
     if not rows:
@@ -63,13 +65,23 @@ def run_through_policy(
     # Our own per-chunk progress line (rows, rate, ETA) replaces Ray Data's operator dump every 10 s.
     DataContext.get_current().enable_progress_bars = os.environ.get("SAFE_TRIGGER_RAY_PROGRESS", "0") == "1"
     total = total if total is not None else len(rows)
-    progress = Progress(stage, total, already=total - len(rows))
+    progress = Progress(stage, total, already=total - len(rows), slow_tokens_per_s=slow_tokens_per_s,
+                        live=sys.stdout.isatty())
     # One block per request batch: from_items would otherwise make one block per row, and per-block overhead
     # dominates on small stages.
     ds = processor(ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch_size))))
     committed = 0
-    for chunk in chunked(ds.iter_rows(), chunk_rows):
-        store.commit([dict(r) for r in chunk])
-        committed += len(chunk)
-        progress.advance(len(chunk))
+    with progress.heartbeat():
+        for chunk in chunked(_observed(ds.iter_rows(), progress), chunk_rows):
+            store.commit(chunk)
+            committed += len(chunk)
+            progress.line()
     return committed
+
+
+def _observed(rows, progress: Progress):
+    """Rows as plain dicts, each counted (with its new tokens) as it comes back, before its chunk is committed."""
+    for r in rows:
+        row = dict(r)
+        progress.observe(1, int(row.get("completion_tokens") or 0))
+        yield row

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -81,20 +83,91 @@ class StageStore:
 
 
 class Progress:
-    """One log line per committed chunk: rows done / total, rate and ETA."""
+    """Progress of a stage that fans rows through the policy: rows and new tokens done, tokens/s, ETA.
 
-    def __init__(self, stage: str, total: int, already: int = 0, emit=print) -> None:
+    A line per committed chunk, and a heartbeat line at least every `interval_s` while rows are slow to come back
+    (a chunk took 5 minutes on an AVX2 CPU in bf16, and nothing said the engine was crawling). When the tokens/s
+    measured after `warmup_s` is below `slow_tokens_per_s`, one warning says so.
+    """
+
+    def __init__(self, stage: str, total: int, already: int = 0, emit=print, *, interval_s: float = 30.0,
+                 slow_tokens_per_s: float = 0.0, warmup_s: float = 60.0, clock=time.monotonic, live: bool = False) -> None:
         self.stage, self.total, self.done, self.emit = stage, total, already, emit
-        self._start_done, self._t0 = already, time.monotonic()
+        # On a terminal a live bar moves with every row; the lines still come, written above it.
+        self._bar = _live_bar(stage, total, already) if live else None
+        if self._bar is not None:
+            self.emit = self._bar.write
+        self.interval_s, self.slow_tokens_per_s, self.warmup_s, self.clock = interval_s, slow_tokens_per_s, warmup_s, clock
+        self.tokens = 0
+        self._start_done, self._t0 = already, clock()
+        self._last_line = self._t0
+        self._warned = False
+        self._lock = threading.Lock()
 
-    def advance(self, n: int) -> None:
-        self.done += n
-        elapsed = time.monotonic() - self._t0
-        rate = (self.done - self._start_done) / elapsed if elapsed > 0 else 0.0
-        left = self.total - self.done
-        eta = f"{left / rate:.0f}s" if rate > 0 else "?"
-        pct = 100.0 * self.done / self.total if self.total else 100.0
-        self.emit(f"[{self.stage}] {self.done}/{self.total} rows ({pct:.0f}%), {rate:.2f} rows/s, ETA {eta}")
+    def observe(self, rows: int = 1, tokens: int = 0) -> None:
+        """Rows (and their new tokens) that came back, committed or not yet."""
+        with self._lock:
+            self.done += rows
+            self.tokens += tokens
+            if self._bar is not None:
+                elapsed = max(1e-9, self.clock() - self._t0)
+                self._bar.set_postfix_str(f"{self.tokens} tokens, {self.tokens / elapsed:.1f} tok/s", refresh=False)
+                self._bar.update(rows)
+
+    def advance(self, n: int, tokens: int = 0) -> None:
+        self.observe(n, tokens)
+        self.line()
+
+    def line(self) -> str:
+        with self._lock:
+            now = self.clock()
+            elapsed = now - self._t0
+            rate = (self.done - self._start_done) / elapsed if elapsed > 0 else 0.0
+            tps = self.tokens / elapsed if elapsed > 0 else 0.0
+            left = self.total - self.done
+            eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+            pct = 100.0 * self.done / self.total if self.total else 100.0
+            text = (f"[{self.stage}] {self.done}/{self.total} rows ({pct:.0f}%), {self.tokens} new tokens, "
+                    f"{tps:.1f} tokens/s, {rate:.2f} rows/s, ETA {eta}, {elapsed:.0f}s")
+            self._last_line = now
+            slow = (self.slow_tokens_per_s > 0 and not self._warned and elapsed >= self.warmup_s
+                    and self.done > self._start_done and tps < self.slow_tokens_per_s)
+            self._warned |= slow
+        self.emit(text)
+        if slow:
+            self.emit(f"[{self.stage}] WARNING: {tps:.1f} tokens/s is below the {self.slow_tokens_per_s:g} this machine "
+                      "should reach (a bf16 engine on a CPU without AVX512-BF16/AMX, or the cores busy elsewhere?)")
+        return text
+
+    def tick(self) -> None:
+        """Write a line if none was written for `interval_s` (called by the heartbeat)."""
+        if self.clock() - self._last_line >= self.interval_s:
+            self.line()
+
+    @contextmanager
+    def heartbeat(self):
+        """A daemon thread calling `tick` while the block runs; the iteration it wraps may block for minutes."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(min(5.0, self.interval_s)):
+                self.tick()
+
+        thread = threading.Thread(target=beat, name=f"progress-{self.stage}", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+            if self._bar is not None:
+                self._bar.close()
+
+
+def _live_bar(stage: str, total: int, already: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=already, desc=stage, unit="rows", dynamic_ncols=True, leave=False)
 
 
 def chunked(rows: Iterable[dict[str, Any]], size: int) -> Iterable[list[dict[str, Any]]]:

@@ -35,7 +35,9 @@ class ReasoningConfig(_Strict):
 class ModelConfig(_Strict):
     source: str = "embedded:smollm2-135m-instruct"
     served_name: str = "policy"
-    dtype: str = "bfloat16"
+    # auto: bfloat16 on GPUs and on CPUs with AVX512-BF16/AMX, float32 on other CPUs (see safetrigger/hardware.py:
+    # bf16 measured 5x slower than fp32 on an AVX2-only EPYC); an explicit dtype is honoured, with a warning
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_model_len: int = Field(2048, ge=128)
     system_prompt: str | None = None
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -134,6 +136,9 @@ class GenerationConfig(_Strict):
     batch_size: int = Field(16, ge=1)  # rows per Ray Data batch
     concurrency: int = Field(1, ge=1)  # Ray Data actors calling the Serve replicas
     chunk_rows: int = Field(64, ge=1)  # rows committed atomically at a time; a crash loses at most one chunk
+    # Warn once when a generating stage's new tokens/s (after its first minute) are below this; 0: never. Set it
+    # to about a third of what the machine measured (bench/generation.py) so a slow engine is noticed early.
+    slow_tokens_per_s: float = Field(0.0, ge=0)
 
 
 class JudgeConfig(_Strict):
@@ -182,6 +187,7 @@ class TrainSettings(_Strict):
     seed: int = 0
     torch_threads: int = Field(1, ge=1)
     # auto: bf16 on GPUs and on CPUs with native bf16 (AMX/AVX512-BF16; +25% tokens/s measured on SFT), else fp32
+    # (the same rule as model.dtype, safetrigger/hardware.py)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     # How Ray Train places its workers: PACK fills a node first; SPREAD puts one per node where it can
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"

@@ -18,6 +18,7 @@ from ray import serve
 from ray.serve.llm import LLMConfig, build_openai_app
 
 from safetrigger.config import RunConfig
+from safetrigger.hardware import choose_dtype, this_cpu
 from safetrigger.model_cache import resolve_model
 
 from .policy_ingress import PolicyIngress
@@ -88,7 +89,7 @@ def build_llm_config(cfg: RunConfig, model_path: str | None = None) -> LLMConfig
     s = cfg.serving
     model_path = model_path or resolve_model(cfg.model.source)
     engine_kwargs: dict[str, Any] = {
-        "dtype": cfg.model.dtype,
+        "dtype": choose_dtype(cfg.model.dtype, s.accelerator, this_cpu()).dtype,
         "max_model_len": cfg.model.max_model_len,
         "enforce_eager": s.enforce_eager,
         "max_num_seqs": s.max_num_seqs,

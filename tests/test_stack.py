@@ -372,7 +372,7 @@ def test_killed_stage_resumes_without_losing_or_duplicating_rows(stack, tmp_path
 
     # the resumed stage asks only for the missing rows: its first progress line starts from the committed count
     first = int(re.search(r"\[generate\] (\d+)/24 rows", again.stdout).group(1))
-    assert killed_at < first <= killed_at + 2
+    assert killed_at <= first <= killed_at + 2  # a heartbeat line may come before the first new row
     rows = StageStore(parts[0].parent).read()
     ids = [r["query_id"] for r in rows]
     assert len(ids) == 24 and len(set(ids)) == 24

@@ -59,3 +59,68 @@ def test_chunked_and_progress():
     p = Progress("gen", total=10, already=4, emit=lines.append)
     p.advance(3)
     assert lines[-1].startswith("[gen] 7/10 rows (70%)") and "ETA" in lines[-1]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_progress_counts_tokens_and_beats_when_rows_are_slow():
+    clock, lines = _Clock(), []
+    p = Progress("gen", total=100, emit=lines.append, interval_s=30, clock=clock)
+    clock.t = 10
+    p.observe(4, tokens=400)
+    p.tick()
+    assert lines == []  # nothing due yet
+    clock.t = 31
+    p.tick()
+    assert lines[-1].startswith("[gen] 4/100 rows (4%), 400 new tokens, 12.9 tokens/s") and lines[-1].endswith("31s")
+    clock.t = 40
+    p.tick()
+    assert len(lines) == 1  # the heartbeat waits a whole interval after the last line
+
+
+def test_progress_warns_once_when_tokens_per_second_are_below_the_floor():
+    clock, lines = _Clock(), []
+    p = Progress("gen", total=100, emit=lines.append, slow_tokens_per_s=30, warmup_s=60, clock=clock)
+    clock.t = 20
+    p.advance(10, tokens=200)  # 10 tok/s, but inside the warm-up: no verdict yet
+    assert not any("WARNING" in ln for ln in lines)
+    clock.t = 100
+    p.advance(10, tokens=800)  # 10 tok/s after the warm-up
+    clock.t = 130
+    p.advance(10, tokens=100)
+    warnings = [ln for ln in lines if "WARNING" in ln]
+    assert len(warnings) == 1 and "10.0 tokens/s is below the 30" in warnings[0]
+
+
+def test_progress_does_not_warn_at_a_healthy_rate():
+    clock, lines = _Clock(), []
+    p = Progress("gen", total=100, emit=lines.append, slow_tokens_per_s=30, warmup_s=60, clock=clock)
+    clock.t = 100
+    p.advance(50, tokens=8000)
+    assert not any("WARNING" in ln for ln in lines)
+
+
+def test_heartbeat_thread_writes_lines_while_the_block_waits():
+    import time
+
+    lines = []
+    p = Progress("gen", total=10, emit=lines.append, interval_s=0.05)
+    with p.heartbeat():
+        time.sleep(0.3)  # the beat checks every min(5 s, interval_s)
+    assert lines and lines[0].startswith("[gen] 0/10 rows")
+
+
+def test_live_bar_moves_with_each_row_and_keeps_the_lines(capsys):
+    p = Progress("gen", total=10, already=2, interval_s=3600, live=True)
+    with p.heartbeat():
+        p.observe(3, tokens=30)
+        assert p._bar.n == 5 and "30 tokens" in p._bar.postfix
+        p.line()
+    err = capsys.readouterr()
+    assert "[gen] 5/10 rows (50%), 30 new tokens" in err.out + err.err

@@ -16,13 +16,9 @@ from services.adapters import ADAPTER_FILES
 
 def use_bf16(settings) -> bool:
     """auto: bf16 on GPUs and on CPUs with native bf16 matmuls (AMX / AVX512-BF16), else fp32."""
-    if settings.precision != "auto":
-        return settings.precision == "bf16"
-    if settings.use_gpu:
-        return True
-    import torch
+    from safetrigger.hardware import this_cpu, training_precision
 
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return training_precision(settings.precision, settings.use_gpu, this_cpu()).bf16
 
 
 def loop_config(settings, **extra: Any) -> dict[str, Any]:

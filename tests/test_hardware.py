@@ -1,0 +1,93 @@
+"""Precision by capability: parsed from real /proc/cpuinfo text of the two CPUs this project runs on."""
+
+import pytest
+
+from safetrigger.config import RunConfig
+from safetrigger.hardware import choose_dtype, parse_cpuinfo, this_cpu, training_precision
+
+EPYC_AVX2 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht syscall nx mmxext fxsr_opt pdpe1gb rdtscp lm constant_tsc rep_good nopl nonstop_tsc cpuid extd_apicid tsc_known_freq pni pclmulqdq ssse3 fma cx16 pcid sse4_1 sse4_2 x2apic movbe popcnt aes xsave avx f16c rdrand hypervisor lahf_lm cmp_legacy cr8_legacy abm sse4a misalignsse 3dnowprefetch osvw topoext invpcid_single ssbd ibrs ibpb stibp vmmcall fsgsbase tsc_adjust bmi1 avx2 smep bmi2 erms invpcid rdseed adx smap clflushopt clwb sha_ni xsaveopt xsavec xgetbv1 clzero xsaveerptr arat npt nrip_save umip vaes vpclmulqdq rdpid fsrm
+processor\t: 1
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu avx2 fma
+"""
+
+SAPPHIRE_RAPIDS = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags\t\t: fpu sse sse2 avx avx2 fma avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8
+processor\t: 1
+"""
+
+SKYLAKE_AVX512 = """model name\t: Intel(R) Xeon(R) CPU @ 2.00GHz
+flags\t\t: fpu avx avx2 fma avx512f avx512dq avx512bw avx512vl
+"""
+
+
+def test_avx2_epyc_gets_float32_for_serving_and_training():
+    cpu = parse_cpuinfo(EPYC_AVX2)
+    assert cpu.model == "AMD EPYC 7B13" and cpu.logical_cpus == 2 and not cpu.native_bf16
+    assert cpu.simd() == ["avx2", "fma"]
+    assert choose_dtype("auto", "cpu", cpu).dtype == "float32"
+    assert not training_precision("auto", False, cpu).bf16
+
+
+def test_amx_xeon_gets_bfloat16():
+    cpu = parse_cpuinfo(SAPPHIRE_RAPIDS)
+    assert cpu.native_bf16 and "amx_bf16" in cpu.simd()
+    choice = choose_dtype("auto", "cpu", cpu)
+    assert choice.dtype == "bfloat16" and "amx_bf16" in choice.reason and choice.warning is None
+    assert training_precision("auto", False, cpu).bf16
+
+
+def test_avx512_without_bf16_instructions_is_not_native():
+    # torch's mkldnn bf16 check says yes here; the CPU still emulates bf16 matmuls
+    cpu = parse_cpuinfo(SKYLAKE_AVX512)
+    assert not cpu.native_bf16 and choose_dtype("auto", "cpu", cpu).dtype == "float32"
+
+
+def test_gpu_auto_is_bfloat16_whatever_the_host_cpu():
+    assert choose_dtype("auto", "gpu", parse_cpuinfo(EPYC_AVX2)).dtype == "bfloat16"
+    assert training_precision("auto", True, parse_cpuinfo(EPYC_AVX2)).bf16
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_explicit_slow_dtype_is_honoured_with_a_warning(dtype):
+    choice = choose_dtype(dtype, "cpu", parse_cpuinfo(EPYC_AVX2))
+    assert choice.dtype == dtype and choice.reason == "explicit"
+    assert "emulated" in choice.warning and "AMD EPYC 7B13" in choice.warning
+
+
+def test_explicit_fast_dtype_has_no_warning():
+    assert choose_dtype("float32", "cpu", parse_cpuinfo(EPYC_AVX2)).warning is None
+    assert choose_dtype("bfloat16", "cpu", parse_cpuinfo(SAPPHIRE_RAPIDS)).warning is None
+    assert choose_dtype("bfloat16", "gpu", parse_cpuinfo(EPYC_AVX2)).warning is None
+
+
+def test_unknown_dtype_is_refused():
+    with pytest.raises(ValueError, match="float8"):
+        choose_dtype("float8", "cpu", parse_cpuinfo(EPYC_AVX2))
+
+
+def test_the_default_config_is_auto_and_the_engine_gets_this_cpus_choice(model_path):
+    from services.policy import build_llm_config
+
+    cfg = RunConfig.model_validate({"data": {"sources": [{"type": "advbench", "path": "a.jsonl"}]}})
+    assert cfg.model.dtype == "auto" and cfg.sft.precision == "auto"
+    expected = "bfloat16" if this_cpu().native_bf16 else "float32"
+    assert build_llm_config(cfg, model_path).engine_kwargs["dtype"] == expected
+
+
+def test_precision_report_names_the_cpu_and_each_choice():
+    from pipelines.run import emit_precision, precision_report
+
+    cfg = RunConfig.model_validate({"data": {"sources": [{"type": "advbench", "path": "a.jsonl"}]},
+                                    "model": {"dtype": "bfloat16"}})
+    report = precision_report(cfg)
+    lines: list[str] = []
+    emit_precision(report, lines.append)
+    assert report["cpu"]["model"] == this_cpu().model and set(report) == {"cpu", "serving", "sft", "dpo"}
+    assert this_cpu().model in lines[0] and "serving bfloat16" in lines[0]
+    assert any("WARNING (serving)" in ln for ln in lines) == (not this_cpu().native_bf16)
