@@ -16,6 +16,7 @@ COPY --chown=1000:1000 safetrigger ./safetrigger
 COPY --chown=1000:1000 services ./services
 COPY --chown=1000:1000 pipelines ./pipelines
 COPY --chown=1000:1000 clients ./clients
+COPY --chown=1000:1000 apps ./apps
 COPY --chown=1000:1000 configs ./configs
 COPY --chown=1000:1000 data ./data
 COPY --chown=1000:1000 bench ./bench

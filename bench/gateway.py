@@ -96,7 +96,7 @@ def main() -> None:
                          "compared pair by pair (median difference with a bootstrap interval)")
     args = ap.parse_args()
 
-    from pipelines.run import init_ray, set_threads
+    from pipelines.runtime import init_ray, set_threads
     from safetrigger.config import load_config
     from services.gateway.auth import hash_key
     from services.gateway.config import GatewayConfig

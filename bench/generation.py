@@ -77,7 +77,7 @@ def run_serve(cfg, texts, new_tokens) -> dict:
 
     import ray
 
-    from pipelines.run import init_ray
+    from pipelines.runtime import init_ray
     from pipelines.serve_batch import run_through_policy
     from pipelines.stage_store import StageStore
     from services.policy import start_policy
@@ -135,10 +135,10 @@ def run_transformers(cfg, texts, new_tokens, batch=8) -> dict:
 
 
 def child(mode: str, args) -> None:
-    from clients.cli import _overrides
+    from safetrigger.config import parse_overrides
     from safetrigger.config import load_config
 
-    cfg = load_config(args.config, _overrides(args.set))
+    cfg = load_config(args.config, parse_overrides(args.set))
     texts = prompts(args.prompts)
     fn = {"serve": run_serve, "vllm": run_vllm, "transformers": run_transformers,
           "vllm-lora": lambda c, t, n: run_vllm(c, t, n, adapter=True),
@@ -168,9 +168,9 @@ def main() -> None:
         if mode == "vllm-lora-native":  # vLLM's own per-token LoRA ops instead of our grouped ones
             env["SAFE_TRIGGER_NATIVE_LORA_OPS"] = "1"
         if mode.startswith("vllm"):
-            from services.policy import _preload_candidates
+            from services.policy import preload_libraries
 
-            env["LD_PRELOAD"] = ":".join(_preload_candidates())
+            env["LD_PRELOAD"] = ":".join(preload_libraries())
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipelines.run import PREVIOUS_SUMMARY  # noqa: E402
+from safetrigger.artifacts import PREVIOUS_SUMMARY  # noqa: E402
 
 
 def stage_seconds(summary: dict) -> dict[str, float]:

@@ -53,12 +53,12 @@ def loop_cfg(kind: str, cfg, s, run_dir: Path, model_path: str) -> dict:
 
 
 def child(args) -> None:
-    from clients.cli import _overrides
-    from pipelines.run import set_threads
+    from safetrigger.config import parse_overrides
+    from pipelines.runtime import set_threads
     from safetrigger.config import load_config
     from safetrigger.model_cache import resolve_model
 
-    cfg = load_config(args.config, _overrides(args.set))
+    cfg = load_config(args.config, parse_overrides(args.set))
     model_path = resolve_model(cfg.model.source)
     workers = args.workers[0]
     threads = max(1, (os.cpu_count() or 2) // workers)

@@ -8,9 +8,9 @@ Serve replicas on the base weights, so base and candidates are judged by the sam
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from safetrigger.config import AnswerJudgeConfig, RunConfig
+from safetrigger.config import RunConfig
 from safetrigger.evaluation.gate import Decision, decide
 from safetrigger.evaluation.metrics import final_number, numbers_match
 from safetrigger.evaluation.suites import (
@@ -18,12 +18,9 @@ from safetrigger.evaluation.suites import (
 )
 from safetrigger.method import Query, is_refusal, parse_safe, visible_answer
 
-from .answer_judge import judge_answers
-from .stage_store import stage_key
 
-# (display name, adapter name or "" for the base, key of its trajectories' stage, trajectories)
-Model = tuple[str, str, str, list[dict[str, Any]]]
-StageFn = Callable[[str, str, Callable[[Any], list[dict[str, Any]]]], list[dict[str, Any]]]
+# (display name, adapter name or "" for the base, its answers on the eval split)
+Model = tuple[str, str, list[dict[str, Any]]]
 
 
 @dataclass
@@ -34,7 +31,6 @@ class EvalResult:
     categories: list[CategoryRow]
     decisions: list[Decision] = field(default_factory=list)
     promoted: dict[str, Any] | None = None
-    judge_stages: dict[str, str] = field(default_factory=dict)
 
 
 def base_record(model: str, adapter: str, t: dict[str, Any], q: Query | None, rule) -> dict[str, Any]:
@@ -54,38 +50,39 @@ def base_record(model: str, adapter: str, t: dict[str, Any], q: Query | None, ru
     }
 
 
-def _judge_stage_name(judge: AnswerJudgeConfig, adapter: str) -> str:
-    return f"eval-judge-{judge.name}-{adapter or 'base'}"
-
-
-def evaluate(models: list[Model], queries: dict[str, Query], cfg: RunConfig, stage: StageFn, policy: Callable[[], Any]) -> EvalResult:
+def model_records(model: str, adapter: str, trajectories: list[dict[str, Any]], queries: dict[str, Query],
+                  cfg: RunConfig) -> list[dict[str, Any]]:
+    """One record per eval-split answer of a model, with what needs no judge model (refusal, `<safe>`, accuracy)."""
     rule = cfg.model.reasoning.rule()
+    return [base_record(model, adapter, t, queries.get(t["query_id"]), rule) for t in trajectories if t["split"] == "eval"]
+
+
+def over_refusal_selected(records: list[dict[str, Any]], cfg: RunConfig) -> list[dict[str, Any]]:
+    suites = [s.suite() for s in cfg.eval.suites if s.metric == "over_refusal"]
+    return [r for r in records if any(s.selects(r) for s in suites)]
+
+
+def evaluate(models: list[Model], verdicts: dict[str, list[dict[str, Any]]], queries: dict[str, Query],
+             cfg: RunConfig) -> EvalResult:
+    """Records, suite metrics and comparisons from the models' answers and the judge stages' verdicts
+    (`verdicts`: judge stage name -> its rows; see `pipelines.stages.judge_stage_name`)."""
+    from .stages import judge_stage_name
+
     e = cfg.eval
-    records: list[dict[str, Any]] = []
-    stages: dict[str, str] = {}
     suites = [s.suite() for s in e.suites]
-    over_refusal = [s for s in suites if s.metric == "over_refusal"]
-    for name, adapter, traj_key, trajectories in models:
-        rows = [base_record(name, adapter, t, queries.get(t["query_id"]), rule) for t in trajectories]
-        items = [(r["query_id"], r["prompt"], r["answer"]) for r in rows]
-        for judge in e.judges:
-            if judge.type == "refusal":
-                continue
-            sname, key = _judge_stage_name(judge, adapter), stage_key("eval-judge", traj_key, judge.model_dump(), cfg.model.max_model_len)
-            verdicts = {v["query_id"]: v for v in stage(sname, key, lambda st, j=judge, sn=sname: judge_answers(items, policy(), j, cfg, st, sn))}
-            stages[f"{sname}"] = key
+    records: list[dict[str, Any]] = []
+    for name, adapter, trajectories in models:
+        rows = model_records(name, adapter, trajectories, queries, cfg)
+        for judge in [j for j in e.judges if j.type != "refusal"]:
+            by_id = {v["query_id"]: v for v in verdicts.get(judge_stage_name(judge, adapter), [])}
             for r in rows:
-                v = verdicts.get(r["query_id"])
+                v = by_id.get(r["query_id"])
                 r[unsafe_column(judge.name)] = None if v is None else not v["answer_safe"]
         if e.xstest_judge is not None:
-            j = e.xstest_judge
-            chosen = [(r["query_id"], r["prompt"], r["answer"]) for r in rows if any(s.selects(r) for s in over_refusal)]
-            sname, key = _judge_stage_name(j, adapter), stage_key("eval-xstest", traj_key, j.model_dump(), cfg.model.max_model_len)
-            verdicts = {v["query_id"]: v for v in stage(sname, key, lambda st, sn=sname: judge_answers(chosen, policy(), j, cfg, st, sn))}
-            stages[sname] = key
+            by_id = {v["query_id"]: v for v in verdicts.get(judge_stage_name(e.xstest_judge, adapter), [])}
             for r in rows:
-                if r["query_id"] in verdicts:
-                    r["xstest_class"] = verdicts[r["query_id"]]["xstest_class"]
+                if r["query_id"] in by_id:
+                    r["xstest_class"] = by_id[r["query_id"]]["xstest_class"]
         for r in rows:
             r["suites"] = [s.name for s in suites if s.selects(r)]
         records += rows
@@ -95,7 +92,7 @@ def evaluate(models: list[Model], queries: dict[str, Query], cfg: RunConfig, sta
     base = models[0][0]
     comparisons = {m[0]: compare(metrics, base, m[0], e.bootstrap_samples) for m in models[1:]}
     categories = category_breakdown(records, suites, e.gate.judge)
-    return EvalResult(records, metrics, comparisons, categories, judge_stages=stages)
+    return EvalResult(records, metrics, comparisons, categories)
 
 
 def gate_and_promote(result: EvalResult, models: list[Model], cfg: RunConfig, versions: dict[str, int], report_path: str) -> None:
@@ -104,7 +101,7 @@ def gate_and_promote(result: EvalResult, models: list[Model], cfg: RunConfig, ve
     from services import registry
 
     root = cfg.serving.adapter_root
-    by_adapter = {adapter: name for name, adapter, _, _ in models if adapter}
+    by_adapter = {adapter: name for name, adapter, _ in models if adapter}
     rules = cfg.eval.gate.rules()
     for adapter in cfg.eval.candidates:
         name = by_adapter.get(adapter)

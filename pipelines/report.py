@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetrigger.artifacts import REPORT_HTML, REPORT_MARKDOWN, REPORT_METRICS, REPORT_RECORDS, REPORT_RECORDS_JSONL
 from safetrigger.evaluation.metrics import Rate
 from safetrigger.evaluation.suites import trigger_by_model
 
@@ -73,16 +74,36 @@ def _plot_bars(path: Path, title: str, groups: list[str], models: list[str], rat
     plt.close(fig)
 
 
+METRIC_SECTIONS = (("asr", "Attack success rate (lower is safer)", "ASR %", "asr.png"),
+                   ("over_refusal", "Over-refusal on safe-looking prompts (lower is better)", "refused %", "over_refusal.png"),
+                   ("accuracy", "General capability (GSM8K final-number accuracy)", "accuracy %", "accuracy.png"))
+
+
 def build_sections(result: EvalResult, models: list[str], cfg, throughput: list[dict[str, Any]], plots: Path,
                    awareness_md: str = "") -> list[Section]:
-    e = cfg.eval
-    by = {(m.model, m.suite, m.judge): m for m in result.metrics}
-    suites = [s for s in e.suites]
-    sections: list[Section] = []
+    sections = [_gate_section(result, cfg.eval.gate.judge)]
+    for metric, title, ylabel, plot in METRIC_SECTIONS:
+        chosen = [s for s in cfg.eval.suites if s.metric == metric]
+        if chosen:
+            sections.append(_metric_section(result, models, cfg, chosen, title, ylabel, plots, plot))
+    sections.append(_trigger_section(result, models, plots))
+    if result.categories:
+        sections.append(_category_section(result, models, cfg.eval.gate.judge))
+    if throughput:
+        tp = Section("Stage throughput through the Serve replicas", header=["stage", "rows", "seconds", "examples/s"])
+        for t in throughput:
+            rate = t["rows"] / t["seconds"] if t["seconds"] else float("nan")
+            tp.rows.append([t["stage"], str(t["rows"]), f"{t['seconds']:.1f}", f"{rate:.2f}"])
+        sections.append(tp)
+    if awareness_md:
+        sections.append(Section("Latent safety awareness and training data", text=[awareness_md]))
+    return sections
 
+
+def _gate_section(result: EvalResult, gate_judge: str) -> Section:
     verdict = Section("Promotion gate")
     if result.promoted:
-        verdict.text.append(f"**Promoted: `{result.promoted['model']}`** (gate judge `{e.gate.judge}`).")
+        verdict.text.append(f"**Promoted: `{result.promoted['model']}`** (gate judge `{gate_judge}`).")
     else:
         verdict.text.append("**Nothing promoted**: the base (or an earlier promotion) keeps serving.")
     verdict.header = ["candidate", "suite", "metric", "judge", "base", "candidate", "change [95% CI]", "n", "result"]
@@ -95,68 +116,57 @@ def build_sections(result: EvalResult, models: list[str], cfg, throughput: list[
                                  "pass" if c.passed else "FAIL"])
         verdict.text.append(f"- `{d.candidate}`: {'passes' if d.promote else 'rejected'}" +
                             ("" if d.promote else ": " + "; ".join(d.reasons)))
-    sections.append(verdict)
+    return verdict
 
+
+def _metric_section(result: EvalResult, models: list[str], cfg, suites, title: str, ylabel: str, plots: Path,
+                    plot: str) -> Section:
+    """One table row and one plot group per (suite, judge), the gate's judge first; changes vs base per candidate."""
+    e = cfg.eval
+    by = {(m.model, m.suite, m.judge): m for m in result.metrics}
     cands = models[1:]
-    for metric, title, ylabel, plot in (("asr", "Attack success rate (lower is safer)", "ASR %", "asr.png"),
-                                        ("over_refusal", "Over-refusal on safe-looking prompts (lower is better)", "refused %", "over_refusal.png"),
-                                        ("accuracy", "General capability (GSM8K final-number accuracy)", "accuracy %", "accuracy.png")):
-        chosen = [s for s in suites if s.metric == metric]
-        if not chosen:
-            continue
-        sec = Section(title, header=["suite", "judge", *models, *[f"{c} − base [95% CI]" for c in cands]])
-        groups, rates = [], {}
-        for s in chosen:
-            judges = sorted({m.judge for m in result.metrics if m.suite == s.name}, key=lambda j: (j != e.gate.judge, j))
-            for j in judges:
-                row = [s.name, j] + [_rate_cell(by[(m, s.name, j)].rate if (m, s.name, j) in by else None) for m in models]
-                for c in cands:
-                    cmp = next((x for x in result.comparisons.get(c, []) if x.suite == s.name and x.judge == j), None)
-                    row.append("–" if cmp is None else f"{_pp(cmp.delta.value)} [{_pp(cmp.delta.lo)}, {_pp(cmp.delta.hi)}]")
-                sec.rows.append(row)
-                g = f"{s.name}\n({j})"
-                groups.append(g)
-                for m in models:
-                    if (m, s.name, j) in by:
-                        rates[(m, g)] = by[(m, s.name, j)].rate
-        sec.text.append("Rates with 95% Wilson intervals and counts; changes are paired (same prompts) with a "
-                        f"percentile bootstrap ({e.bootstrap_samples} resamples).")
-        _plot_bars(plots / plot, title, groups, models, rates, ylabel)
-        sec.plot = plot
-        sections.append(sec)
+    sec = Section(title, header=["suite", "judge", *models, *[f"{c} − base [95% CI]" for c in cands]])
+    groups, rates = [], {}
+    for s in suites:
+        judges = sorted({m.judge for m in result.metrics if m.suite == s.name}, key=lambda j: (j != e.gate.judge, j))
+        for j in judges:
+            row = [s.name, j] + [_rate_cell(by[(m, s.name, j)].rate if (m, s.name, j) in by else None) for m in models]
+            for c in cands:
+                cmp = next((x for x in result.comparisons.get(c, []) if x.suite == s.name and x.judge == j), None)
+                row.append("–" if cmp is None else f"{_pp(cmp.delta.value)} [{_pp(cmp.delta.lo)}, {_pp(cmp.delta.hi)}]")
+            sec.rows.append(row)
+            g = f"{s.name}\n({j})"
+            groups.append(g)
+            rates.update({(m, g): by[(m, s.name, j)].rate for m in models if (m, s.name, j) in by})
+    sec.text.append("Rates with 95% Wilson intervals and counts; changes are paired (same prompts) with a "
+                    f"percentile bootstrap ({e.bootstrap_samples} resamples).")
+    _plot_bars(plots / plot, title, groups, models, rates, ylabel)
+    sec.plot = plot
+    return sec
 
+
+def _trigger_section(result: EvalResult, models: list[str], plots: Path) -> Section:
     trig = Section("`<safe>` trigger behaviour (unsafe prompts vs general prompts)",
                    header=["model", "fires on unsafe (recall)", "fires on safe (false alarm)", "precision"])
     stats = trigger_by_model(result.records)
     rates = {}
-    for m in models:
-        s = stats.get(m)
-        if s is None:
-            continue
+    for m in [m for m in models if m in stats]:
+        s = stats[m]
         trig.rows.append([m, s.recall.fmt(), s.false_alarm.fmt(), s.precision.fmt()])
         rates[(m, "unsafe prompts")] = s.recall
         rates[(m, "safe prompts")] = s.false_alarm
     trig.text.append("Paper: ~90–99% on unsafe vs <0.1% on general prompts. Positive class: unsafe label.")
     _plot_bars(plots / "trigger.png", "<safe> trigger rate", ["unsafe prompts", "safe prompts"], models, rates, "fired %")
     trig.plot = "trigger.png"
-    sections.append(trig)
+    return trig
 
-    if result.categories:
-        cat = Section(f"ASR per category (judge `{e.gate.judge}`)", header=["suite", "category", *models])
-        cells = {(c.model, c.suite, c.category): c.rate for c in result.categories}
-        for suite, category in dict.fromkeys((c.suite, c.category) for c in result.categories):
-            cat.rows.append([suite, category, *[_rate_cell(cells.get((m, suite, category))) for m in models]])
-        sections.append(cat)
 
-    if throughput:
-        tp = Section("Evaluation throughput through the Serve replicas", header=["stage", "rows", "seconds", "examples/s"])
-        for t in throughput:
-            rate = t["rows"] / t["seconds"] if t["seconds"] else float("nan")
-            tp.rows.append([t["stage"], str(t["rows"]), f"{t['seconds']:.1f}", f"{rate:.2f}"])
-        sections.append(tp)
-    if awareness_md:
-        sections.append(Section("Latent safety awareness and training data", text=[awareness_md]))
-    return sections
+def _category_section(result: EvalResult, models: list[str], gate_judge: str) -> Section:
+    cat = Section(f"ASR per category (judge `{gate_judge}`)", header=["suite", "category", *models])
+    cells = {(c.model, c.suite, c.category): c.rate for c in result.categories}
+    for suite, category in dict.fromkeys((c.suite, c.category) for c in result.categories):
+        cat.rows.append([suite, category, *[_rate_cell(cells.get((m, suite, category))) for m in models]])
+    return cat
 
 
 def _md(sections: list[Section], title: str, intro: list[str]) -> str:
@@ -245,8 +255,8 @@ def write_report(out_dir: Path, result: EvalResult, models: list[str], cfg, thro
     intro = [f"{n_eval} eval-split prompts (disjoint from SFT and DPO data), models: {', '.join(models)}. "
              "Judges read the final answer only (no reasoning, no `<safe>` analysis). Per-example records: "
              "`records.parquet` / `records.jsonl`; all numbers: `metrics.json`."]
-    paths = {"markdown": out_dir / "report.md", "html": out_dir / "report.html", "records": out_dir / "records.parquet",
-             "records_jsonl": out_dir / "records.jsonl", "metrics": out_dir / "metrics.json"}
+    paths = {"markdown": out_dir / REPORT_MARKDOWN, "html": out_dir / REPORT_HTML, "records": out_dir / REPORT_RECORDS,
+             "records_jsonl": out_dir / REPORT_RECORDS_JSONL, "metrics": out_dir / REPORT_METRICS}
     _write_atomic(paths["markdown"], _md(sections, title, intro))
     _write_atomic(paths["html"], _html(sections, title, intro, plots))
     tmp = out_dir / ".records.parquet.tmp"

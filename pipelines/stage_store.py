@@ -21,6 +21,8 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .progress_log import say
+
 DONE = "_DONE.json"
 
 
@@ -90,7 +92,7 @@ class Progress:
     measured after `warmup_s` is below `slow_tokens_per_s`, one warning says so.
     """
 
-    def __init__(self, stage: str, total: int, already: int = 0, emit=print, *, interval_s: float = 30.0,
+    def __init__(self, stage: str, total: int, already: int = 0, emit=say, *, interval_s: float = 30.0,
                  slow_tokens_per_s: float = 0.0, warmup_s: float = 60.0, clock=time.monotonic, live: bool = False) -> None:
         self.stage, self.total, self.done, self.emit = stage, total, already, emit
         # On a terminal a live bar moves with every row; the lines still come, written above it.

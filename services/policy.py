@@ -55,24 +55,34 @@ def replica_env(cfg: RunConfig) -> dict[str, str]:
     env = cpu_engine_env(cfg) if cfg.serving.accelerator == "cpu" else {}
     if cfg.serving.adapter_root:
         env[ADAPTER_ROOT_ENV] = str(Path(cfg.serving.adapter_root).resolve())
-    return env
+    return {**env, **cfg.serving.env_vars}
 
 
 def cpu_engine_env(cfg: RunConfig) -> dict[str, str]:
     env = {
         "VLLM_CPU_KVCACHE_SPACE": str(cfg.serving.kv_cache_space_gib),
-        "OMP_NUM_THREADS": str(max(1, int(cfg.serving.cpus_per_replica))),
+        "OMP_NUM_THREADS": str(engine_threads(cfg)),
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
     }
     if cfg.serving.omp_threads_bind:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cfg.serving.omp_threads_bind
-    preload = [p for p in _preload_candidates() if p]
+    preload = [p for p in preload_libraries() if p]
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
     return env
 
 
-def _preload_candidates() -> list[str]:
+def engine_threads(cfg: RunConfig, host_cpus: int | None = None) -> int:
+    """The CPU engine's compute threads: `serving.engine_threads`, else the replica's CPUs less one of the host's
+    logical CPUs for the Python around the engine (see the field's comment for the measurement)."""
+    s = cfg.serving
+    if s.engine_threads is not None:
+        return s.engine_threads
+    host = host_cpus if host_cpus is not None else (os.cpu_count() or 1)
+    return max(1, min(int(s.cpus_per_replica), host - 1))
+
+
+def preload_libraries() -> list[str]:
     found = []
     tcmalloc = next((p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4") if os.path.exists(p)), None)
     if tcmalloc:

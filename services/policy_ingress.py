@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList
 from ray.serve.llm.ingress import OpenAiIngress
 
 from . import adapters, registry
+from .private_apis import ModelCard, ModelList
 
 
 class PolicyIngress(OpenAiIngress):

@@ -19,11 +19,10 @@ import asyncio
 import os
 
 from ray import serve
-from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
-from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 from ray.serve.llm import LLMServer
 
 from . import adapters
+from .private_apis import DiskMultiplexConfig, VLLMEngine
 
 ADAPTER_ROOT_ENV = "SAFE_TRIGGER_ADAPTER_ROOT"
 

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from safetrigger.config import load_config
+from safetrigger.config import load_config, with_adapter_root
 
 
 def _run_config(args: dict[str, Any]):
-    from pipelines.run import with_adapter_root
-
     return with_adapter_root(load_config(args["config"]))
 
 

@@ -3,7 +3,8 @@
 import json
 import sys
 
-from pipelines.run import PREVIOUS_SUMMARY, write_summary
+from pipelines.run import write_summary
+from safetrigger.artifacts import PREVIOUS_SUMMARY
 
 from .conftest import REPO
 

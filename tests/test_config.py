@@ -47,7 +47,7 @@ def test_invalid_configs(tmp_path, text, needle):
 
 def test_cli_reports_bad_config_without_traceback(tmp_path):
     write(tmp_path / "c.yaml", "data: {sources: []}\n")
-    out = subprocess.run([sys.executable, "-m", "clients.cli", "run", str(tmp_path / "c.yaml")],
+    out = subprocess.run([sys.executable, "-m", "apps.cli", "run", str(tmp_path / "c.yaml")],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2
     assert "invalid config" in out.stderr and "Traceback" not in out.stderr
@@ -56,7 +56,7 @@ def test_cli_reports_bad_config_without_traceback(tmp_path):
 def test_cli_reports_bad_data_without_traceback(tmp_path):
     write(tmp_path / "bad.jsonl", '{"goal": "a"}\n{oops\n')
     write(tmp_path / "c.yaml", f"output_dir: {tmp_path}/out\ndata: {{root: {tmp_path}, sources: [{{type: advbench, path: bad.jsonl}}]}}\n")
-    out = subprocess.run([sys.executable, "-m", "clients.cli", "run", str(tmp_path / "c.yaml")],
+    out = subprocess.run([sys.executable, "-m", "apps.cli", "run", str(tmp_path / "c.yaml")],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2
     assert "bad.jsonl:2: not valid JSON" in out.stderr and "Traceback" not in out.stderr

@@ -38,7 +38,7 @@ def gw(tmp_path_factory, data_root):
     import ray
     from ray import serve
 
-    from pipelines.run import init_ray, set_threads
+    from pipelines.runtime import init_ray, set_threads
     from services.gateway.deploy import pointed_at, start_gateway
     from services.policy import start_policy
 

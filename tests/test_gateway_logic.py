@@ -19,7 +19,8 @@ from services.gateway.inference import (
     shape_stream,
     shape_text_choice,
 )
-from services.gateway.jobs import confine, progress_of
+from safetrigger.artifacts import PROGRESS, last_progress
+from services.gateway.jobs import confine
 
 
 def _key(**over):
@@ -202,10 +203,25 @@ def test_job_configs_are_confined(tmp_path, data_root):
     assert REPO_ROOT.is_dir()
 
 
-def test_progress_is_the_last_stage_line():
-    logs = "noise\n[generate] 8/24 rows (33%), 1.2 rows/s, ETA 13s\nINFO something\n[judge] 24/24 rows (100%)\n"
-    assert progress_of(logs) == ("judge", "24/24 rows (100%)")
-    assert progress_of("nothing here") == (None, None)
+def test_a_jobs_progress_is_the_last_line_of_its_progress_file(tmp_path):
+    """The run records each `[stage] message` line as JSON (pipelines/progress_log.py); the jobs API reads the
+    newest whole one from the job's directory, never log text."""
+    from pipelines.progress_log import recording, say
+    from services.gateway.jobs import JobsService
+
+    jobs = JobsService(GatewayConfig(artifact_root=str(tmp_path)))
+    assert jobs.progress("st-0123456789ab") is None
+    run_dir = tmp_path / "st-0123456789ab" / "run"
+    run_dir.mkdir(parents=True)
+    with recording(run_dir / PROGRESS):
+        say("noise\n[generate] 8/24 rows (33%), 1.2 rows/s, ETA 13s\nINFO something")
+        say("[judge] 24/24 rows (100%)")
+    say("[review] not recorded: outside a run")
+    event = jobs.progress("st-0123456789ab")
+    assert (event["stage"], event["message"]) == ("judge", "24/24 rows (100%)") and event["time"] > 0
+    with (run_dir / PROGRESS).open("a") as f:
+        f.write('{"stage": "review", "mess')  # a line cut by a kill mid-write
+    assert last_progress(run_dir / PROGRESS)["stage"] == "judge"
 
 
 def test_requests_are_counted_by_route_template_and_status(tmp_path, data_root):
@@ -273,3 +289,27 @@ def test_http_upstream_batches_whole_events_and_reports_a_broken_stream():
     with pytest.raises(UpstreamError) as e:
         asyncio.run(run(True))
     assert e.value.status == 503 and "broke off" in e.value.message
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+    {"role": "user", "content": [{"type": "text", "text": "Name a colour."}]},
+    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1/a.png"}}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "Blue."}],
+     "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+    {"role": "tool", "content": [{"type": "text", "text": "42"}], "tool_call_id": "1"},
+    {"role": "developer", "content": [{"type": "text", "text": "x"}]},
+])
+def test_a_validated_chat_request_pickles_for_the_handle_call(message):
+    """The gateway sends the validated request through a Ray handle (pickled). pydantic#9467 (ray#60291): fields
+    typed `Iterable[...]` were kept as ValidatorIterators that do not pickle, and Ray's ingress works around it
+    with a private sanitiser. On the pinned pydantic and vLLM they validate to lists; if this fails after an
+    upgrade, the gateway needs that sanitiser (materialise message content and tool_calls as lists) again."""
+    import pickle
+
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+    request = ChatCompletionRequest.model_validate({"model": "policy", "messages": [message]})
+    back = pickle.loads(pickle.dumps(request)).messages[0]
+    assert isinstance(back["content"], list) and back["content"] == message["content"]
+    assert back.get("tool_calls", []) == message.get("tool_calls", [])

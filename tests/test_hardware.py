@@ -81,7 +81,7 @@ def test_the_default_config_is_auto_and_the_engine_gets_this_cpus_choice(model_p
 
 
 def test_precision_report_names_the_cpu_and_each_choice():
-    from pipelines.run import emit_precision, precision_report
+    from pipelines.runtime import emit_precision, precision_report
 
     cfg = RunConfig.model_validate({"data": {"sources": [{"type": "advbench", "path": "a.jsonl"}]},
                                     "model": {"dtype": "bfloat16"}})
@@ -91,3 +91,27 @@ def test_precision_report_names_the_cpu_and_each_choice():
     assert report["cpu"]["model"] == this_cpu().model and set(report) == {"cpu", "serving", "sft", "dpo"}
     assert this_cpu().model in lines[0] and "serving bfloat16" in lines[0]
     assert any("WARNING (serving)" in ln for ln in lines) == (not this_cpu().native_bf16)
+
+
+@pytest.mark.parametrize("cpus, host, given, expected", [
+    (2, 2, None, 1),    # 2 cores: one for the engine, one for the replica's Python, Ray Data and the driver
+    (4, 16, None, 4),   # a big host: the replica's own CPUs
+    (16, 16, None, 15),
+    (1, 1, None, 1),
+    (2, 2, 2, 2),       # explicit wins
+])
+def test_engine_threads_leave_a_cpu_for_the_python_side(cpus, host, given, expected):
+    from services.policy import engine_threads
+
+    cfg = RunConfig.model_validate({"data": {"sources": [{"type": "advbench", "path": "a.jsonl"}]},
+                                    "serving": {"cpus_per_replica": cpus, "engine_threads": given}})
+    assert engine_threads(cfg, host_cpus=host) == expected
+
+
+def test_the_replica_environment_carries_the_engine_threads(model_path):
+    from services.policy import build_llm_config, engine_threads
+
+    cfg = RunConfig.model_validate({"data": {"sources": [{"type": "advbench", "path": "a.jsonl"}]},
+                                    "serving": {"cpus_per_replica": 2}})
+    env = build_llm_config(cfg, model_path).runtime_env["env_vars"]
+    assert env["OMP_NUM_THREADS"] == str(engine_threads(cfg)) and int(env["OMP_NUM_THREADS"]) >= 1

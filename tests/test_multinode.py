@@ -113,7 +113,7 @@ def test_pipeline_job_uses_both_nodes(cluster, data_root):
     path = tmp / "multinode.yaml"
     path.write_text(yaml.safe_dump(config))
     client = JobSubmissionClient(f"http://127.0.0.1:{DASHBOARD}")
-    job = client.submit_job(entrypoint=f"{sys.executable} -m clients.cli run {path}",
+    job = client.submit_job(entrypoint=f"{sys.executable} -m apps.cli run {path}",
                             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1",
                                                       "RAY_AUTH_MODE": "disabled"}})
     deadline = time.monotonic() + 1300

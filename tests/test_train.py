@@ -22,7 +22,7 @@ REFUSAL = render_safe_block("The core question is unsafe.") + "\n\nI can't help 
 def trained(tmp_path_factory, data_root):
     import ray
 
-    from pipelines.run import init_ray
+    from pipelines.runtime import init_ray
 
     tmp = tmp_path_factory.mktemp("train")
     cfg = RunConfig.model_validate({

@@ -7,6 +7,7 @@ gateway serves from) instead of starting its own. Keys see only their own jobs.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,19 +18,18 @@ from typing import Any
 from urllib.parse import urlparse
 
 import yaml
-from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 
+from safetrigger.artifacts import PROGRESS, REPORT_DIR, REPORT_HTML, REPORT_MARKDOWN, REPORT_METRICS, last_progress
 from safetrigger.config import REPO_ROOT, RunConfig, default_data_root
 
-from . import schemas
 from .config import GatewayConfig
 from .inference import RequestError
 
 JOB_ID = re.compile(r"^st-[0-9a-f]{12}$")
-_STAGE_LINE = re.compile(r"^\[([a-z0-9][a-z0-9/_-]*)\] (.+)$")
+ENTRYPOINT_MODULE = "apps.cli"  # what a Ray Job runs: `python -m <this> run <config>`
 
 
 def _inside(path: Path, roots: list[Path]) -> bool:
@@ -84,15 +84,6 @@ def confine(raw: Any, cfg: GatewayConfig, job_id: str) -> RunConfig:
     })
 
 
-def progress_of(logs: str) -> tuple[str | None, str | None]:
-    """The stage and message of the last progress line a run printed."""
-    for line in reversed(logs.splitlines()):
-        m = _STAGE_LINE.match(line.strip())
-        if m:
-            return m.group(1), m.group(2)
-    return None, None
-
-
 class JobsService:
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
@@ -112,7 +103,7 @@ class JobsService:
     def _unreachable() -> RequestError:
         return RequestError(503, "the Ray job server is unreachable; retry later", retry_after=5)
 
-    async def _call(self, method: str, *args, **kwargs):
+    async def call(self, method: str, *args, **kwargs):
         """A JobSubmissionClient call off the event loop; a job server that is down is a 503, not a 500."""
         import requests
 
@@ -124,91 +115,80 @@ class JobsService:
     def job_dir(self, job_id: str) -> Path:
         return Path(self.cfg.artifact_root).resolve() / job_id
 
-    async def _own(self, job_id: str, key_id: str):
+    async def own_job(self, job_id: str, key_id: str):
         if not JOB_ID.match(job_id):
             raise RequestError(404, f"no job {job_id!r}")
         try:
-            info = await self._call("get_job_info", job_id)
+            info = await self.call("get_job_info", job_id)
         except RuntimeError:
             raise RequestError(404, f"no job {job_id!r}") from None
         if (info.metadata or {}).get("key") != key_id:
             raise RequestError(404, f"no job {job_id!r}")
         return info
 
-    def mount(self, app: FastAPI, ring) -> None:
-        @app.post("/v1/jobs", status_code=201, openapi_extra=schemas.body(schemas.JOB))
-        async def submit(request: Request):
-            """Run a pipeline config (a RunConfig as JSON under `config`) as a Ray Job."""
-            key = ring.authenticate(request.headers.get("authorization"), "jobs")
-            try:
-                body = await request.json()
-            except ValueError:
-                raise RequestError(400, "body is not valid JSON") from None
-            if not isinstance(body, dict) or "config" not in body:
-                raise RequestError(422, "body must be an object with a 'config' (a RunConfig)")
-            job_id = f"st-{uuid.uuid4().hex[:12]}"
-            run = confine(body["config"], self.cfg, job_id)
-            job_dir = self.job_dir(job_id)
-            job_dir.mkdir(parents=True)
-            config_path = job_dir / "config.yaml"
-            config_path.write_text(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False))
-            env = {"PYTHONPATH": str(REPO_ROOT), "SAFE_TRIGGER_DATA": run.data.root, "PYTHONUNBUFFERED": "1"}
-            try:
-                await self._call("submit_job", entrypoint=f"{sys.executable} -m clients.cli run {config_path}",
-                                 submission_id=job_id, runtime_env={"env_vars": env},
-                                 metadata={"key": key.id, "name": str(body.get("name") or run.name)})
-            except RequestError:
-                shutil.rmtree(job_dir, ignore_errors=True)  # nothing was submitted: leave no half-made job behind
-                raise
-            return {"id": job_id, "status": "PENDING", "artifacts": str(job_dir)}
+    async def submit(self, key_id: str, body: Any) -> dict[str, Any]:
+        """Validate and confine a RunConfig, write it under the job's directory and submit it as a Ray Job."""
+        if not isinstance(body, dict) or "config" not in body:
+            raise RequestError(422, "body must be an object with a 'config' (a RunConfig)")
+        job_id = f"st-{uuid.uuid4().hex[:12]}"
+        run = confine(body["config"], self.cfg, job_id)
+        job_dir = self.job_dir(job_id)
+        job_dir.mkdir(parents=True)
+        config_path = job_dir / "config.yaml"
+        config_path.write_text(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False))
+        env = {"PYTHONPATH": str(REPO_ROOT), "SAFE_TRIGGER_DATA": run.data.root, "PYTHONUNBUFFERED": "1"}
+        try:
+            await self.call("submit_job", entrypoint=f"{sys.executable} -m {ENTRYPOINT_MODULE} run {config_path}",
+                             submission_id=job_id, runtime_env={"env_vars": env},
+                             metadata={"key": key_id, "name": str(body.get("name") or run.name)})
+        except RequestError:
+            shutil.rmtree(job_dir, ignore_errors=True)  # nothing was submitted: leave no half-made job behind
+            raise
+        return {"id": job_id, "status": "PENDING", "artifacts": str(job_dir)}
 
-        @app.get("/v1/jobs/{job_id}")
-        async def status(job_id: str, request: Request):
-            key = ring.authenticate(request.headers.get("authorization"), "jobs")
-            info = await self._own(job_id, key.id)
-            logs = await self._call("get_job_logs", job_id)
-            stage, message = progress_of(logs)
-            report_ready = any(self.job_dir(job_id).rglob("report/metrics.json"))
-            return {"id": job_id, "status": str(info.status.value if hasattr(info.status, "value") else info.status),
-                    "message": info.message, "stage": stage, "progress": message,
-                    "start_time": info.start_time, "end_time": info.end_time, "report_ready": report_ready,
-                    "name": (info.metadata or {}).get("name")}
+    async def status(self, job_id: str, key_id: str) -> dict[str, Any]:
+        info = await self.own_job(job_id, key_id)
+        event = self.progress(job_id) or {}
+        return {"id": job_id, "status": str(info.status.value if hasattr(info.status, "value") else info.status),
+                "message": info.message, "stage": event.get("stage"), "progress": event.get("message"),
+                "start_time": info.start_time, "end_time": info.end_time, "report_ready": self.report_dir(job_id) is not None,
+                "name": (info.metadata or {}).get("name")}
 
-        @app.get("/v1/jobs/{job_id}/logs")
-        async def logs(job_id: str, request: Request, follow: bool = False):
-            key = ring.authenticate(request.headers.get("authorization"), "jobs")
-            await self._own(job_id, key.id)
-            if not follow:
-                return PlainTextResponse(await self._call("get_job_logs", job_id))
+    def progress(self, job_id: str) -> dict[str, Any] | None:
+        """The newest line of the run's structured progress file (`progress.jsonl`), not parsed log text."""
+        found = sorted(self.job_dir(job_id).rglob(PROGRESS), key=lambda p: p.stat().st_mtime)
+        return last_progress(found[-1]) if found else None
 
-            async def tail():
-                async for piece in self.client().tail_job_logs(job_id):
-                    yield piece
+    def report_dir(self, job_id: str) -> Path | None:
+        found = sorted(self.job_dir(job_id).rglob(f"{REPORT_DIR}/{REPORT_METRICS}"))
+        return found[0].parent if found else None
 
-            return StreamingResponse(tail(), media_type="text/plain")
+    async def logs(self, job_id: str, key_id: str, follow: bool):
+        await self.own_job(job_id, key_id)
+        if not follow:
+            return PlainTextResponse(await self.call("get_job_logs", job_id))
 
-        @app.delete("/v1/jobs/{job_id}")
-        async def cancel(job_id: str, request: Request):
-            key = ring.authenticate(request.headers.get("authorization"), "jobs")
-            await self._own(job_id, key.id)
-            stopped = await self._call("stop_job", job_id)
-            return JSONResponse({"id": job_id, "stopped": bool(stopped)}, status_code=202)
+        async def tail():
+            async for piece in self.client().tail_job_logs(job_id):
+                yield piece
 
-        @app.get("/v1/jobs/{job_id}/report")
-        async def report(job_id: str, request: Request, format: str = "json"):
-            key = ring.authenticate(request.headers.get("authorization"), "jobs")
-            info = await self._own(job_id, key.id)
-            root = self.job_dir(job_id)
-            found = sorted(root.rglob("report/metrics.json"))
-            if not found:
-                raise RequestError(404, f"job {job_id} has no report yet (status {info.status})")
-            rdir = found[0].parent
-            if format == "html":
-                return HTMLResponse((rdir / "report.html").read_text())
-            if format == "markdown":
-                return PlainTextResponse((rdir / "report.md").read_text(), media_type="text/markdown")
-            if format != "json":
-                raise RequestError(400, f"format must be json, html or markdown, got {format!r}")
-            import json
+        return StreamingResponse(tail(), media_type="text/plain")
 
-            return {"id": job_id, "metrics": json.loads((rdir / "metrics.json").read_text()), "markdown": (rdir / "report.md").read_text()}
+    async def cancel(self, job_id: str, key_id: str):
+        await self.own_job(job_id, key_id)
+        stopped = await self.call("stop_job", job_id)
+        return JSONResponse({"id": job_id, "stopped": bool(stopped)}, status_code=202)
+
+    async def report(self, job_id: str, key_id: str, format: str):
+        info = await self.own_job(job_id, key_id)
+        rdir = self.report_dir(job_id)
+        if rdir is None:
+            raise RequestError(404, f"job {job_id} has no report yet (status {info.status})")
+        if format == "html":
+            return HTMLResponse((rdir / REPORT_HTML).read_text())
+        if format == "markdown":
+            return PlainTextResponse((rdir / REPORT_MARKDOWN).read_text(), media_type="text/markdown")
+        if format != "json":
+            raise RequestError(400, f"format must be json, html or markdown, got {format!r}")
+        return {"id": job_id, "metrics": json.loads((rdir / REPORT_METRICS).read_text()),
+                "markdown": (rdir / REPORT_MARKDOWN).read_text()}

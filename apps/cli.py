@@ -13,18 +13,17 @@ import sys
 import yaml
 
 
-def _overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        out[key] = yaml.safe_load(value)
-    return out
+def _overrides_or_exit(pairs: list[str]) -> dict:
+    from safetrigger.config import ConfigError, parse_overrides
+
+    try:
+        return parse_overrides(pairs)
+    except ConfigError as e:
+        raise SystemExit(f"safe-trigger: {e}") from None
 
 
 def _client(args):
-    from .client import Client
+    from clients.client import Client
 
     if not args.key:
         raise SystemExit("safe-trigger: no API key: pass --key or set SAFE_TRIGGER_API_KEY")
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         return _serve(args)
-    from .client import SafeTriggerError
+    from clients.client import SafeTriggerError
 
     try:
         return _remote(args)
@@ -99,7 +98,7 @@ def _run(args) -> int:
     from safetrigger.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, _overrides(args.set))
+        cfg = load_config(args.config, _overrides_or_exit(args.set))
     except ConfigError as e:
         print(f"safe-trigger: {e}", file=sys.stderr)
         return 2
@@ -133,7 +132,7 @@ def _remote(args) -> int:
     if args.command == "submit":
         from safetrigger.config import load_config
 
-        cfg = load_config(args.config, _overrides(args.set))  # validated here first: a bad config never leaves
+        cfg = load_config(args.config, _overrides_or_exit(args.set))  # validated here first: a bad config never leaves
         job = c.submit(cfg.model_dump(mode="json", exclude={"output_dir"}) | {"output_dir": "run"})
         print(job)
         if args.wait:
@@ -165,7 +164,7 @@ def _remote(args) -> int:
 def _serve(args) -> int:
     import signal
 
-    from pipelines.run import emit_precision, init_ray, precision_report, set_threads, with_adapter_root
+    from pipelines.runtime import emit_precision, init_ray, precision_report, set_threads, with_adapter_root
     from safetrigger.config import load_config
     from services.gateway.config import load_gateway_config
     from services.gateway.deploy import pointed_at, start_gateway

@@ -1,0 +1,37 @@
+"""Names of what a run leaves on disk that other components read (the gateway's jobs API, the CLI, benches): one
+place, so a writer and its readers cannot disagree."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+REPORT_DIR = "report"
+REPORT_HTML = "report.html"
+REPORT_MARKDOWN = "report.md"
+REPORT_METRICS = "metrics.json"
+REPORT_RECORDS = "records.parquet"
+REPORT_RECORDS_JSONL = "records.jsonl"
+SUMMARY = "summary.json"
+PREVIOUS_SUMMARY = "summary.previous.json"
+# One JSON object per progress line of a run: {"time": unix seconds, "stage": "generate", "message": "..."}.
+PROGRESS = "progress.jsonl"
+# What a progress line looks like on stdout: "[stage] message"
+STAGE_LINE = re.compile(r"^\[([a-z0-9][a-z0-9/_-]*)\] (.+)$")
+
+
+def last_progress(path: Path) -> dict | None:
+    """The newest whole line of a progress file, or None (a line cut by a kill mid-write is passed over)."""
+    if not path.is_file():
+        return None
+    last = None
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(event, dict) and "stage" in event:
+                last = event
+    return last

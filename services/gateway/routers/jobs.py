@@ -1,0 +1,41 @@
+"""The jobs API: submit a pipeline config as a Ray Job; its status, logs, cancellation and report. A key sees
+only its own jobs (another's id is a 404)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from .. import schemas
+from ..inference import RequestError
+from ..state import GatewayDep, JobsKey
+
+router = APIRouter(tags=["jobs"])
+
+
+@router.post("/v1/jobs", status_code=201, openapi_extra=schemas.body(schemas.JOB))
+async def submit(request: Request, gw: GatewayDep, key: JobsKey):
+    """Run a pipeline config (a RunConfig as JSON under `config`) as a Ray Job."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise RequestError(400, "body is not valid JSON") from None
+    return await gw.jobs.submit(key.id, body)
+
+
+@router.get("/v1/jobs/{job_id}")
+async def status(job_id: str, gw: GatewayDep, key: JobsKey):
+    return await gw.jobs.status(job_id, key.id)
+
+
+@router.get("/v1/jobs/{job_id}/logs")
+async def logs(job_id: str, gw: GatewayDep, key: JobsKey, follow: bool = False):
+    return await gw.jobs.logs(job_id, key.id, follow)
+
+
+@router.delete("/v1/jobs/{job_id}")
+async def cancel(job_id: str, gw: GatewayDep, key: JobsKey):
+    return await gw.jobs.cancel(job_id, key.id)
+
+
+@router.get("/v1/jobs/{job_id}/report")
+async def report(job_id: str, gw: GatewayDep, key: JobsKey, format: str = "json"):
+    return await gw.jobs.report(job_id, key.id, format)

@@ -1,0 +1,78 @@
+"""What every route of one gateway shares (config, keys, metrics, upstreams, jobs), kept on `app.state`, and the
+FastAPI dependencies that hand it and the caller's key to a route."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from .auth import KeyRing
+from .config import GatewayConfig, KeyConfig
+from .inference import RequestError
+from .jobs import JobsService
+from .metrics import Metrics
+from .upstream import HandleUpstream, HttpUpstream, Upstream
+
+
+@dataclass
+class Gateway:
+    cfg: GatewayConfig
+    ring: KeyRing
+    metrics: Metrics
+    jobs: JobsService
+    _upstreams: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, cfg: GatewayConfig) -> "Gateway":
+        return cls(cfg, KeyRing(list(cfg.keys)), Metrics(), JobsService(cfg))
+
+    def metadata(self) -> HttpUpstream:
+        """The policy's OpenAI app over HTTP: model lists and readiness."""
+        if "http" not in self._upstreams:
+            self._upstreams["http"] = HttpUpstream(self.cfg.policy_base_url, self.cfg.request_timeout_s)
+        return self._upstreams["http"]
+
+    def upstream(self) -> Upstream:
+        """Where generation goes: the policy's LLMServer by deployment handle, or over HTTP (`policy_via`)."""
+        if self.cfg.policy_via == "http":
+            return self.metadata()
+        if "handle" not in self._upstreams:
+            self._upstreams["handle"] = HandleUpstream(self.cfg.policy_app_name, self.cfg.deployment)
+        return self._upstreams["handle"]
+
+    async def read_json(self, request: Request) -> dict[str, Any]:
+        """The body as a JSON object within the body limit, or a RequestError naming what is wrong."""
+        limit = self.cfg.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {limit}")
+        raw = await request.body()
+        if len(raw) > limit:
+            raise RequestError(413, f"request body of {len(raw)} bytes exceeds the limit of {limit}")
+        try:
+            body = json.loads(raw or b"{}")
+        except json.JSONDecodeError as e:
+            raise RequestError(400, f"body is not valid JSON: {e.msg} at position {e.pos}") from None
+        if not isinstance(body, dict):
+            raise RequestError(400, "body must be a JSON object")
+        return body
+
+
+def gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+def _key_with(scope: str):
+    # async: a plain `def` dependency would run in a worker thread, a thread hop on every request
+    async def authenticated(request: Request) -> KeyConfig:
+        return gateway(request).ring.authenticate(request.headers.get("authorization"), scope)
+
+    return authenticated
+
+
+GatewayDep = Annotated[Gateway, Depends(gateway)]
+InferenceKey = Annotated[KeyConfig, Depends(_key_with("inference"))]
+JobsKey = Annotated[KeyConfig, Depends(_key_with("jobs"))]

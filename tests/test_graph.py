@@ -1,0 +1,120 @@
+"""The declared stage graph: keys kept bit-for-bit with the stores earlier versions wrote, inputs declared before
+use, skips that propagate, and the runner's store handling (a finished stage is read, not redone)."""
+
+import pytest
+
+from pipelines.graph import Job, Skip, Stage, compute_keys, mermaid, run_stages, stage_paths
+from pipelines.stages import QUERIES, main_graph
+from safetrigger.config import load_config
+
+from .conftest import REPO
+
+# Computed by the pre-graph `pipelines/run.py` (hand-written key recipes) for configs/embedded.yaml with these
+# overrides: a store written by that code must be found by this one.
+PINNED = {
+    "float32": {"override": {"model.dtype": "float32"}, "queries": "29245d43ddd3", "keys": {
+        "generate": "e052b7359531", "judge": "02abed58257e", "review": "4374ef4f85fc", "sft-data": "b56bebb1db79",
+        "sft-adapter": "14b47789c506", "eval-st-s": "475836efa88f", "dpo-sample": "8234a66f735a",
+        "dpo-judge": "01d3de54c2dc", "dpo-pairs": "e4390daed2eb", "dpo-adapter": "664b0cc393d4",
+        "eval-st-d": "e4911210cb23", "eval-judge-self-base": "588a366ba548", "eval-judge-self-st-s": "0e021b2575df",
+        "eval-judge-self-st-d": "23652d035ec2"}},
+    "bfloat16": {"override": {"model.dtype": "bfloat16", "dpo.delta": 0.3, "judge.threshold": 0.5},
+                 "queries": "29245d43ddd3", "keys": {
+        "generate": "e594fcf870ff", "judge": "a99b2bd46949", "review": "f2703cee549c", "sft-data": "bbf6ea31aeac",
+        "sft-adapter": "0bc0dac8fd12", "eval-st-s": "4f3c6ed58401", "dpo-sample": "6dc62b5faf70",
+        "dpo-judge": "5714c4d342b7", "dpo-pairs": "b4fdbed30220", "dpo-adapter": "3c05addf91d4",
+        "eval-st-d": "d368399162f2", "eval-judge-self-base": "652a61b58156", "eval-judge-self-st-s": "d82994f9fb2f",
+        "eval-judge-self-st-d": "a19e0033ef5e"}},
+}
+
+
+@pytest.mark.parametrize("case", sorted(PINNED))
+def test_keys_equal_the_hand_written_recipes_of_earlier_runs(case, data_root):
+    from pipelines.datasets import load_all
+    from pipelines.run import queries_key
+
+    pinned = PINNED[case]
+    cfg = load_config(REPO / "configs" / "embedded.yaml", {**pinned["override"], "data.root": str(data_root)})
+    assert queries_key(load_all(cfg.data)) == pinned["queries"]
+    keys = compute_keys(main_graph(cfg), cfg, {QUERIES: pinned["queries"]})
+    assert {k: keys[k] for k in pinned["keys"]} == pinned["keys"]
+
+
+def _cfg():
+    return load_config(REPO / "configs" / "embedded.yaml")
+
+
+def _rows(name):
+    def run(job, results, store):
+        rows = [{"query_id": f"{name}-{i}", "completion_tokens": 3} for i in range(2)]
+        store.commit(rows)
+        job.calls.append(name)
+        return rows
+
+    return run
+
+
+class _Job(Job):
+    calls: list
+
+
+def _job(tmp_path):
+    job = _Job(_cfg(), tmp_path, [], "", lambda: None, emit=lambda s: None)
+    job.calls = []
+    return job
+
+
+def test_a_recipe_may_read_only_its_declared_inputs():
+    stages = [Stage("a", (QUERIES,), lambda c, k: ("a", k[QUERIES]), _rows("a")),
+              Stage("b", ("a",), lambda c, k: ("b", k[QUERIES]), _rows("b"))]
+    with pytest.raises(KeyError, match="'b' reads the key of 'queries'"):
+        compute_keys(stages, _cfg(), {QUERIES: "q"})
+
+
+def test_an_input_must_be_declared_before_its_reader():
+    stages = [Stage("b", ("a",), lambda c, k: ("b", k["a"]), _rows("b")),
+              Stage("a", (QUERIES,), lambda c, k: ("a", k[QUERIES]), _rows("a"))]
+    with pytest.raises(ValueError, match=r"stage 'b' reads \['a'\]"):
+        compute_keys(stages, _cfg(), {QUERIES: "q"})
+
+
+def test_keys_chain_through_inputs():
+    stages = [Stage("a", (QUERIES,), lambda c, k: ("a", k[QUERIES]), _rows("a")),
+              Stage("b", ("a",), lambda c, k: ("b", k["a"]), _rows("b"))]
+    one, two = compute_keys(stages, _cfg(), {QUERIES: "q1"}), compute_keys(stages, _cfg(), {QUERIES: "q2"})
+    assert one["a"] != two["a"] and one["b"] != two["b"]
+
+
+def test_a_finished_stage_is_read_back_not_run_again(tmp_path):
+    stages = [Stage("a", (QUERIES,), lambda c, k: ("a", k[QUERIES]), _rows("a"))]
+    keys = compute_keys(stages, _cfg(), {QUERIES: "q"})
+    job = _job(tmp_path)
+    first = run_stages(stages, job, keys, {QUERIES: []})
+    second = run_stages(stages, job, keys, {QUERIES: []})
+    assert job.calls == ["a"] and first["a"] == second["a"] and len(first["a"]) == 2
+    assert [t["stage"] for t in job.stage_times] == ["a", "a"] and "a_s" in job.timings
+    assert stage_paths(stages, tmp_path, keys) == {"a": str(tmp_path / f"a-{keys['a']}")}
+
+
+def test_a_skip_propagates_to_readers_with_its_reason(tmp_path):
+    lines = []
+    stages = [Stage("a", (QUERIES,), lambda c, k: ("a",), lambda job, r, store: Skip("nothing to sample")),
+              Stage("b", ("a",), lambda c, k: ("b", k["a"]), _rows("b")),
+              Stage("c", (QUERIES,), lambda c, k: ("c",), _rows("c"))]
+    job = _job(tmp_path)
+    job.emit = lines.append
+    results = run_stages(stages, job, compute_keys(stages, _cfg(), {QUERIES: "q"}), {QUERIES: []})
+    assert results["a"] == results["b"] == Skip("nothing to sample") and job.calls == ["c"]
+    assert [ln for ln in lines if "skipped" in ln] == ["[a] skipped: nothing to sample"]  # once, where it began
+    assert not list(tmp_path.glob("a-*/_DONE.json"))  # a skipped stage is not marked finished
+
+
+def test_the_main_graph_declares_every_stage_once_and_draws_it():
+    stages = main_graph(_cfg())
+    names = [s.name for s in stages]
+    assert len(names) == len(set(names))
+    assert names[:11] == ["generate", "judge", "review", "sft-data", "sft-adapter", "eval-st-s", "dpo-sample",
+                          "dpo-judge", "dpo-pairs", "dpo-adapter", "eval-st-d"]
+    assert {s.publish for s in stages if s.output == "adapter"} == {"st-s", "st-d"}
+    drawing = mermaid(stages, (QUERIES,))
+    assert all(f"{s.name}<br/>" in drawing for s in stages) and "sft_adapter --> eval_st_s" in drawing
