@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("config")
     submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     submit.add_argument("--wait", action="store_true", help="follow its progress until it ends")
+    remote("jobs", "your jobs, newest first")
     for name, help in (("status", "a job's status"), ("logs", "a job's logs"), ("cancel", "stop a job"),
                        ("report", "a job's evaluation report")):
         p = remote(name, help)
@@ -139,7 +140,10 @@ def _remote(args) -> int:
             st = c.wait(job, on_progress=lambda s: print(f"[{s.status}] {s.stage or ''} {s.progress or ''}", file=sys.stderr))
             return 0 if st.status == "SUCCEEDED" else 1
         return 0
-    if args.command == "status":
+    if args.command == "jobs":
+        for j in c.jobs():
+            print(f"{j.id}  {j.status}")
+    elif args.command == "status":
         print(json.dumps(c.status(args.job_id).__dict__, indent=2))
     elif args.command == "logs":
         if args.follow:

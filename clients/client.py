@@ -151,6 +151,10 @@ class Client:
     def status(self, job_id: str) -> JobStatus:
         return _job_status(self._req("GET", f"/v1/jobs/{job_id}").json())
 
+    def jobs(self) -> list[JobStatus]:
+        """This key's jobs, newest first."""
+        return [_job_status(j) for j in self._req("GET", "/v1/jobs").json()["jobs"]]
+
     def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 2.0,
              on_progress: Callable[[JobStatus], None] | None = None) -> JobStatus:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -231,6 +235,9 @@ class AsyncClient:
 
     async def status(self, job_id: str) -> JobStatus:
         return _job_status((await self._req("GET", f"/v1/jobs/{job_id}")).json())
+
+    async def jobs(self) -> list[JobStatus]:
+        return [_job_status(j) for j in (await self._req("GET", "/v1/jobs")).json()["jobs"]]
 
     async def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 2.0,
                    on_progress: Callable[[JobStatus], None] | None = None) -> JobStatus:

@@ -26,6 +26,39 @@ from .progress_log import say
 DONE = "_DONE.json"
 
 
+class StageSchemaError(RuntimeError):
+    """A store whose parts disagree on their columns: written by another version of the code."""
+
+
+def _family(t: pa.DataType) -> str | None:
+    """What a column holds, coarsely: Parquet keeps int in one chunk and float in the next, or `null` for an
+    all-None chunk, and reading promotes those; only a change of kind means another writer."""
+    for kind, test in (("number", lambda x: pa.types.is_integer(x) or pa.types.is_floating(x)),
+                       ("string", lambda x: pa.types.is_string(x) or pa.types.is_large_string(x)),
+                       ("list", lambda x: pa.types.is_list(x) or pa.types.is_large_list(x)),
+                       ("struct", pa.types.is_struct), ("bool", pa.types.is_boolean)):
+        if test(t):
+            return kind
+    return None if pa.types.is_null(t) else str(t)
+
+
+def _columns(schema: pa.Schema) -> dict[str, str | None]:
+    return {f.name: _family(f.type) for f in schema}
+
+
+def check_same_schema(root: Path, found: pa.Schema, new: pa.Schema, what: str) -> None:
+    """Same column names, and the same kind of value in each wherever neither side is all-null."""
+    a, b = _columns(found), _columns(new)
+    clash = sorted(n for n in a.keys() & b.keys() if a[n] != b[n] and a[n] is not None and b[n] is not None)
+    if a.keys() != b.keys() or clash:
+        detail = "; ".join(x for x in (
+            f"missing {sorted(a.keys() - b.keys())}" if a.keys() - b.keys() else "",
+            f"new {sorted(b.keys() - a.keys())}" if b.keys() - a.keys() else "",
+            ", ".join(f"{n}: {a[n]} vs {b[n]}" for n in clash)) if x)
+        raise StageSchemaError(f"{root}: {what} do not match the rows already stored there ({detail}); it was written "
+                               "by another version of this code: delete that directory or use another output_dir")
+
+
 def stage_key(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
@@ -61,9 +94,13 @@ class StageStore:
     def commit(self, rows: list[dict[str, Any]]) -> Path | None:
         if not rows:
             return None
+        table = pa.Table.from_pylist(rows)
+        parts = self.parts()
+        if parts:  # a resumed stage: its new rows must look like the ones a killed run left
+            check_same_schema(self.root, pq.read_schema(parts[0]), table.schema, "the new rows' columns")
         path = self.root / f"part-{self._next_part:05d}.parquet"
         tmp = self.root / f".tmp-{os.getpid()}-{path.name}"
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        pq.write_table(table, tmp)
         os.replace(tmp, path)
         self._next_part += 1
         return path
@@ -81,7 +118,10 @@ class StageStore:
         parts = self.parts()
         if not parts:
             return []
-        return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default").to_pylist()
+        tables = [pq.read_table(p) for p in parts]
+        for p, t in zip(parts[1:], tables[1:]):
+            check_same_schema(self.root, tables[0].schema, t.schema, f"the columns of {p.name}")
+        return pa.concat_tables(tables, promote_options="permissive").to_pylist()
 
 
 class Progress:

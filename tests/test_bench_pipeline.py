@@ -34,3 +34,10 @@ def test_cpu_line_reads_the_recorded_precision():
                              "serving": {"dtype": "float32"}, "sft": {"dtype": "float32"}, "dpo": {"dtype": "float32"}}}
     assert bench.cpu_line(summary) == "AMD EPYC 7B13 (2 CPUs, avx2 fma); serving float32, SFT float32, DPO float32"
     assert "not recorded" in bench.cpu_line({})
+
+
+def test_training_share_of_peak_arithmetic_and_the_gemm_probe():
+    import training as train_bench
+
+    assert train_bench.training_gflops(10.0, 100_000_000) == 4.0  # 4 FLOP per parameter per token, in GFLOP/s
+    assert train_bench.gemm_peak_gflops(1, n=128, seconds=0.05) > 0.1

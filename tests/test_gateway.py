@@ -250,6 +250,10 @@ def test_job_runs_to_a_report_and_another_is_cancelled(gw, data_root):
         with Client(base, PEEK) as other, pytest.raises(SafeTriggerError) as e:  # another key cannot see the job
             other.status(job)
         assert e.value.status == 404
+        mine = c.jobs()
+        assert job in [j.id for j in mine] and next(j for j in mine if j.id == job).status == "SUCCEEDED"
+        with Client(base, PEEK) as other:  # nor list it
+            assert job not in [j.id for j in other.jobs()]
 
         victim = c.submit(_job_config(data_root, name="victim"))
         deadline = time.monotonic() + 300

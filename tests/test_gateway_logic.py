@@ -313,3 +313,21 @@ def test_a_validated_chat_request_pickles_for_the_handle_call(message):
     back = pickle.loads(pickle.dumps(request)).messages[0]
     assert isinstance(back["content"], list) and back["content"] == message["content"]
     assert back.get("tool_calls", []) == message.get("tool_calls", [])
+
+
+def test_listing_jobs_shows_only_the_keys_own_newest_first(tmp_path):
+    from types import SimpleNamespace
+
+    from services.gateway.jobs import JobsService
+
+    def job(sid, key, start, status="SUCCEEDED"):
+        return SimpleNamespace(submission_id=sid, metadata={"key": key, "name": (sid or "")[-2:]}, start_time=start,
+                               end_time=None, status=status)
+
+    jobs = JobsService(GatewayConfig(artifact_root=str(tmp_path)))
+    jobs._client = SimpleNamespace(list_jobs=lambda: [
+        job("st-00000000000a", "mine", 1), job("st-00000000000b", "theirs", 2), job("st-00000000000c", "mine", 3),
+        job("raysubmit_x", "mine", 4), job(None, "mine", 5)])
+    listed = asyncio.run(jobs.list_own("mine"))["jobs"]
+    assert [j["id"] for j in listed] == ["st-00000000000c", "st-00000000000a"]
+    assert listed[0] == {"id": "st-00000000000c", "name": "0c", "status": "SUCCEEDED", "start_time": 3, "end_time": None}

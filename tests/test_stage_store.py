@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from pipelines.stage_store import Progress, StageStore, chunked, stage_key
 
 from .conftest import REPO
@@ -124,3 +126,23 @@ def test_live_bar_moves_with_each_row_and_keeps_the_lines(capsys):
         p.line()
     err = capsys.readouterr()
     assert "[gen] 5/10 rows (50%), 30 new tokens" in err.out + err.err
+
+
+def test_a_store_written_by_another_version_is_a_clear_error(tmp_path):
+    from pipelines.stage_store import StageSchemaError
+
+    old = StageStore(tmp_path / "st")
+    old.commit([{"query_id": "a", "response": "x", "tokens": 3}])
+    resumed = StageStore(tmp_path / "st")
+    with pytest.raises(StageSchemaError, match=r"missing \['tokens'\]; new \['completion_tokens'\].*another version"):
+        resumed.commit([{"query_id": "b", "response": "y", "completion_tokens": 3}])
+    with pytest.raises(StageSchemaError, match="tokens: number vs string"):
+        resumed.commit([{"query_id": "b", "response": "y", "tokens": "3"}])
+    resumed.commit([{"query_id": "b", "response": None, "tokens": 4.5}])  # all-None, or int then float: no clash
+    assert [r["query_id"] for r in StageStore(tmp_path / "st").read()] == ["a", "b"]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"query_id": "c", "other": 1}]), tmp_path / "st" / "part-00009.parquet")
+    with pytest.raises(StageSchemaError, match="part-00009.parquet"):
+        StageStore(tmp_path / "st").read()

@@ -146,11 +146,18 @@ class JobsService:
             raise
         return {"id": job_id, "status": "PENDING", "artifacts": str(job_dir)}
 
+    async def list_own(self, key_id: str) -> dict[str, Any]:
+        """The key's jobs, newest first: id, name, status and times (no other key's, no server paths)."""
+        jobs = [j for j in await self.call("list_jobs") if (j.metadata or {}).get("key") == key_id and j.submission_id
+                and JOB_ID.match(j.submission_id)]
+        jobs.sort(key=lambda j: j.start_time or 0, reverse=True)
+        return {"jobs": [{"id": j.submission_id, "name": (j.metadata or {}).get("name"), "status": _status(j),
+                          "start_time": j.start_time, "end_time": j.end_time} for j in jobs]}
+
     async def status(self, job_id: str, key_id: str) -> dict[str, Any]:
         info = await self.own_job(job_id, key_id)
         event = self.progress(job_id) or {}
-        return {"id": job_id, "status": str(info.status.value if hasattr(info.status, "value") else info.status),
-                "message": info.message, "stage": event.get("stage"), "progress": event.get("message"),
+        return {"id": job_id, "status": _status(info), "message": info.message, "stage": event.get("stage"), "progress": event.get("message"),
                 "start_time": info.start_time, "end_time": info.end_time, "report_ready": self.report_dir(job_id) is not None,
                 "name": (info.metadata or {}).get("name")}
 
@@ -192,3 +199,7 @@ class JobsService:
             raise RequestError(400, f"format must be json, html or markdown, got {format!r}")
         return {"id": job_id, "metrics": json.loads((rdir / REPORT_METRICS).read_text()),
                 "markdown": (rdir / REPORT_MARKDOWN).read_text()}
+
+
+def _status(info) -> str:
+    return str(info.status.value if hasattr(info.status, "value") else info.status)

@@ -21,6 +21,12 @@ async def submit(request: Request, gw: GatewayDep, key: JobsKey):
     return await gw.jobs.submit(key.id, body)
 
 
+@router.get("/v1/jobs")
+async def list_jobs(gw: GatewayDep, key: JobsKey):
+    """This key's jobs, newest first."""
+    return await gw.jobs.list_own(key.id)
+
+
 @router.get("/v1/jobs/{job_id}")
 async def status(job_id: str, gw: GatewayDep, key: JobsKey):
     return await gw.jobs.status(job_id, key.id)
