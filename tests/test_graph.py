@@ -9,8 +9,8 @@ from safetrigger.config import load_config
 
 from .conftest import REPO
 
-# Computed by the pre-graph `pipelines/run.py` (hand-written key recipes) for configs/embedded.yaml with these
-# overrides: a store written by that code must be found by this one.
+# Computed by the pre-graph `pipelines/run.py` (hand-written key recipes) for configs/embedded.yaml (frozen in
+# tests/fixtures/key-recipes.yaml) with these overrides: a store written by that code must be found by this one.
 PINNED = {
     "float32": {"override": {"model.dtype": "float32"}, "queries": "29245d43ddd3", "keys": {
         "generate": "e052b7359531", "judge": "02abed58257e", "review": "4374ef4f85fc", "sft-data": "b56bebb1db79",
@@ -34,7 +34,7 @@ def test_keys_equal_the_hand_written_recipes_of_earlier_runs(case, data_root):
     from pipelines.run import queries_key
 
     pinned = PINNED[case]
-    cfg = load_config(REPO / "configs" / "embedded.yaml", {**pinned["override"], "data.root": str(data_root)})
+    cfg = load_config(REPO / "tests" / "fixtures" / "key-recipes.yaml", {**pinned["override"], "data.root": str(data_root)})
     assert queries_key(load_all(cfg.data)) == pinned["queries"]
     keys = compute_keys(main_graph(cfg), cfg, {QUERIES: pinned["queries"]})
     assert {k: keys[k] for k in pinned["keys"]} == pinned["keys"]
