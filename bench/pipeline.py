@@ -21,7 +21,7 @@ from safetrigger.artifacts import PREVIOUS_SUMMARY  # noqa: E402
 
 
 def stage_seconds(summary: dict) -> dict[str, float]:
-    """`<stage>_s` and `<stage>_train_s` timings, plus the stage-store times of stages this invocation skipped."""
+    """The summary's `<name>_s` timings, plus the stage-store times of stages this invocation skipped."""
     times = {k.removesuffix("_s"): float(v) for k, v in (summary.get("timings") or {}).items() if k.endswith("_s")}
     for row in summary.get("stage_times") or []:
         times.setdefault(row["stage"], float(row["seconds"]))

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .progress_log import say
+from .progress_log import record, say
 
 DONE = "_DONE.json"
 
@@ -69,6 +69,7 @@ class StageStore:
     root: Path
     id_column: str = "query_id"
     _next_part: int = field(default=0, init=False)
+    _schema: pa.Schema | None = field(default=None, init=False)  # what every part's columns must match
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -95,14 +96,17 @@ class StageStore:
         if not rows:
             return None
         table = pa.Table.from_pylist(rows)
-        parts = self.parts()
-        if parts:  # a resumed stage: its new rows must look like the ones a killed run left
-            check_same_schema(self.root, pq.read_schema(parts[0]), table.schema, "the new rows' columns")
+        if self._schema is None and self._next_part > 0:  # a resumed stage: read what a killed run left, once
+            self._schema = pq.read_schema(self.parts()[0])
+        if self._schema is not None:
+            check_same_schema(self.root, self._schema, table.schema, "the new rows' columns")
         path = self.root / f"part-{self._next_part:05d}.parquet"
         tmp = self.root / f".tmp-{os.getpid()}-{path.name}"
         pq.write_table(table, tmp)
         os.replace(tmp, path)
         self._next_part += 1
+        if self._schema is None:
+            self._schema = table.schema
         return path
 
     def finish(self, **meta: Any) -> None:
@@ -138,13 +142,17 @@ class Progress:
         # On a terminal a live bar moves with every row; the lines still come, written above it.
         self._bar = _live_bar(stage, total, already) if live else None
         if self._bar is not None:
-            self.emit = self._bar.write
+            self.emit = self._write_above_bar
         self.interval_s, self.slow_tokens_per_s, self.warmup_s, self.clock = interval_s, slow_tokens_per_s, warmup_s, clock
         self.tokens = 0
         self._start_done, self._t0 = already, clock()
         self._last_line = self._t0
         self._warned = False
         self._lock = threading.Lock()
+
+    def _write_above_bar(self, text: str) -> None:
+        self._bar.write(text)
+        record(text)  # what `say` would have done besides printing: the run's progress.jsonl
 
     def observe(self, rows: int = 1, tokens: int = 0) -> None:
         """Rows (and their new tokens) that came back, committed or not yet."""

@@ -12,6 +12,7 @@ bf16, and is a private op.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ def parse_cpuinfo(text: str, logical_cpus: int | None = None) -> CpuInfo:
     return CpuInfo(model or platform.processor() or platform.machine(), flags, max(1, count))
 
 
+@functools.cache  # read once per process: the dtype, training and report paths each ask
 def this_cpu(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> CpuInfo:
     p = Path(cpuinfo)
     text = p.read_text(errors="replace") if p.is_file() else ""

@@ -331,3 +331,20 @@ def test_listing_jobs_shows_only_the_keys_own_newest_first(tmp_path):
     listed = asyncio.run(jobs.list_own("mine"))["jobs"]
     assert [j["id"] for j in listed] == ["st-00000000000c", "st-00000000000a"]
     assert listed[0] == {"id": "st-00000000000c", "name": "0c", "status": "SUCCEEDED", "start_time": 3, "end_time": None}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/jobs"])
+@pytest.mark.parametrize("body, word", [(b'{"a": "\xc3\x28"}', "UTF-8"), (b"[" * 100_000 + b"]" * 100_000, "nested"),
+                                        (b'{"a": ', "not valid JSON")])
+def test_undecodable_bodies_are_a_400_naming_the_fault(tmp_path, path, body, word):
+    """Invalid UTF-8 and JSON nested past the parser's recursion limit were 500s on both body-reading routes."""
+    from fastapi.testclient import TestClient
+
+    from services.gateway.app import build_app
+
+    app = build_app(GatewayConfig(keys=[KeyConfig(id="k", sha256=hash_key("st-k"), scopes=["inference", "jobs"])],
+                                  artifact_root=str(tmp_path / "jobs")))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post(path, content=body, headers={"Authorization": "Bearer st-k", "content-type": "application/json"})
+    assert r.status_code == 400 and word in r.json()["error"]["message"], r.text
+    assert not (tmp_path / "jobs").exists() or not any((tmp_path / "jobs").iterdir())  # nothing half-made

@@ -146,3 +146,16 @@ def test_a_store_written_by_another_version_is_a_clear_error(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"query_id": "c", "other": 1}]), tmp_path / "st" / "part-00009.parquet")
     with pytest.raises(StageSchemaError, match="part-00009.parquet"):
         StageStore(tmp_path / "st").read()
+
+
+def test_live_bar_lines_are_recorded_in_the_runs_progress_file(tmp_path):
+    import json
+
+    from pipelines.progress_log import recording
+
+    with recording(tmp_path / "progress.jsonl"):
+        p = Progress("gen", total=4, interval_s=3600, live=True)
+        with p.heartbeat():
+            p.advance(2, tokens=10)
+    events = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    assert [e["stage"] for e in events] == ["gen"] and events[0]["message"].startswith("2/4 rows")

@@ -56,6 +56,10 @@ class Gateway:
             body = json.loads(raw or b"{}")
         except json.JSONDecodeError as e:
             raise RequestError(400, f"body is not valid JSON: {e.msg} at position {e.pos}") from None
+        except UnicodeDecodeError as e:
+            raise RequestError(400, f"body is not valid UTF-8 (byte {e.start})") from None
+        except RecursionError:
+            raise RequestError(400, "body is nested too deeply") from None
         if not isinstance(body, dict):
             raise RequestError(400, "body must be a JSON object")
         return body

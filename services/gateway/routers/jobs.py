@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from .. import schemas
-from ..inference import RequestError
 from ..state import GatewayDep, JobsKey
 
 router = APIRouter(tags=["jobs"])
@@ -14,11 +13,7 @@ router = APIRouter(tags=["jobs"])
 @router.post("/v1/jobs", status_code=201, openapi_extra=schemas.body(schemas.JOB))
 async def submit(request: Request, gw: GatewayDep, key: JobsKey):
     """Run a pipeline config (a RunConfig as JSON under `config`) as a Ray Job."""
-    try:
-        body = await request.json()
-    except ValueError:
-        raise RequestError(400, "body is not valid JSON") from None
-    return await gw.jobs.submit(key.id, body)
+    return await gw.jobs.submit(key.id, await gw.read_json(request))
 
 
 @router.get("/v1/jobs")
