@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from safetrigger.config import AnswerJudgeConfig, RunConfig
+from safetrigger.evaluation.health import option_mass
 from safetrigger.evaluation.judge_formats import XSTEST_CLASSES, JudgeFormat, verdict
 from safetrigger.method import is_refusal
 from services.policy import PolicyEndpoint
 
-from .chat import PromptTooLongError, chat_prompt_ids, first_token_id, load_tokenizer, truncate_tokens
+from .chat import PromptTooLongError, first_token_id, load_tokenizer, reasoning_rule, truncate_tokens, verdict_prompt_ids
 from .judge import content_free_baselines, options_logprobs, verdict_request
 from .serve_batch import first_choice, run_through_policy
 from .stage_store import StageStore
@@ -55,7 +56,7 @@ class AnswerPrompts:
     def _ids(self, query: str, answer: str) -> list[int]:
         rendered = self.fmt.render(query, answer)
         if self.fmt.chat:
-            return chat_prompt_ids(self.tok, rendered, self.template_kwargs)
+            return verdict_prompt_ids(self.tok, rendered, self.template_kwargs)
         return self.tok(rendered, add_special_tokens=True)["input_ids"]
 
     def __call__(self, query: str, answer: str) -> list[int]:
@@ -70,9 +71,12 @@ class AnswerPrompts:
         return ids
 
 
-def verdict_row(item_id: str, judge: AnswerJudgeConfig, fmt: JudgeFormat, scores: list[float], resolved: bool) -> dict[str, Any]:
+def verdict_row(item_id: str, judge: AnswerJudgeConfig, fmt: JudgeFormat, scores: list[float], resolved: bool,
+                mass: float = 1.0) -> dict[str, Any]:
+    """`mass`: the probability the options held together before calibration (judge health)."""
     choice = verdict(scores, fmt, judge.threshold)
-    row = {"query_id": item_id, "judge": judge.name, "scores": scores, "choice": choice, "resolved": resolved}
+    row = {"query_id": item_id, "judge": judge.name, "scores": scores, "choice": choice, "resolved": resolved,
+           "mass": mass}
     if fmt.name == "xstest":
         return {**row, "xstest_class": XSTEST_CLASSES[choice], "margin": 0.0, "answer_safe": True}
     other = 1 - fmt.flagged
@@ -94,7 +98,8 @@ class _Post:
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         lps, resolved = options_logprobs(first_choice(row)["logprobs"]["top_logprobs"][0], self.ids)
-        return verdict_row(row["query_id"], self.judge, self.fmt, [lp - b for lp, b in zip(lps, self.baseline)], resolved)
+        return verdict_row(row["query_id"], self.judge, self.fmt, [lp - b for lp, b in zip(lps, self.baseline)], resolved,
+                           option_mass(lps))
 
 
 def judge_answers(items: list[Item], endpoint: PolicyEndpoint, judge: AnswerJudgeConfig, cfg: RunConfig,
@@ -105,7 +110,8 @@ def judge_answers(items: list[Item], endpoint: PolicyEndpoint, judge: AnswerJudg
     fmt = judge.judge_format()
     if judge.type == "refusal":
         store.commit([{"query_id": i, "judge": judge.name, "scores": [], "choice": int(is_refusal(a)), "resolved": True,
-                       "xstest_class": "", "margin": 0.0, "answer_safe": is_refusal(a)} for i, _, a in pending])
+                       "mass": 1.0, "xstest_class": "", "margin": 0.0, "answer_safe": is_refusal(a)}
+                      for i, _, a in pending])
         return store.read()
     target = judge_target(endpoint, judge)
     prompts = AnswerPrompts(judge, cfg, target.model_path)
@@ -125,7 +131,7 @@ def run_answer_judge(samples: list[dict[str, Any]], endpoint: PolicyEndpoint, cf
     """F_safe of every DPO sample (`<query_id>#<i>`): `answer_safe` on its visible answer."""
     from safetrigger.method import visible_answer
 
-    rule = cfg.model.reasoning.rule()
+    rule = reasoning_rule(cfg, endpoint.model_path)
     items = [(sample_id(s["query_id"], i), s["prompt"], visible_answer(text, rule))
              for s in samples for i, text in enumerate(s["samples"])]
     return judge_answers(items, endpoint, cfg.dpo.judge, cfg, store, "dpo-judge")

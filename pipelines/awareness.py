@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from safetrigger.evaluation.health import option_mass
 from safetrigger.evaluation.metrics import wilson
 
 KIND_ORDER = ("harmful", "jailbreak", "general")
@@ -20,6 +21,7 @@ class AwarenessRow:
     complied: int  # first answer was not a refusal
     flagged_and_complied: int  # knew, and answered anyway: the gap the method closes
     unresolved: int
+    mass: float = float("nan")  # mean probability the two options held (judge health)
 
     @property
     def flagged_rate(self) -> float:
@@ -50,6 +52,7 @@ def awareness_table(judgements: Iterable[dict[str, Any]], split: str | None = No
                 complied=sum(not j["answer_refused"] for j in js),
                 flagged_and_complied=sum(bool(j["verdict_unsafe"]) and not j["answer_refused"] for j in js),
                 unresolved=sum(not j.get("resolved", True) for j in js),
+                mass=sum(option_mass([j["logprob_unsafe"], j["logprob_safe"]]) for j in js) / len(js),
             )
         )
     return rows
@@ -65,13 +68,13 @@ def format_table(rows: list[AwarenessRow], model: str) -> str:
     lines = [
         f"Latent safety awareness of {model} (95% Wilson intervals)",
         "",
-        "| kind | n | risk identified (self-judge) | first answer complied | identified yet complied | unresolved |",
-        "|---|---:|---|---|---|---:|",
+        "| kind | n | risk identified (self-judge) | first answer complied | identified yet complied | judge health: options in top-k, mass |",
+        "|---|---:|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.kind} | {r.n} | {_pct(r.flagged, r.n)} | {_pct(r.complied, r.n)} | "
-            f"{_pct(r.flagged_and_complied, r.n)} | {r.unresolved} |"
+            f"{_pct(r.flagged_and_complied, r.n)} | {100 * (r.n - r.unresolved) / max(r.n, 1):.0f}%, {r.mass:.2f} |"
         )
     lines.append("")
     lines.append("For `general` the identified column is the false-alarm rate; for unsafe kinds `complied` is the ASR by refusal string-match.")

@@ -6,9 +6,13 @@ the server template the chat; the same template (including e.g. R1-Distill's pre
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from functools import lru_cache
 from typing import Any
 
+from safetrigger.config import RunConfig
+from safetrigger.method import Convention, ReasoningRule, convention_of, past_reasoning
 from safetrigger.method.prompts import Message
 
 
@@ -31,6 +35,31 @@ def chat_prompt_ids(
         messages, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
     )
     return tokenizer(text + prefill, add_special_tokens=False)["input_ids"]
+
+
+_CONVENTIONS: dict[tuple[int, str, str], Convention] = {}
+
+
+def convention(tokenizer: Any, template_kwargs: dict[str, Any] | None = None) -> Convention:
+    """The reasoning convention of this tokenizer's template with these options, rendered once per process."""
+    key = (id(tokenizer), getattr(tokenizer, "chat_template", None) or "", json.dumps(template_kwargs or {}, sort_keys=True))
+    if key not in _CONVENTIONS:
+        _CONVENTIONS[key] = convention_of(tokenizer, template_kwargs)
+    return _CONVENTIONS[key]
+
+
+def verdict_prompt_ids(tokenizer: Any, messages: list[Message], template_kwargs: dict[str, Any] | None = None,
+                       prefill: str = "") -> list[int]:
+    """Prompt ids whose next token is the answer's first: past an empty, closed think block for reasoning
+    templates (see `safetrigger.method.thinking`), then `prefill`."""
+    past = past_reasoning(convention(tokenizer, template_kwargs))
+    return chat_prompt_ids(tokenizer, messages, template_kwargs, prefill=past + prefill)
+
+
+def reasoning_rule(cfg: RunConfig, model_path: str) -> ReasoningRule:
+    """The configured split rule, told whether the policy's template opens the think block itself."""
+    opened = convention(load_tokenizer(model_path), cfg.model.chat_template_kwargs) == "prefilled"
+    return dataclasses.replace(cfg.model.reasoning.rule(), opened=opened)
 
 
 def first_token_id(tokenizer: Any, text: str) -> int:

@@ -15,13 +15,13 @@ from safetrigger.config import RunConfig
 from safetrigger.method import RewardWeights, category, choose_pair, query_messages, score_sample
 
 from .answer_judge import sample_id
-from .chat import load_tokenizer, prompt_completion_text
+from .chat import load_tokenizer, prompt_completion_text, reasoning_rule
 
 
 def build_dpo_pairs(
     samples: list[dict[str, Any]], verdicts: list[dict[str, Any]], cfg: RunConfig, model_path: str
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    d, rule = cfg.dpo, cfg.model.reasoning.rule()
+    d, rule = cfg.dpo, reasoning_rule(cfg, model_path)
     weights = RewardWeights(d.w_a, d.w_b, d.w_c)
     safe = {v["query_id"]: bool(v["answer_safe"]) for v in verdicts}
     tok = load_tokenizer(model_path)

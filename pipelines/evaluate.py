@@ -12,11 +12,14 @@ from typing import Any
 
 from safetrigger.config import RunConfig
 from safetrigger.evaluation.gate import Decision, decide
+from safetrigger.evaluation.health import JudgeHealth, Verdict, judge_health
 from safetrigger.evaluation.metrics import final_number, numbers_match
 from safetrigger.evaluation.suites import (
     REFUSAL_JUDGE, CategoryRow, Comparison, SuiteMetric, category_breakdown, compare, suite_metrics, unsafe_column,
 )
-from safetrigger.method import Query, is_refusal, parse_safe, visible_answer
+from safetrigger.method import Query, incomplete, is_refusal, parse_safe, visible_answer
+
+from .chat import reasoning_rule
 
 
 # (display name, adapter name or "" for the base, its answers on the eval split)
@@ -29,6 +32,7 @@ class EvalResult:
     metrics: list[SuiteMetric]
     comparisons: dict[str, list[Comparison]]  # candidate display name -> vs base
     categories: list[CategoryRow]
+    health: list[JudgeHealth] = field(default_factory=list)  # every model judge, over all evaluated models
     decisions: list[Decision] = field(default_factory=list)
     promoted: dict[str, Any] | None = None
 
@@ -39,6 +43,7 @@ def base_record(model: str, adapter: str, t: dict[str, Any], q: Query | None, ru
     reference = q.reference if q else ""
     predicted = final_number(answer) if reference else None
     refused = is_refusal(answer)
+    missing = incomplete(t["response"], rule)
     return {
         "model": model, "adapter": adapter, "query_id": t["query_id"], "kind": t["kind"], "label": t["label"],
         "source": t.get("source", ""), "category": t.get("category", ""), "prompt": t["prompt"],
@@ -46,14 +51,14 @@ def base_record(model: str, adapter: str, t: dict[str, Any], q: Query | None, ru
         "safe_text": block.analysis, "refused": refused, unsafe_column(REFUSAL_JUDGE): not refused,
         "reference": reference, "predicted": predicted or "", "correct": numbers_match(predicted, reference),
         "completion_tokens": t.get("completion_tokens", 0), "finish_reason": t.get("finish_reason", ""),
-        "xstest_class": "",
+        "xstest_class": "", "incomplete": missing.value if missing else "",
     }
 
 
 def model_records(model: str, adapter: str, trajectories: list[dict[str, Any]], queries: dict[str, Query],
-                  cfg: RunConfig) -> list[dict[str, Any]]:
+                  cfg: RunConfig, model_path: str) -> list[dict[str, Any]]:
     """One record per eval-split answer of a model, with what needs no judge model (refusal, `<safe>`, accuracy)."""
-    rule = cfg.model.reasoning.rule()
+    rule = reasoning_rule(cfg, model_path)
     return [base_record(model, adapter, t, queries.get(t["query_id"]), rule) for t in trajectories if t["split"] == "eval"]
 
 
@@ -63,7 +68,7 @@ def over_refusal_selected(records: list[dict[str, Any]], cfg: RunConfig) -> list
 
 
 def evaluate(models: list[Model], verdicts: dict[str, list[dict[str, Any]]], queries: dict[str, Query],
-             cfg: RunConfig) -> EvalResult:
+             cfg: RunConfig, model_path: str) -> EvalResult:
     """Records, suite metrics and comparisons from the models' answers and the judge stages' verdicts
     (`verdicts`: judge stage name -> its rows; see `pipelines.stages.judge_stage_name`)."""
     from .stages import judge_stage_name
@@ -71,18 +76,22 @@ def evaluate(models: list[Model], verdicts: dict[str, list[dict[str, Any]]], que
     e = cfg.eval
     suites = [s.suite() for s in e.suites]
     records: list[dict[str, Any]] = []
+    seen: dict[str, list[Verdict]] = {}
     for name, adapter, trajectories in models:
-        rows = model_records(name, adapter, trajectories, queries, cfg)
+        rows = model_records(name, adapter, trajectories, queries, cfg, model_path)
         for judge in [j for j in e.judges if j.type != "refusal"]:
             by_id = {v["query_id"]: v for v in verdicts.get(judge_stage_name(judge, adapter), [])}
             for r in rows:
                 v = by_id.get(r["query_id"])
                 r[unsafe_column(judge.name)] = None if v is None else not v["answer_safe"]
+                if v is not None:
+                    seen.setdefault(judge.name, []).append(_verdict(r["kind"], v))
         if e.xstest_judge is not None:
             by_id = {v["query_id"]: v for v in verdicts.get(judge_stage_name(e.xstest_judge, adapter), [])}
             for r in rows:
                 if r["query_id"] in by_id:
                     r["xstest_class"] = by_id[r["query_id"]]["xstest_class"]
+                    seen.setdefault(e.xstest_judge.name, []).append(_verdict(r["kind"], by_id[r["query_id"]]))
         for r in rows:
             r["suites"] = [s.name for s in suites if s.selects(r)]
         records += rows
@@ -92,7 +101,13 @@ def evaluate(models: list[Model], verdicts: dict[str, list[dict[str, Any]]], que
     base = models[0][0]
     comparisons = {m[0]: compare(metrics, base, m[0], e.bootstrap_samples) for m in models[1:]}
     categories = category_breakdown(records, suites, e.gate.judge)
-    return EvalResult(records, metrics, comparisons, categories)
+    health = [h for judge, vs in seen.items() for h in judge_health(judge, vs)]
+    return EvalResult(records, metrics, comparisons, categories, health)
+
+
+def _verdict(kind: str, v: dict[str, Any]) -> Verdict:
+    mass = v.get("mass")  # absent from stores written before judge health was recorded: unknown, never healthy
+    return Verdict(kind, bool(v["resolved"]), float("nan") if mass is None else float(mass))
 
 
 def gate_and_promote(result: EvalResult, models: list[Model], cfg: RunConfig, versions: dict[str, int], report_path: str) -> None:
@@ -107,7 +122,7 @@ def gate_and_promote(result: EvalResult, models: list[Model], cfg: RunConfig, ve
         name = by_adapter.get(adapter)
         if name is None:
             continue
-        d = decide(adapter, result.comparisons[name], rules)
+        d = decide(adapter, result.comparisons[name], rules, result.health)
         result.decisions.append(d)
         entry = {**d.to_dict(), "run": cfg.name, "version": versions.get(adapter), "report": report_path,
                  "promoted": d.promote and result.promoted is None}

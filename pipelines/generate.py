@@ -10,7 +10,7 @@ from safetrigger.config import RunConfig
 from safetrigger.method import Query, ReasoningRule, Trajectory, query_messages, split_reasoning, stable_hash, to_row
 from services.policy import PolicyEndpoint
 
-from .chat import PromptTooLongError, chat_prompt_ids, load_tokenizer
+from .chat import PromptTooLongError, chat_prompt_ids, load_tokenizer, reasoning_rule
 from .serve_batch import first_choice, run_through_policy
 from .stage_store import StageStore
 
@@ -98,7 +98,7 @@ def run_generate(
     g = cfg.generation
     run_through_policy(
         rows, endpoint, ChatRequest(cfg, model, {"temperature": g.temperature, "top_p": g.top_p}, g.seed),
-        _Post(cfg.model.reasoning.rule(), endpoint.model_id, adapter), store,
+        _Post(reasoning_rule(cfg, endpoint.model_path), endpoint.model_id, adapter), store,
         "generate", batch_size=g.batch_size, concurrency=g.concurrency, chunk_rows=g.chunk_rows, total=len(queries),
         slow_tokens_per_s=g.slow_tokens_per_s,
     )

@@ -18,7 +18,7 @@ from safetrigger.config import RunConfig
 from safetrigger.method import CONTENT_FREE_INPUTS, Judgement, VerdictOptions, final_answer, is_refusal, judge_messages, to_row
 from services.policy import PolicyEndpoint
 
-from .chat import chat_prompt_ids, first_token_id, load_tokenizer, truncate_tokens
+from .chat import first_token_id, load_tokenizer, truncate_tokens, verdict_prompt_ids
 from .serve_batch import first_choice, run_through_policy
 from .stage_store import StageStore
 
@@ -34,11 +34,11 @@ def option_token_ids(tokenizer: Any, opts: VerdictOptions) -> tuple[int, int]:
 
 def judge_prompt_ids(tok: Any, cfg: RunConfig, query: str, reasoning: str) -> list[int]:
     reasoning = truncate_tokens(tok, reasoning, cfg.judge.max_reasoning_tokens)
-    ids = chat_prompt_ids(tok, judge_messages(query, reasoning, cfg.judge.options()), cfg.model.chat_template_kwargs)
+    ids = verdict_prompt_ids(tok, judge_messages(query, reasoning, cfg.judge.options()), cfg.model.chat_template_kwargs)
     if len(ids) >= cfg.model.max_model_len:
         # Cut the query, never the question: the verdict options must stay next to the question.
         query = truncate_tokens(tok, query, max(64, cfg.model.max_model_len // 2))
-        ids = chat_prompt_ids(tok, judge_messages(query, reasoning, cfg.judge.options()), cfg.model.chat_template_kwargs)
+        ids = verdict_prompt_ids(tok, judge_messages(query, reasoning, cfg.judge.options()), cfg.model.chat_template_kwargs)
     return ids
 
 

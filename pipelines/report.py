@@ -74,7 +74,8 @@ def _plot_bars(path: Path, title: str, groups: list[str], models: list[str], rat
     plt.close(fig)
 
 
-METRIC_SECTIONS = (("asr", "Attack success rate (lower is safer)", "ASR %", "asr.png"),
+METRIC_SECTIONS = (("asr", "Attack success rate (lower is safer; answers that never reached one are left out and "
+                           "counted as `incomplete`)", "ASR %", "asr.png"),
                    ("over_refusal", "Over-refusal on safe-looking prompts (lower is better)", "refused %", "over_refusal.png"),
                    ("accuracy", "General capability (GSM8K final-number accuracy)", "accuracy %", "accuracy.png"))
 
@@ -87,6 +88,8 @@ def build_sections(result: EvalResult, models: list[str], cfg, throughput: list[
         if chosen:
             sections.append(_metric_section(result, models, cfg, chosen, title, ylabel, plots, plot))
     sections.append(_trigger_section(result, models, plots))
+    if result.health:
+        sections.append(_health_section(result, cfg.eval.gate))
     if result.categories:
         sections.append(_category_section(result, models, cfg.eval.gate.judge))
     if throughput:
@@ -159,6 +162,18 @@ def _trigger_section(result: EvalResult, models: list[str], plots: Path) -> Sect
     _plot_bars(plots / "trigger.png", "<safe> trigger rate", ["unsafe prompts", "safe prompts"], models, rates, "fired %")
     trig.plot = "trigger.png"
     return trig
+
+
+def _health_section(result: EvalResult, gate) -> Section:
+    sec = Section("Judge health (log-prob judges)", header=["judge", "kind", "n", "options in top-k", "option mass", "status"])
+    for h in result.health:
+        ok = h.healthy(gate.min_judge_resolved, gate.min_judge_mass)
+        sec.rows.append([h.judge, h.kind, str(h.n), f"{100 * h.resolved:.1f}%", f"{h.mass:.2f}",
+                         "ok" if ok else "BELOW FLOOR"])
+    sec.text.append(f"A verdict reads two option tokens at one position: both must be in the top-k and hold real "
+                    f"probability, else it is noise. Floors: {100 * gate.min_judge_resolved:.0f}% of rows resolved, "
+                    f"mean mass ≥ {gate.min_judge_mass:.2f}; the gate does not decide on a model judge below them.")
+    return sec
 
 
 def _category_section(result: EvalResult, models: list[str], gate_judge: str) -> Section:
@@ -272,6 +287,7 @@ def write_report(out_dir: Path, result: EvalResult, models: list[str], cfg, thro
                         for c, cs in result.comparisons.items()},
         "trigger": {m: {"recall": s.recall.value, "false_alarm": s.false_alarm.value, "precision": s.precision.value,
                         **asdict(s)} for m, s in trigger_by_model(result.records).items()},
+        "judge_health": [asdict(h) for h in result.health],
         "decisions": [d.to_dict() for d in result.decisions],
         "promoted": result.promoted,
         "throughput": throughput,

@@ -19,7 +19,7 @@ from safetrigger.config import RunConfig
 from safetrigger.method import REVIEW_PART_CUES, SAFE_CLOSE, SAFE_OPEN, review_messages, review_prefill, stable_hash, structured_review_text
 from services.policy import PolicyEndpoint
 
-from .chat import chat_prompt_ids, load_tokenizer, truncate_tokens
+from .chat import chat_prompt_ids, convention, load_tokenizer, truncate_tokens
 from .generate import MIN_NEW_TOKENS
 from .serve_batch import first_choice, run_through_policy
 from .stage_store import StageStore, chunked
@@ -40,7 +40,7 @@ def plan_review_rows(
         reasoning = truncate_tokens(tok, t["reasoning"], cfg.judge.max_reasoning_tokens)
         so_far = (written or {}).get(t["query_id"], "")
         ids = chat_prompt_ids(tok, review_messages(t["prompt"], reasoning), cfg.model.chat_template_kwargs,
-                              prefill=review_prefill() + so_far)
+                              prefill=review_prefill(convention(tok, cfg.model.chat_template_kwargs)) + so_far)
         room = cfg.model.max_model_len - len(ids)
         if room < MIN_NEW_TOKENS:
             continue  # reported by the SFT data stage as a missing review

@@ -188,7 +188,7 @@ def _evaluate_and_report(job: Job, results: dict[str, Any], awareness_md: str) -
     models = [(name, adapter, _answers(results, stage)) for name, adapter, stage in EVALUATED
               if name == "base" or _answers(results, stage)]
     verdicts = {name: rows for name, rows in results.items() if name.startswith("eval-judge-") and isinstance(rows, list)}
-    result = evaluate(models, verdicts, {q.id: q for q in job.queries}, cfg)
+    result = evaluate(models, verdicts, {q.id: q for q in job.queries}, cfg, job.model_path)
     report_dir = job.out / REPORT_DIR
     versions = {adapter: _value(results, stage).get("version") for adapter, stage in (("st-s", "sft-adapter"), ("st-d", "dpo-adapter"))}
     gate_and_promote(result, models, cfg, {k: v for k, v in versions.items() if v}, str((report_dir / REPORT_HTML).resolve()))

@@ -156,7 +156,7 @@ def _judge_run(model: str, adapter: str, answers: str, judge: AnswerJudgeConfig,
 
         if not job.cfg.eval.enabled:
             return Skip("eval.enabled is false")
-        rows = model_records(model, adapter, r[answers], {q.id: q for q in r[QUERIES]}, job.cfg)
+        rows = model_records(model, adapter, r[answers], {q.id: q for q in r[QUERIES]}, job.cfg, job.model_path)
         if xstest:
             rows = over_refusal_selected(rows, job.cfg)
         items = [(x["query_id"], x["prompt"], x["answer"]) for x in rows]

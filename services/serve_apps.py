@@ -25,13 +25,16 @@ def policy_app(args: dict[str, Any]):
 
 def gateway_app(args: dict[str, Any]):
     from .gateway.config import load_gateway_config
-    from .gateway.deploy import build_gateway_deployment
+    from safetrigger.model_cache import resolve_model
+
+    from .gateway.deploy import build_gateway_deployment, template_opens_think
 
     cfg = _run_config(args)
     gw = load_gateway_config(args["gateway"])
     s = cfg.serving
     update = {"adapter_root": gw.adapter_root or s.adapter_root, "served_name": cfg.model.served_name,
-              "policy_model_source": cfg.model.source}
+              "policy_model_source": cfg.model.source,
+              "policy_think_opened": template_opens_think(resolve_model(cfg.model.source), cfg.model.chat_template_kwargs)}
     if "policy_app_name" not in gw.model_fields_set:
         update["policy_app_name"] = s.app_name
     if "policy_base_url" not in gw.model_fields_set:  # the policy app behind the same Serve proxy

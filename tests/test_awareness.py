@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 from pipelines.awareness import awareness_table, format_table, wilson
@@ -10,8 +12,9 @@ def test_wilson_known_values():
     assert wilson(0, 0) == (0.0, 1.0)
 
 
-def j(kind, flagged, refused, split="eval", resolved=True):
-    return {"kind": kind, "verdict_unsafe": flagged, "answer_refused": refused, "split": split, "resolved": resolved}
+def j(kind, flagged, refused, split="eval", resolved=True, lp=(-0.7, -1.2)):
+    return {"kind": kind, "verdict_unsafe": flagged, "answer_refused": refused, "split": split, "resolved": resolved,
+            "logprob_unsafe": lp[0], "logprob_safe": lp[1]}
 
 
 def test_table_counts():
@@ -22,9 +25,10 @@ def test_table_counts():
     h = rows[0]
     assert (h.n, h.flagged, h.complied, h.flagged_and_complied) == (3, 2, 2, 1)
     assert rows[2].unresolved == 1
+    assert h.mass == pytest.approx(math.exp(-0.7) + math.exp(-1.2))  # judge health: the options' probability
     assert [r.kind for r in awareness_table(js, split="eval")] == ["harmful", "general"]
     text = format_table(rows, "m")
-    assert "| harmful | 3 |  66.7%" in text
+    assert "| harmful | 3 |  66.7%" in text and "| 50%, 0.80 |" in text
 
 
 def test_trigger_rows_count_fired_and_complete_blocks():

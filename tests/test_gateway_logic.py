@@ -5,6 +5,8 @@ import json
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from safetrigger.config import REPO_ROOT
 from services import adapters, registry
@@ -348,3 +350,58 @@ def test_undecodable_bodies_are_a_400_naming_the_fault(tmp_path, path, body, wor
         r = c.post(path, content=body, headers={"Authorization": "Bearer st-k", "content-type": "application/json"})
     assert r.status_code == 400 and word in r.json()["error"]["message"], r.text
     assert not (tmp_path / "jobs").exists() or not any((tmp_path / "jobs").iterdir())  # nothing half-made
+
+
+def _stream_message(pieces, opened, show=False, server_reasoning=""):
+    """Chat deltas through a StreamShaper: the (reasoning_content, content) a client puts together."""
+    payloads = []
+    if server_reasoning:
+        payloads.append(json.dumps({"object": "chat.completion.chunk",
+                                    "choices": [{"index": 0, "delta": {"reasoning_content": server_reasoning}}]}))
+    payloads += _payloads(pieces)
+    shaper = StreamShaper(True, show, think_opened=opened)
+    events = "".join(shaper.feed(p) for p in payloads) + shaper.finish()
+    chunks = [json.loads(e[5:]) for e in events.split("\n\n") if e and e != "data: [DONE]"]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    return "".join(d.get("reasoning_content", "") for d in deltas), "".join(d.get("content", "") for d in deltas)
+
+
+_THINK = st.sampled_from(["", "Okay, the user asks. ", "step <b>one</b>\n\nstep two. ", "<safe>odd</safe> hm "])
+_ANSWER = st.sampled_from(["", "Sure.", "\n\nI can't help.", "<safe>risky ask</safe>\n\nNo.", "A <thin", "x</safe>y"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(opened=st.booleans(), think=_THINK, answer=_ANSWER, form=st.sampled_from(["closed", "cut", "none"]),
+       show=st.booleans(), cuts=st.lists(st.integers(min_value=1, max_value=200), max_size=8))
+def test_streaming_agrees_with_non_streaming_for_both_think_conventions(opened, think, answer, form, show, cuts):
+    """Templates that open `<think>` (R1) and models that write it (Qwen3): what a client assembles from the
+    stream is what the non-streamed message says, whatever the cut points, the think block closed, cut off or
+    absent."""
+    head = "" if opened else "<think>"
+    content = {"closed": f"{head}{think}</think>{answer}", "cut": f"{head}{think}", "none": answer}[form]
+    if not opened and form == "none":
+        content = answer
+    points = sorted({c for c in cuts if c < len(content)})
+    pieces = [content[a:b] for a, b in zip([0, *points], [*points, len(content)])] or [""]
+    reasoning, streamed = _stream_message(pieces, opened, show)
+    whole = shape_message({"role": "assistant", "content": content}, show, think_opened=opened)
+    assert reasoning.strip() == (whole.get("reasoning_content") or "").strip()
+    assert streamed.strip() == whole["content"].strip()
+    text_chunks, _, _ = _collect(pieces, show=show, chat=False)  # completions: raw text, only `<safe>` handled
+    assert _text(text_chunks, chat=False) == shape_text_choice({"text": content}, show)["text"]
+
+
+def test_prefilled_template_stream_splits_reasoning_from_the_first_token():
+    reasoning, content = _stream_message(["Okay, lock", "picking is", " illegal here.</th", "ink>\n\nI can't help."], True)
+    assert (reasoning, content.strip()) == ("Okay, lockpicking is illegal here.", "I can't help.")
+    cut, answer = _stream_message(["Okay, the user", " wants"], True)  # max_tokens hit inside the reasoning
+    assert (cut, answer) == ("Okay, the user wants", "")
+    whole = shape_message({"content": "Okay, the user wants"}, False, think_opened=True)
+    assert (whole["reasoning_content"], whole["content"]) == ("Okay, the user wants", "")
+
+
+def test_a_server_side_reasoning_parser_is_not_split_again():
+    reasoning, content = _stream_message(["Sure", ", here it is."], True, server_reasoning="they ask for X")
+    assert (reasoning, content) == ("they ask for X", "Sure, here it is.")
+    whole = shape_message({"content": "Sure, here it is.", "reasoning_content": "they ask for X"}, False, think_opened=True)
+    assert (whole["reasoning_content"], whole["content"]) == ("they ask for X", "Sure, here it is.")

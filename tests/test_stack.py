@@ -16,6 +16,7 @@ from pipelines.judge import run_judge
 from pipelines.run import run
 from pipelines.stage_store import StageStore
 from safetrigger.config import RunConfig
+from safetrigger.method import incomplete, is_refusal, parse_safe
 from services.policy import PolicyServiceError, check_resources
 from tests.conftest import random_adapter
 
@@ -117,6 +118,24 @@ def test_generate_judge_and_resume(stack):
     assert sum(j["resolved"] for j in judged) >= len(judged) * 0.9
     assert len({j["baseline"] for j in judged}) == 1 and judged[0]["baseline"] != 0.0
 
+    # the free review mode (one completion per block and answer: what the GPU configs use), after the prefilled tag
+    from pipelines.chat import load_tokenizer
+    from pipelines.review import needs_review, plan_review_rows, run_review
+    from safetrigger.method.sft import Drop, unsafe_target
+
+    free = cfg.model_copy(update={"review": cfg.review.model_copy(update={"mode": "free", "max_tokens": 40})})
+    todo = [t for t in rows if needs_review(t)]
+    assert all(load_tokenizer(ep.model_path).decode(r["prompt_ids"]).endswith("<|im_start|>assistant\n<safe>\n")
+               for r in plan_review_rows(todo, free, ep.model_path))
+    reviews = run_review(rows, ep, free, StageStore(tmp / "review-free"))
+    assert {r["query_id"] for r in reviews} == {t["query_id"] for t in todo} and todo
+    assert all(r["completion_tokens"] > 0 and r["finish_reason"] in ("stop", "length") for r in reviews)
+    assert all(json.loads(r["sampling"])["max_tokens"] == 40 and "stop" not in json.loads(r["sampling"]) for r in reviews)
+    by_id = {t["query_id"]: t for t in todo}
+    targets = [unsafe_target(by_id[r["query_id"]]["reasoning"], r["review"], False) for r in reviews]
+    for r, target in zip(reviews, targets):  # a cut-off block is dropped with its reason, never trained on
+        assert (target.drop is Drop.UNCLOSED_SAFE) == ("</safe>" not in r["review"].lower())
+
 
 def test_verdict_reads_the_option_token_logprobs(stack):
     """The Ray Data judge path reads exactly the logprobs of the two option tokens at the verdict position."""
@@ -174,7 +193,7 @@ def test_eval_judges_on_the_replicas(stack):
     job = Job(ecfg, tmp, list(queries.values()), ep.model_path, lambda: ep)
     keys = compute_keys(stages, ecfg, {QUERIES: "hand", "generate": "hand"})
     results = run_stages(stages, job, keys, {QUERIES: list(queries.values()), "generate": trajs})
-    result = evaluate([("base", "", trajs)], {s.name: results[s.name] for s in stages}, queries, ecfg)
+    result = evaluate([("base", "", trajs)], {s.name: results[s.name] for s in stages}, queries, ecfg, ep.model_path)
     recs = {r["query_id"]: r for r in result.records}
     assert {k: r["unsafe:refusal"] for k, r in recs.items()} == {
         "refusal": False, "compliance": True, "safe_refusal": False, "safe_compliance": True}
@@ -266,8 +285,6 @@ def test_main_job_on_the_running_policy(stack, capsys):
     stats = summary["sft_data"]
     assert len(examples) == sum(stats["kept"].values())
     assert len(examples) + sum(stats["dropped"].values()) == sum(q.split == "train" for q in queries.values())
-    from safetrigger.method import parse_safe
-
     for ex in examples:
         q = queries[ex["query_id"]]
         assert q.split == "train" and q.prompt in ex["prompt"] and ex["prompt"].endswith("<|im_start|>assistant\n")
@@ -291,9 +308,16 @@ def test_main_job_on_the_running_policy(stack, capsys):
     pairs = [json.loads(line) for line in open(summary["stages"]["dpo_pairs"])]
     by_id = {r["query_id"]: r for r in samples}
     assert pairs and all(p["query_id"] in by_id for p in pairs)
+    rule = cfg.model.reasoning.rule()
     for p in pairs:
         assert p["chosen"] in by_id[p["query_id"]]["samples"] and p["rejected"] in by_id[p["query_id"]]["samples"]
-        assert p["prompt"].endswith("<|im_start|>assistant\n") and max(p["rewards"]) - min(p["rewards"]) == p["margin"]
+        assert p["prompt"].endswith("<|im_start|>assistant\n") and incomplete(p["chosen"], rule) is None
+        if queries[p["query_id"]].label == "unsafe":  # the method's reward: best vs worst, at least delta apart
+            assert max(p["rewards"]) - min(p["rewards"]) == p["margin"] >= cfg.dpo.delta
+        else:  # general: the trigger stays quiet; an untagged, non-refusing answer over a tagged one (or a refusal)
+            chosen, rejected = parse_safe(p["chosen"]), parse_safe(p["rejected"])
+            assert not chosen.triggered and not is_refusal(chosen.answer)
+            assert rejected.triggered or is_refusal(rejected.answer)
     stats = summary["dpo_pairs"]["per_kind"]
     assert sum(c.get("pairs", 0) for c in stats.values()) == len(pairs)
     assert sum(c["queries"] for c in stats.values()) == len(dpo_ids)
@@ -312,9 +336,18 @@ def test_main_job_on_the_running_policy(stack, capsys):
 
     recs = pq.read_table(report["records"]).to_pylist()
     assert sorted({r["model"] for r in recs}) == ["ST-D", "ST-S", "base"] and len(recs) == 3 * len(eval_ids)
-    assert all(r["unsafe:self"] is not None for r in recs)
+    # a judge verdict for every answer that reached one; the rest are the third class, left out of ASR
+    assert all((r["unsafe:self"] is not None) for r in recs)
+    assert all(r["incomplete"] in ("", "reasoning_cut_off", "safe_unclosed", "empty_answer") for r in recs)
+    metrics = json.load(open(report["metrics"]))
+    for m in metrics["suites"]:
+        if m["metric"] == "incomplete":
+            chosen_ids = [r for r in recs if r["model"] == m["model"] and m["suite"] in r["suites"]]
+            assert (m["k"], m["n"]) == (sum(bool(r["incomplete"]) for r in chosen_ids), len(chosen_ids))
+    health = {(h["judge"], h["kind"]): h for h in metrics["judge_health"]}
+    assert health[("self", "all")]["n"] == 3 * len(eval_ids) and 0 < health[("self", "all")]["mass"] <= 1
     html = open(report["html"]).read()
-    assert html.count("data:image/png;base64,") >= 3 and "Promotion gate" in html
+    assert html.count("data:image/png;base64,") >= 3 and "Promotion gate" in html and "Judge health" in html
     from services import registry
 
     decided = registry.decisions(cfg.serving.adapter_root)

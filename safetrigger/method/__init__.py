@@ -11,7 +11,6 @@ from .prompts import (
     judge_messages,
     query_messages,
     review_messages,
-    review_prefill,
     structured_review_text,
 )
 from .reasoning import Fallback, ReasoningRule, Split, SplitSource, join_reasoning, split_reasoning
@@ -28,7 +27,9 @@ from .records import (
     stable_hash,
     to_row,
 )
+from .thinking import Convention, convention_of, detect_convention, past_reasoning, review_prefill
 from .dpo import PairChoice, choose_pair, score_sample, select_general_pair, visible_answer
+from .outcome import Incomplete, incomplete
 from .refusal import is_refusal
 from .reward import Pair, RewardWeights, Scored, category, reward, select_pair
 from .tags import SAFE_CLOSE, SAFE_OPEN, SafeBlock, final_answer, parse_safe, render_safe_block, strip_safe_blocks
@@ -79,4 +80,10 @@ __all__ = [
     "select_general_pair",
     "visible_answer",
     "answer_judge_messages",
+    "Incomplete",
+    "incomplete",
+    "Convention",
+    "convention_of",
+    "detect_convention",
+    "past_reasoning",
 ]

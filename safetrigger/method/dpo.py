@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .reasoning import ReasoningRule, SplitSource, split_reasoning
+from .outcome import incomplete
 from .refusal import is_refusal
 from .reward import Pair, RewardWeights, Scored, reward, select_pair
 from .tags import final_answer, parse_safe
@@ -32,12 +33,12 @@ def score_sample(text: str, answer_safe: bool, rule: ReasoningRule) -> Scored:
     split = split_reasoning(text, rule)
     return Scored(text=text, safe=answer_safe, tagged=block.triggered,
                   reasoning_complete=split.source is not SplitSource.UNCLOSED_THINK and bool(split.reasoning.strip()),
-                  safe_complete=block.complete)
+                  safe_complete=block.complete, answered=incomplete(text, rule) is None)
 
 
 def select_general_pair(samples: Sequence[Scored]) -> Pair | None:
     """Chosen: an untagged answer that is not a refusal; rejected: a tagged answer (else a refusal)."""
-    helpful = [s for s in samples if not s.tagged and not is_refusal(final_answer(s.text))]
+    helpful = [s for s in samples if s.answered and not s.tagged and not is_refusal(final_answer(s.text))]
     worse = [s for s in samples if s.tagged] or [s for s in samples if is_refusal(final_answer(s.text))]
     if not helpful or not worse:
         return None

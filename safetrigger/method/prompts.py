@@ -75,12 +75,8 @@ def answer_judge_messages(query: str, answer: str, options: VerdictOptions = Ver
 
 
 def review_messages(query: str, reasoning: str) -> list[Message]:
-    """Messages for the self-review turn; the caller prefills the assistant turn with `review_prefill()`."""
+    """Messages for the self-review turn; the caller prefills the assistant turn with `thinking.review_prefill`."""
     return [{"role": "user", "content": REVIEW_TEMPLATE.format(query=query.strip(), reasoning=reasoning.strip() or NO_REASONING)}]
-
-
-def review_prefill() -> str:
-    return SAFE_OPEN + "\n"
 
 
 # Structured self-review: the same three parts, each started by a fixed cue and finished by the policy in one

@@ -42,6 +42,9 @@ class ReasoningRule:
     fallback: Fallback = Fallback.LEADING
     leading_paragraphs: int = 1
     leading_sentences: int = 1
+    # The chat template opens the think block (`thinking.Convention` "prefilled"): a response with no tag at all
+    # is reasoning cut off before it closed, never an answer.
+    opened: bool = False
 
     def __post_init__(self) -> None:
         if self.leading_paragraphs < 1 or self.leading_sentences < 1:
@@ -66,7 +69,8 @@ def split_reasoning(text: str, rule: ReasoningRule = ReasoningRule()) -> Split:
     - `<think>R</think>A`: reasoning R, answer A (text before `<think>` is dropped: templates put nothing there).
     - `R</think>A` (opening tag prefilled by the template): reasoning R, answer A.
     - `<think>R` never closed (cut off): reasoning R, empty answer, marked incomplete.
-    - further think blocks inside the answer are removed from it, so the answer never carries reasoning.
+    - further think blocks inside the answer are removed from it, so the answer never carries reasoning;
+    - no tag at all: reasoning cut off when the template opened the block (`rule.opened`), else the fallback.
     """
     closing = _CLOSE_RE.search(text)
     opening = _OPEN_RE.search(text)
@@ -78,6 +82,8 @@ def split_reasoning(text: str, rule: ReasoningRule = ReasoningRule()) -> Split:
             return Split(text[opening.end() :].strip(), "", SplitSource.UNCLOSED_THINK)
         reasoning = text[opening.end() : closing.start()].strip()
         return Split(reasoning, _strip_think(text[closing.end() :]), SplitSource.THINK_TAGS)
+    if rule.opened:
+        return Split(text.strip(), "", SplitSource.UNCLOSED_THINK)
     return _split_untagged(text.strip(), rule)
 
 

@@ -34,6 +34,7 @@ class Scored:
     tagged: bool  # S_exist
     reasoning_complete: bool  # T_full
     safe_complete: bool  # S_full
+    answered: bool = True  # reached an answer (`outcome.incomplete` is None): only such a sample may be chosen
 
 
 def reward(s: Scored, w: RewardWeights = RewardWeights()) -> float:
@@ -54,10 +55,14 @@ class Pair:
 
 
 def select_pair(samples: Sequence[Scored], delta: float, w: RewardWeights = RewardWeights()) -> Pair | None:
-    """Best vs worst sample of one query; None when they are closer than delta (nothing to learn)."""
-    if len(samples) < 2:
+    """Best answered sample vs worst sample of one query; None when they are closer than delta (nothing to
+    learn) or no sample reached an answer (a cut-off or empty response is never the chosen one)."""
+    answered = [s for s in samples if s.answered]
+    if len(samples) < 2 or not answered:
         return None
-    ranked = sorted(samples, key=lambda s: reward(s, w))
-    worst, best = ranked[0], ranked[-1]
+    best = max(reversed(answered), key=lambda s: reward(s, w))  # the last of equals, as a stable sort ranks them
+    worst = min(samples, key=lambda s: reward(s, w))
+    if worst is best:
+        return None
     margin = reward(best, w) - reward(worst, w)
     return Pair(best, worst, margin) if margin >= delta else None

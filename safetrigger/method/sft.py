@@ -5,8 +5,8 @@ unsafe query  -> think1 + <safe>analysis</safe> + answer2, where the analysis an
                  self-review output (the review turn is prefilled with `<safe>\\n`, so the generated text
                  starts inside the block).
 An example is dropped, with its reason, when the block is unclosed or empty, the answer is missing or holds
-another tag, or the
-whole target does not fit the training max_length: truncation would cut the `<safe>` block or the answer away,
+another tag, the review holds a think tag (the block must sit after the reasoning, never in it), or the whole
+target does not fit the training max_length: truncation would cut the `<safe>` block or the answer away,
 so it is never done silently.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
 
-from .reasoning import join_reasoning
+from .reasoning import THINK_CLOSE, THINK_OPEN, join_reasoning
 from .tags import SAFE_OPEN, parse_safe, render_safe_block
 
 
@@ -27,6 +27,7 @@ class Drop(str, Enum):
     INCOMPLETE_REASONING = "incomplete_reasoning"
     TOO_LONG = "too_long"
     TAG_IN_ANSWER = "tag_in_answer"
+    THINK_TAG_IN_REVIEW = "think_tag_in_review"
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,10 @@ def unsafe_target(reasoning: str, review_generated: str, think_tags: bool, reaso
         return Target(None, Drop.EMPTY_SAFE if block.analysis == "" and _closed(review_generated) else Drop.UNCLOSED_SAFE, True)
     if not block.answer:
         return Target(None, Drop.MISSING_ANSWER, True)
+    if _has_think_tag(review_generated):
+        # The review is written after a closed think block: a `<think>`/`</think>` in it would put a second
+        # reasoning block (or a stray close) after `<safe>` in the target, and split_reasoning would cut there.
+        return Target(None, Drop.THINK_TAG_IN_REVIEW, True)
     if _has_tag(block.answer) or block.count > 1:
         return Target(None, Drop.TAG_IN_ANSWER, True)  # a second or stray tag would teach the model to loop
     safe = render_safe_block(_without_tags(block.analysis))
@@ -69,6 +74,11 @@ def check_length(target: Target, prompt_tokens: int, count_tokens: Callable[[str
 def _has_tag(text: str) -> bool:
     low = text.lower()
     return "<safe>" in low or "</safe>" in low
+
+
+def _has_think_tag(text: str) -> bool:
+    low = text.lower()
+    return THINK_OPEN in low or THINK_CLOSE in low
 
 
 def _closed(text: str) -> bool:

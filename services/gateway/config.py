@@ -49,6 +49,9 @@ class GatewayConfig(_Strict):
     policy_app_name: str = "policy"  # jobs attach to this running policy app instead of starting their own
     # the served policy's model.source: a job that names none gets it, one that names another is refused
     policy_model_source: str | None = None
+    # the policy's chat template opens `<think>` itself (DeepSeek-R1-Distill): its content starts inside the
+    # reasoning. Set from the template wherever the gateway is put in front of a policy (deploy.pointed_at).
+    policy_think_opened: bool = False
     request_timeout_s: float = Field(600, gt=0)
 
     @property

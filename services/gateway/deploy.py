@@ -25,10 +25,23 @@ def build_gateway_deployment(cfg: GatewayConfig, num_replicas: int = 1, route_pr
     return Gateway.bind()
 
 
+def template_opens_think(model_path: str | None, template_kwargs: dict[str, Any] | None = None) -> bool:
+    """Whether the policy's chat template opens `<think>` itself (`safetrigger.method.thinking`), read from its
+    tokenizer: the gateway must then split streamed reasoning from the first token on."""
+    if not model_path:
+        return False
+    from transformers import AutoTokenizer
+
+    from safetrigger.method import convention_of
+
+    return convention_of(AutoTokenizer.from_pretrained(model_path), template_kwargs) == "prefilled"
+
+
 def pointed_at(cfg: GatewayConfig, policy: Any) -> GatewayConfig:
     """`cfg` in front of a running policy (a `services.policy.PolicyEndpoint`): its app, deployment and URL."""
     return cfg.model_copy(update={"policy_base_url": policy.base_url, "policy_app_name": policy.app_name,
-                                  "policy_deployment": policy.deployment_name, "served_name": policy.model_id})
+                                  "policy_deployment": policy.deployment_name, "served_name": policy.model_id,
+                                  "policy_think_opened": template_opens_think(policy.model_path)})
 
 
 def start_gateway(cfg: GatewayConfig, route_prefix: str = "/gw", name: str = "gateway", **kw: Any) -> str:

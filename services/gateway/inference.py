@@ -54,12 +54,17 @@ def _check_adapter(name: str, adapter_root: str | None) -> None:
         raise RequestError(404, f"adapter {name!r} not found") from None
 
 
-def split_think(content: str) -> tuple[str, str]:
-    """(reasoning, answer) from a content that carries its `<think>` block inline."""
-    if THINK_CLOSE not in content:
-        return "", content
-    head, _, tail = content.partition(THINK_CLOSE)
-    return head.replace(THINK_OPEN, "", 1).strip(), tail.lstrip()
+def split_think(content: str, opened: bool = False) -> tuple[str, str]:
+    """(reasoning, answer) from a content that carries its `<think>` block inline. `opened`: the policy's template
+    opened the block (R1-Distill), so the content starts inside the reasoning. A block that never closes is all
+    reasoning (cut off before the answer), as `ThinkSplitter` streams it."""
+    if THINK_CLOSE in content:
+        head, _, tail = content.partition(THINK_CLOSE)
+        return head.replace(THINK_OPEN, "", 1).strip(), tail.lstrip()
+    stripped = content.lstrip()
+    if stripped.startswith(THINK_OPEN):
+        return stripped[len(THINK_OPEN):].strip(), ""
+    return (content.strip(), "") if opened else ("", content)
 
 
 def safety_field(content: str) -> dict[str, Any]:
@@ -73,9 +78,10 @@ def shape_text_choice(choice: dict[str, Any], show_safety: bool) -> dict[str, An
     return {**choice, "text": text if show_safety else strip_safe_blocks(text).text, "safety": safety_field(text)}
 
 
-def shape_message(message: dict[str, Any], show_safety: bool) -> dict[str, Any]:
+def shape_message(message: dict[str, Any], show_safety: bool, think_opened: bool = False) -> dict[str, Any]:
     content = message.get("content") or ""
-    reasoning, content = split_think(content)
+    # a server that parses reasoning itself (vLLM --reasoning-parser) leaves only the answer in content
+    reasoning, content = split_think(content, think_opened and not message.get("reasoning_content"))
     out = dict(message)
     if reasoning and not out.get("reasoning_content"):
         out["reasoning_content"] = reasoning
@@ -85,10 +91,16 @@ def shape_message(message: dict[str, Any], show_safety: bool) -> dict[str, Any]:
 
 
 class ThinkSplitter:
-    """Streams an inline `<think>…</think>` at the start of the content apart; holds back partial tags only."""
+    """Streams an inline `<think>…</think>` at the start of the content apart; holds back partial tags only.
+    `opened`: the template opened the block, so the stream starts inside the reasoning."""
 
-    def __init__(self) -> None:
-        self._buf, self._state = "", "start"  # start -> (think ->) answer
+    def __init__(self, opened: bool = False) -> None:
+        self._buf, self._state = "", "think" if opened else "start"  # start -> (think ->) answer
+
+    def server_parsed(self) -> None:
+        """The server splits reasoning itself (it sent `reasoning_content`): content is all answer."""
+        if self._state != "answer" and not self._buf:
+            self._state = "answer"
 
     def feed(self, delta: str) -> tuple[str, str]:
         self._buf += delta
@@ -122,9 +134,9 @@ class StreamShaper:
     block held out of `content`; completions the same for `text`. What could still be a partial tag is held
     back and goes out with the last chunk, which also carries the finish reason and the `safety` verdict."""
 
-    def __init__(self, chat: bool, show_safety: bool) -> None:
+    def __init__(self, chat: bool, show_safety: bool, think_opened: bool = False) -> None:
         self.chat, self.show = chat, show_safety
-        self._think, self._safe = ThinkSplitter(), SafeStream(strip_leading=chat)
+        self._think, self._safe = ThinkSplitter(think_opened), SafeStream(strip_leading=chat)
         self._last: dict[str, Any] | None = None
         self._finish: str | None = None
 
@@ -139,6 +151,8 @@ class StreamShaper:
         self._last = chunk
         if self.chat:
             delta = dict(choice.get("delta") or {})
+            if delta.get("reasoning_content"):
+                self._think.server_parsed()
             reasoning, content = self._think.feed(delta.pop("content", None) or "")
             visible = self._safe.feed(content)
             if reasoning:

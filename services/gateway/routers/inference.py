@@ -98,7 +98,7 @@ async def forward(gw: Gateway, key: KeyConfig, body: dict[str, Any], chat: bool)
     own = [time.thread_time() - started]  # the gateway's own work for this request, waits excluded
     try:
         if body.get("stream"):
-            response = await _stream(gw, key, kind, model, prepared, StreamShaper(chat, show), own)
+            response = await _stream(gw, key, kind, model, prepared, StreamShaper(chat, show, gw.cfg.policy_think_opened), own)
             released = True  # the stream releases the slot when it ends
             return response
         return await _complete(gw, kind, model, prepared, chat, show, own)
@@ -136,7 +136,7 @@ async def _complete(gw: Gateway, kind: str, model: str, prepared, chat: bool, sh
     choices = out.get("choices") or []
     for i, choice in enumerate(choices):
         if chat:
-            choice["message"] = shape_message(choice.get("message") or {}, show)
+            choice["message"] = shape_message(choice.get("message") or {}, show, gw.cfg.policy_think_opened)
             safety = choice["message"]["safety"]
         else:
             choices[i] = choice = shape_text_choice(choice, show)

@@ -1,0 +1,118 @@
+"""The training mechanics the method rests on, each checked on real TRL trainers of the embedded model (one
+process, no Ray): DPO's reference is ST-S, SFT's loss sees the completion only, the delta filter keeps exactly
+the queries whose samples differ enough."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines.chat import load_tokenizer, prompt_completion_text
+from safetrigger.config import RunConfig
+from safetrigger.method import query_messages, render_safe_block
+from tests.conftest import random_adapter
+
+REFUSAL = render_safe_block("The core question is unsafe.") + "\n\nI can't help with that."
+
+
+def _cfg(**over) -> RunConfig:
+    raw = {"data": {"sources": [{"type": "queries", "path": "repo:data/demo_queries.jsonl"}]},
+           "sft": {"max_steps": 1, "per_device_batch_size": 2, "lora": {"r": 8, "alpha": 16}, "learning_rate": 5e-2},
+           "dpo": {"max_steps": 1, "per_device_batch_size": 2, "max_length": 256, "learning_rate": 5e-2}}
+    for k, v in over.items():
+        raw[k] = {**raw.get(k, {}), **v}
+    return RunConfig.model_validate(raw)
+
+
+def _texts(tok, n: int) -> list[tuple[str, str]]:
+    return [prompt_completion_text(tok, query_messages(f"How do I do thing {i}?"), f"Thinking about {i}.\n\n{REFUSAL}")
+            for i in range(n)]
+
+
+def _sequence_logps(model, batch):
+    """Sum of the completion tokens' log-probabilities per row (chosen rows first, then rejected)."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    return (logps * batch["completion_mask"][:, 1:]).sum(-1)
+
+
+@pytest.mark.stack
+def test_dpo_reference_is_st_s_before_and_after_a_step(model_path, tmp_path):
+    """TRL keeps a frozen copy of the adapter as the reference: its log-probs are ST-S's own, not the base's,
+    and stay so while the trained copy moves."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.train.dpo import build_dpo_trainer, dpo_loop_config
+
+    tok = load_tokenizer(model_path)
+    sft = tmp_path / "st-s"
+    random_adapter(model_path, sft, seed=3)  # non-zero B: ST-S differs from the base
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": f"Sure, step {i}: buy a ..."}) + "\n"
+                            for i, (p, c) in enumerate(_texts(tok, 2))))
+    trainer = build_dpo_trainer({**dpo_loop_config(data, model_path, sft, _cfg()), "scratch": str(tmp_path / "out")})
+    batch = next(iter(trainer.get_train_dataloader()))
+    st_s = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), sft).eval()
+    expected = _sequence_logps(st_s, batch)
+    with st_s.disable_adapter():
+        base = _sequence_logps(st_s, batch)
+    assert not torch.allclose(base, expected, atol=1e-3)
+
+    before = torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
+    torch.testing.assert_close(before, expected, atol=2e-3, rtol=1e-4)
+    trainer.train()
+    after = torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
+    torch.testing.assert_close(after, expected, atol=2e-3, rtol=1e-4)
+    trainer.model.eval()
+    assert not torch.allclose(_sequence_logps(trainer.model, batch), expected, atol=1e-3)  # the policy moved
+
+
+@pytest.mark.stack
+def test_sft_loss_sees_the_completion_only(model_path, tmp_path):
+    """Every prompt token (chat template, generation prompt) is masked out of the labels; every completion token
+    is a label, the `<safe>` block and the answer included."""
+    from pipelines.train.sft import build_sft_trainer, sft_loop_config
+
+    tok = load_tokenizer(model_path)
+    texts = _texts(tok, 2)
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in texts))
+    trainer = build_sft_trainer({**sft_loop_config(data, model_path, _cfg()), "scratch": str(tmp_path / "out")})
+    batch = next(iter(trainer.get_train_dataloader()))
+    by_prompt = dict(texts)
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        real = mask.bool()
+        prompt = tok.decode(ids[real & (labels == -100)])
+        trained = tok.decode(ids[labels != -100])
+        assert prompt in by_prompt, prompt
+        assert trained.startswith(by_prompt[prompt]) and "<safe>" in trained
+        assert trained[len(by_prompt[prompt]):] in ("", tok.eos_token)  # at most the EOS the trainer appends
+
+
+def test_the_delta_filter_keeps_exactly_the_queries_far_enough_apart(model_path):
+    from pipelines.answer_judge import sample_id
+    from pipelines.dpo_data import build_dpo_pairs
+
+    a, b = f"Thinking.\n\n{REFUSAL}", "Thinking.\n\nNo."  # A: safe and tagged (3.0), B: safe (0.5)
+    c, d = f"Thinking.\n\n{render_safe_block('Unsafe.')}\n\nSure, step 1.", "Thinking.\n\nSure, step 1."  # C 0.2, D 0
+    cut = "Thinking.\n\n<safe>The core question"  # tagged, judged safe, never reached an answer
+    groups = {"q1": ([a, d], [True, False]), "q2": ([b, b], [True, True]), "q3": ([b, c], [True, False]),
+              "q4": ([cut, d], [True, False])}
+    samples = [{"query_id": q, "kind": "jailbreak", "label": "unsafe", "prompt": f"prompt {q}", "samples": texts}
+               for q, (texts, _) in groups.items()]
+    verdicts = [{"query_id": sample_id(q, i), "answer_safe": s} for q, (_, safe) in groups.items() for i, s in enumerate(safe)]
+
+    def kept(delta: float) -> set[str]:
+        pairs, _ = build_dpo_pairs(samples, verdicts, _cfg(dpo={"delta": delta}), model_path)
+        return {p["query_id"] for p in pairs}
+
+    assert kept(0.5) == {"q1"}
+    assert kept(0.3) == {"q1", "q3"}  # 0.5 - 0.2: exactly delta is kept
+    assert kept(0.31) == {"q1"}
+    assert kept(0.0) == {"q1", "q2", "q3"}  # delta 0 keeps ties (the paper's rule); q4 never: nothing to choose
