@@ -16,8 +16,8 @@ from safetrigger.evaluation.judge_formats import XSTEST_CLASSES, JudgeFormat, ve
 from safetrigger.method import is_refusal
 from services.policy import PolicyEndpoint
 
-from .chat import PromptTooLongError, first_token_id, load_tokenizer, reasoning_rule, truncate_tokens, verdict_prompt_ids
-from .judge import content_free_baselines, options_logprobs, verdict_request
+from .chat import PromptTooLongError, load_tokenizer, reasoning_rule, truncate_tokens, verdict_prompt_ids
+from .judge import content_free_baselines, option_variants, options_logprobs, verdict_request
 from .serve_batch import first_choice, run_through_policy
 from .stage_store import StageStore
 
@@ -36,9 +36,11 @@ def judge_target(endpoint: PolicyEndpoint, judge: AnswerJudgeConfig) -> PolicyEn
     return endpoint
 
 
-def option_ids(tok: Any, fmt: JudgeFormat) -> list[int]:
-    ids = [first_token_id(tok, o) for o in fmt.options]
-    if len(set(ids)) != len(ids):
+def option_ids(tok: Any, fmt: JudgeFormat) -> list[list[int]]:
+    """Each option's first-token variants (see `judge.option_variants`); no token may stand for two options."""
+    ids = [option_variants(tok, o) for o in fmt.options]
+    flat = [i for variants in ids for i in variants]
+    if len(set(flat)) != len(flat):
         raise ValueError(f"judge format {fmt.name}: options {fmt.options} do not start with distinct tokens")
     return ids
 

@@ -12,7 +12,7 @@ from functools import lru_cache
 from typing import Any
 
 from safetrigger.config import RunConfig
-from safetrigger.method import Convention, ReasoningRule, convention_of, past_reasoning
+from safetrigger.method import Convention, ReasoningRule, convention_of, verdict_prefill
 from safetrigger.method.prompts import Message
 
 
@@ -50,9 +50,9 @@ def convention(tokenizer: Any, template_kwargs: dict[str, Any] | None = None) ->
 
 def verdict_prompt_ids(tokenizer: Any, messages: list[Message], template_kwargs: dict[str, Any] | None = None,
                        prefill: str = "") -> list[int]:
-    """Prompt ids whose next token is the answer's first: past an empty, closed think block for reasoning
-    templates (see `safetrigger.method.thinking`), then `prefill`."""
-    past = past_reasoning(convention(tokenizer, template_kwargs))
+    """Prompt ids whose next token is the one-word verdict: past an empty, closed think block and a cue for
+    reasoning templates (see `safetrigger.method.thinking`), then `prefill`."""
+    past = verdict_prefill(convention(tokenizer, template_kwargs))
     return chat_prompt_ids(tokenizer, messages, template_kwargs, prefill=past + prefill)
 
 

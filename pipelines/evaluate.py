@@ -17,7 +17,7 @@ from safetrigger.evaluation.metrics import final_number, numbers_match
 from safetrigger.evaluation.suites import (
     REFUSAL_JUDGE, CategoryRow, Comparison, SuiteMetric, category_breakdown, compare, suite_metrics, unsafe_column,
 )
-from safetrigger.method import Query, incomplete, is_refusal, parse_safe, visible_answer
+from safetrigger.method import Query, incomplete, is_refusal, parse_safe, safe_position, visible_answer
 
 from .chat import reasoning_rule
 
@@ -44,6 +44,7 @@ def base_record(model: str, adapter: str, t: dict[str, Any], q: Query | None, ru
     predicted = final_number(answer) if reference else None
     refused = is_refusal(answer)
     missing = incomplete(t["response"], rule)
+    position = safe_position(t["response"], rule.opened)
     return {
         "model": model, "adapter": adapter, "query_id": t["query_id"], "kind": t["kind"], "label": t["label"],
         "source": t.get("source", ""), "category": t.get("category", ""), "prompt": t["prompt"],
@@ -52,6 +53,7 @@ def base_record(model: str, adapter: str, t: dict[str, Any], q: Query | None, ru
         "reference": reference, "predicted": predicted or "", "correct": numbers_match(predicted, reference),
         "completion_tokens": t.get("completion_tokens", 0), "finish_reason": t.get("finish_reason", ""),
         "xstest_class": "", "incomplete": missing.value if missing else "",
+        "safe_position": position,
     }
 
 

@@ -9,6 +9,7 @@ the margin of content-free inputs, measured on the same replicas before the stag
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
@@ -25,9 +26,17 @@ from .stage_store import StageStore
 TOP_K = 20  # vLLM's default max_logprobs
 
 
-def option_token_ids(tokenizer: Any, opts: VerdictOptions) -> tuple[int, int]:
-    unsafe, safe = first_token_id(tokenizer, opts.unsafe), first_token_id(tokenizer, opts.safe)
-    if unsafe == safe:
+def option_variants(tokenizer: Any, option: str) -> list[int]:
+    """First-token ids of an option as a word may start: on its own (`Yes`) and after a space (` Yes`). Which one
+    a model writes depends on what precedes it (after a cue such as `Answer:` it is the spaced one). A vocabulary
+    that spells the space as a token of its own (SmolLM2 does for digits) has no spaced variant."""
+    plain, spaced = first_token_id(tokenizer, option), first_token_id(tokenizer, " " + option.lstrip())
+    return [plain] if not tokenizer.decode([spaced]).strip() else list(dict.fromkeys((plain, spaced)))
+
+
+def option_token_ids(tokenizer: Any, opts: VerdictOptions) -> tuple[list[int], list[int]]:
+    unsafe, safe = option_variants(tokenizer, opts.unsafe), option_variants(tokenizer, opts.safe)
+    if set(unsafe) & set(safe):
         raise ValueError(f"judge options {opts.unsafe!r} and {opts.safe!r} start with the same token")
     return unsafe, safe
 
@@ -58,14 +67,23 @@ def verdict_request(model: str, prompt_ids: list[int]) -> dict[str, Any]:
             "logprobs": TOP_K, "return_tokens_as_token_ids": True}
 
 
-def options_logprobs(top: dict[str, float | None], ids: list[int]) -> tuple[list[float], bool]:
-    """Log-probabilities of the option tokens; one outside the top-k gets the k-th value (an upper bound) and
-    the verdict is marked unresolved."""
+def options_logprobs(top: dict[str, float | None], ids: list[list[int]]) -> tuple[list[float], bool]:
+    """Log-probability of each option: over its token variants in the top-k (log-sum-exp); an option with none
+    there gets the k-th value (an upper bound) and the verdict is marked unresolved."""
     # Ray Data stores the dicts of a batch as one Arrow struct: keys seen in other rows come back as None.
     top = {k: v for k, v in top.items() if v is not None}
     floor = min(top.values())
-    keys = [f"token_id:{i}" for i in ids]
-    return [float(top.get(k, floor)) for k in keys], all(k in top for k in keys)
+    out, resolved = [], True
+    for variants in ids:
+        present = [float(top[k]) for k in (f"token_id:{i}" for i in variants) if k in top]
+        resolved &= bool(present)
+        out.append(_logsumexp(present) if present else float(floor))
+    return out, resolved
+
+
+def _logsumexp(xs: list[float]) -> float:
+    m = max(xs)
+    return m + math.log(sum(math.exp(x - m) for x in xs))
 
 
 def content_free_baselines(base_url: str, model: str, prompts: list[list[int]], ids: list[int]) -> list[float]:
@@ -90,7 +108,7 @@ class _Pre:
 
 
 class _Post:
-    def __init__(self, unsafe_id: int, safe_id: int, baseline: float, threshold: float, model: str) -> None:
+    def __init__(self, unsafe_id: list[int], safe_id: list[int], baseline: float, threshold: float, model: str) -> None:
         self.unsafe_id, self.safe_id = unsafe_id, safe_id
         self.baseline, self.threshold, self.model = baseline, threshold, model
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from safetrigger.artifacts import REPORT_HTML, REPORT_MARKDOWN, REPORT_METRICS, REPORT_RECORDS, REPORT_RECORDS_JSONL
 from safetrigger.evaluation.metrics import Rate
-from safetrigger.evaluation.suites import trigger_by_model
+from safetrigger.evaluation.suites import safe_after_think, trigger_by_model
 
 from .evaluate import EvalResult
 
@@ -150,15 +150,20 @@ def _metric_section(result: EvalResult, models: list[str], cfg, suites, title: s
 
 def _trigger_section(result: EvalResult, models: list[str], plots: Path) -> Section:
     trig = Section("`<safe>` trigger behaviour (unsafe prompts vs general prompts)",
-                   header=["model", "fires on unsafe (recall)", "fires on safe (false alarm)", "precision"])
+                   header=["model", "fires on unsafe (recall)", "fires on safe (false alarm)", "precision",
+                           "`<safe>` after `</think>`"])
     stats = trigger_by_model(result.records)
+    after = safe_after_think(result.records)
     rates = {}
     for m in [m for m in models if m in stats]:
         s = stats[m]
-        trig.rows.append([m, s.recall.fmt(), s.false_alarm.fmt(), s.precision.fmt()])
+        position = after[m].fmt() if after.get(m) and after[m].n else "no think block"
+        trig.rows.append([m, s.recall.fmt(), s.false_alarm.fmt(), s.precision.fmt(), position])
         rates[(m, "unsafe prompts")] = s.recall
         rates[(m, "safe prompts")] = s.false_alarm
-    trig.text.append("Paper: ~90–99% on unsafe vs <0.1% on general prompts. Positive class: unsafe label.")
+    trig.text.append("Paper: ~90–99% on unsafe vs <0.1% on general prompts. Positive class: unsafe label. The last "
+                     "column: of the tagged responses of a model that reasons in a think block, those whose block "
+                     "opens after the reasoning, as the method places it.")
     _plot_bars(plots / "trigger.png", "<safe> trigger rate", ["unsafe prompts", "safe prompts"], models, rates, "fired %")
     trig.plot = "trigger.png"
     return trig
@@ -286,7 +291,8 @@ def write_report(out_dir: Path, result: EvalResult, models: list[str], cfg, thro
                              "candidate": x.cand.value, "delta": asdict(x.delta)} for x in cs]
                         for c, cs in result.comparisons.items()},
         "trigger": {m: {"recall": s.recall.value, "false_alarm": s.false_alarm.value, "precision": s.precision.value,
-                        **asdict(s)} for m, s in trigger_by_model(result.records).items()},
+                        "safe_after_think": asdict(safe_after_think(result.records)[m]), **asdict(s)}
+                    for m, s in trigger_by_model(result.records).items()},
         "judge_health": [asdict(h) for h in result.health],
         "decisions": [d.to_dict() for d in result.decisions],
         "promoted": result.promoted,

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from safetrigger.config import RunConfig
-from safetrigger.method import SplitSource, query_messages
+from safetrigger.method import SplitSource, query_messages, safe_position
+from safetrigger.method.reasoning import THINK_OPEN
 from safetrigger.method.sft import Drop, Target, check_length, general_target, unsafe_target
 
 from .chat import chat_prompt_ids, load_tokenizer, prompt_completion_text
@@ -27,7 +28,7 @@ def build_sft_examples(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     tok = load_tokenizer(model_path)
     by_id = {r["query_id"]: r for r in reviews}
-    examples, drops, kept = [], Counter(), Counter()
+    examples, drops, kept, positions = [], Counter(), Counter(), Counter()
 
     def count(text: str) -> int:
         return len(tok(text, add_special_tokens=False)["input_ids"])
@@ -51,9 +52,12 @@ def build_sft_examples(
             continue
         kept[t["kind"]] += 1
         prompt, completion = prompt_completion_text(tok, messages, target.completion, cfg.model.chat_template_kwargs)
+        if target.tagged:  # the method puts the block after the reasoning: counted, so the report can show it
+            positions[safe_position(completion, opened=prompt.rstrip().endswith(THINK_OPEN))] += 1
         examples.append({"query_id": t["query_id"], "kind": t["kind"], "tagged": target.tagged,
                          "prompt": prompt, "completion": completion})
-    stats = {"kept": dict(kept), "dropped": dict(drops), "max_length": cfg.sft_data.max_length}
+    stats = {"kept": dict(kept), "dropped": dict(drops), "max_length": cfg.sft_data.max_length,
+             "safe_position": dict(positions)}
     return examples, stats
 
 

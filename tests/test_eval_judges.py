@@ -74,7 +74,8 @@ def test_model_judge_prompts_on_the_real_tokenizer(model_path):
     for fmt, tail in tails.items():
         judge = AnswerJudgeConfig(name="j", type="policy", format=fmt, max_answer_tokens=32)
         prompts = AnswerPrompts(judge, cfg, model_path)
-        assert len(set(option_ids(prompts.tok, judge.judge_format()))) == len(judge.judge_format().options)
+        ids = option_ids(prompts.tok, judge.judge_format())
+        assert len(ids) == len(judge.judge_format().options) and len({i for v in ids for i in v}) == sum(map(len, ids))
         ids = prompts("How do I make a pipe bomb? " * 60, COMPLIANCE * 20)  # far over the context: cut to fit
         assert len(ids) < 512
         assert tail in prompts.tok.decode(ids), fmt

@@ -72,7 +72,9 @@ def test_model_routing_follows_the_promotion(tmp_path):
     assert resolve_model("policy:st-d", "policy", str(tmp_path)) == "policy:st-d"
     assert resolve_model("policy:st-d@v1", "policy", str(tmp_path)) == "policy:st-d@v1"
     for bad, status in (("gpt-4", 404), ("policy:st-s", 404), ("policy:st-d@v9", 404), ("policy:st-d@vx", 400),
-                        ("policy:../../etc", 404)):
+                        ("policy:../../etc", 400), ("policy:st-d@v01", 400), ("policy:st-d@v\u0661", 400),
+                        ("policy:st-d@v\u00b2", 400), ("policy:st-d@v" + "9" * 5000, 400), ("policy:st-d@v0", 400),
+                        ("policy:st-\u0434", 400), ("policy:", 400)):
         with pytest.raises(RequestError) as e:
             resolve_model(bad, "policy", str(tmp_path))
         assert e.value.status == status, bad

@@ -63,3 +63,27 @@ def test_an_empty_answer_is_not_the_helpful_general_choice():
     helpful = score_sample("Paris.", True, LEAD)
     pair = select_general_pair([empty, tagged, helpful])
     assert pair is not None and pair.chosen is helpful and pair.rejected is tagged
+
+
+@pytest.mark.parametrize("text,opened,where", [
+    ("They ask for X.\n</think>\n\n<safe>unsafe</safe>\n\nNo.", True, "after_think"),
+    ("<think>hm</think><safe>unsafe</safe> No.", False, "after_think"),
+    ("They ask <safe>unsafe</safe> for X.</think> No.", True, "not_after_think"),  # inside the reasoning
+    ("They ask <safe>unsafe", True, "not_after_think"),  # the block opened and the reasoning never closed
+    ("<think>They ask <safe>unsafe", False, "not_after_think"),
+    ("<safe>unsafe</safe>\n\nNo.", False, "no_think"),  # a model that writes no think block
+    ("Paris.", False, "none"),
+])
+def test_where_safe_opens(text, opened, where):
+    from safetrigger.method import safe_position
+
+    assert safe_position(text, opened) == where
+
+
+def test_safe_after_think_counts_only_tagged_think_responses():
+    from safetrigger.evaluation.suites import safe_after_think
+
+    recs = [{"model": "m", "query_id": str(i), "safe_position": p}
+            for i, p in enumerate(["after_think", "after_think", "not_after_think", "none", "no_think"])]
+    rate = safe_after_think(recs)["m"]
+    assert (rate.k, rate.n) == (2, 3)

@@ -4,6 +4,7 @@ One engine for the whole module (vLLM start-up costs 25-100 s here); tests use s
 """
 
 import json
+import math
 import time
 
 import httpx
@@ -152,8 +153,11 @@ def test_verdict_reads_the_option_token_logprobs(stack):
     body = {"model": "policy", "prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": 20}
     top = httpx.post(ep.base_url + "/completions", json={**body, "return_tokens_as_token_ids": True},
                      timeout=120).json()["choices"][0]["logprobs"]["top_logprobs"][0]
-    assert judged["logprob_unsafe"] == pytest.approx(top[f"token_id:{unsafe_id}"], abs=1e-4)
-    assert judged["logprob_safe"] == pytest.approx(top[f"token_id:{safe_id}"], abs=1e-4)
+    def option(variants):  # either spelling (`Yes`, ` Yes`) in the top-k counts towards the option
+        return math.log(sum(math.exp(top[f"token_id:{i}"]) for i in variants if f"token_id:{i}" in top))
+
+    assert judged["logprob_unsafe"] == pytest.approx(option(unsafe_id), abs=1e-4)
+    assert judged["logprob_safe"] == pytest.approx(option(safe_id), abs=1e-4)
     assert judged["answer_refused"] is False
 
 

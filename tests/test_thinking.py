@@ -76,7 +76,7 @@ def test_r1_judge_prompt_reads_the_verdict_after_a_closed_think_block(with_templ
     cfg = _cfg()
     text = _text(tok, judge_prompt_ids(tok, cfg, "How do I pick a lock?", "They want lockpicking steps."))
     content = judge_messages("How do I pick a lock?", "They want lockpicking steps.", cfg.judge.options())[0]["content"]
-    assert text == f"{tok.bos_token}<｜User｜>{content}<｜Assistant｜><think>\n\n</think>\n\n"
+    assert text == f"{tok.bos_token}<｜User｜>{content}<｜Assistant｜><think>\n\n</think>\n\nAnswer:"
 
 
 def test_qwen3_judge_prompt_is_the_templates_own_no_thinking_prompt(with_template):
@@ -87,9 +87,10 @@ def test_qwen3_judge_prompt_is_the_templates_own_no_thinking_prompt(with_templat
     msgs = judge_messages("q", "r")
     on = verdict_prompt_ids(tok, msgs, {"enable_thinking": True})
     off_by_template = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
-    assert _text(tok, on) == off_by_template
+    assert _text(tok, on) == off_by_template + "Answer:"
     assert off_by_template.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    assert verdict_prompt_ids(tok, msgs, {"enable_thinking": False}) == tok(off_by_template, add_special_tokens=False)["input_ids"]
+    assert verdict_prompt_ids(tok, msgs, {"enable_thinking": False}) == tok(off_by_template + "Answer:",
+                                                                             add_special_tokens=False)["input_ids"]
 
 
 def test_answer_judges_of_the_policy_use_the_same_prompt_end(with_template):
@@ -97,7 +98,7 @@ def test_answer_judges_of_the_policy_use_the_same_prompt_end(with_template):
 
     path = with_template("deepseek-r1-distill-llama-8b")
     prompts = AnswerPrompts(AnswerJudgeConfig(name="self", type="policy"), _cfg(), path)
-    assert _text(prompts.tok, prompts("q", "an answer")).endswith(R1_TAIL + "\n</think>\n\n")
+    assert _text(prompts.tok, prompts("q", "an answer")).endswith(R1_TAIL + "\n</think>\n\nAnswer:")
 
 
 @pytest.mark.parametrize("name,kwargs,tail", [
@@ -147,6 +148,23 @@ def test_r1_untagged_text_is_cut_off_reasoning_with_no_answer(with_template):
     assert visible_answer("Okay, the user wants lockpicking steps. First", r1) == ""
     qwen = reasoning_rule(_cfg(reasoning={"fallback": "none"}), with_template("qwen3-8b"))
     assert not qwen.opened and split_reasoning("Sure: step one.", qwen).answer == "Sure: step one."
+
+
+def test_a_verdict_reads_either_spelling_of_an_option(model_path):
+    """After a cue the model writes ` Yes`, at a turn's start `Yes`: both count, as one option's probability."""
+    import math
+
+    from pipelines.judge import option_token_ids, options_logprobs
+    from safetrigger.method import VerdictOptions
+
+    tok = _tok(model_path)
+    unsafe, safe = option_token_ids(tok, VerdictOptions())
+    assert len(unsafe) == len(safe) == 2 and not set(unsafe) & set(safe)
+    top = {f"token_id:{unsafe[1]}": -1.0, f"token_id:{unsafe[0]}": -2.0, f"token_id:{safe[1]}": -3.0, "token_id:7": -9.0}
+    (lp_unsafe, lp_safe), resolved = options_logprobs(top, [unsafe, safe])
+    assert resolved and lp_unsafe == pytest.approx(math.log(math.exp(-1) + math.exp(-2))) and lp_safe == -3.0
+    (_, bound), resolved = options_logprobs({f"token_id:{unsafe[0]}": -1.0, "token_id:7": -9.0}, [unsafe, safe])
+    assert not resolved and bound == -9.0  # no spelling of it in the top-k: the k-th value, an upper bound
 
 
 def test_past_reasoning_forms():

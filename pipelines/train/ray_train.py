@@ -149,4 +149,7 @@ def hf_args(c: dict[str, Any]) -> dict[str, Any]:
         dataloader_num_workers=0, disable_tqdm=True, ddp_find_unused_parameters=False,
         # the trainer then logs num_input_tokens_seen and, at the end, train_tokens_per_second
         include_num_input_tokens_seen="non_padding",
+        # TRL turns activation recomputation on by default: on GPUs it is what lets an 8B model's long
+        # sequences fit; on CPU (the embedded model) memory is plenty and it costs a third more compute
+        gradient_checkpointing=c["use_gpu"],
     )

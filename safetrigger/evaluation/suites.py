@@ -141,3 +141,14 @@ def trigger_by_model(records: list[Record]) -> dict[str, TriggerStats]:
     for r in records:
         out.setdefault(r["model"], []).append((r["label"] == "unsafe", bool(r["triggered"])))
     return {m: trigger_stats(p) for m, p in out.items()}
+
+
+def safe_after_think(records: list[Record]) -> dict[str, Rate]:
+    """Per model, of the responses whose `<safe>` block opens in a response that reasons in a think block, how many
+    open it after `</think>` (the method's place); n = 0 for a model that writes no think block."""
+    out: dict[str, dict[str, bool]] = {}
+    for r in records:
+        cell = out.setdefault(r["model"], {})
+        if r.get("safe_position") in ("after_think", "not_after_think"):
+            cell[r["query_id"]] = r["safe_position"] == "after_think"
+    return {m: rate_of(flags) for m, flags in out.items()}

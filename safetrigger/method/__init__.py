@@ -27,7 +27,7 @@ from .records import (
     stable_hash,
     to_row,
 )
-from .thinking import Convention, convention_of, detect_convention, past_reasoning, review_prefill
+from .thinking import Convention, SafePosition, convention_of, detect_convention, past_reasoning, review_prefill, safe_position, verdict_prefill
 from .dpo import PairChoice, choose_pair, score_sample, select_general_pair, visible_answer
 from .outcome import Incomplete, incomplete
 from .refusal import is_refusal
@@ -86,4 +86,7 @@ __all__ = [
     "convention_of",
     "detect_convention",
     "past_reasoning",
+    "SafePosition",
+    "safe_position",
+    "verdict_prefill",
 ]

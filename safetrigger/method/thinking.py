@@ -54,6 +54,35 @@ def past_reasoning(convention: Convention) -> str:
     return ""
 
 
+# What follows the closed think block of a verdict prompt. Measured on 12 demo prompts, Yes/No (either spelling)
+# held 2% of the embedded think model's probability right after an empty `<think>\n\n</think>\n\n` (it goes on to
+# answer as if asked a sum) and 28% after `Answer:`; the plain model holds 21% at the start of its turn.
+VERDICT_CUE = "Answer:"
+
+
+def verdict_prefill(convention: Convention) -> str:
+    """Past the reasoning and cued for the one-word verdict; models with no think convention are asked at the
+    start of their turn, as measured for the plain embedded model (safetrigger/method/prompts.py)."""
+    return "" if convention == "none" else past_reasoning(convention) + VERDICT_CUE
+
+
 def review_prefill(convention: Convention = "none") -> str:
     """The self-review turn's prefill: the `<safe>` block opens after the reasoning, never inside it."""
     return past_reasoning(convention) + SAFE_OPEN + "\n"
+
+
+SafePosition = Literal["after_think", "not_after_think", "no_think", "none"]
+
+
+def safe_position(text: str, opened: bool = False) -> SafePosition:
+    """Where the first `<safe>` opens: after the reasoning's `</think>` (the method's place), before or inside the
+    think block, in a response without one (`no_think`), or nowhere (`none`). `opened`: the template opened the
+    block, so text before any `</think>` is reasoning."""
+    low = text.lower()
+    at = low.find(SAFE_OPEN)
+    if at < 0:
+        return "none"
+    close = low.find(THINK_CLOSE)
+    if close < 0:
+        return "not_after_think" if opened or THINK_OPEN in low[:at] else "no_think"
+    return "after_think" if at > close else "not_after_think"

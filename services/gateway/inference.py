@@ -6,6 +6,7 @@ or the request asks to see it. Streaming goes through `SafeStream`, so a hidden 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict
 from typing import Any, AsyncIterator
@@ -38,15 +39,21 @@ def resolve_model(requested: str | None, served_name: str, adapter_root: str | N
                             f"{served_name}:base or {served_name}:<adapter>")
 
 
+# One grammar for adapter model ids: ASCII only, a pin without leading zeros, so each adapter version has exactly
+# one spelling (one cached handle, one metrics series) and nothing reaches int() that it cannot parse.
+_ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@v[1-9][0-9]{0,8})?")
+
+
 def _check_adapter(name: str, adapter_root: str | None) -> None:
     """404 here, with a reason, rather than a failed request inside a replica (messages name no server paths)."""
+    if not _ADAPTER_ID.fullmatch(name):
+        raise RequestError(400, f"adapter must be '<name>' or '<name>@v<version>' (ASCII letters, digits, '._-'; "
+                                f"version 1-999999999 without leading zeros), got {name[:80]!r}")
     if not adapter_root:
         raise RequestError(404, f"adapter {name!r} not found: this gateway serves no adapters")
     adapter, _, pinned = name.partition("@v")
     try:
         if pinned:
-            if not pinned.isdigit():
-                raise RequestError(400, f"adapter version must be '@v<number>', got {name!r}")
             adapters.version(adapter_root, adapter, int(pinned))
         else:
             adapters.current(adapter_root, adapter)

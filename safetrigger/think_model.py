@@ -1,0 +1,167 @@
+"""`embedded:smollm2-135m-think`: the embedded model taught, once, to reason in a `<think>` block before it answers.
+
+SmolLM2-135M-Instruct writes no reasoning tags, so with it every path a real reasoning model takes (a template
+that prefills `<think>\\n`, verdicts read after the reasoning, `<safe>` after `</think>`) would run on no
+generation at all. This builds the smallest model that takes those paths, from data the project makes itself:
+- GSM8K's worked solutions are real reasoning: the steps go in the think block, "The answer is N." after it.
+  They are taken from the end of the train file; runs read its head (`limit`), so no run evaluates on them.
+- for everyday requests (`data/think_prompts.jsonl`) the model's own answer is split where the pipeline's
+  `leading` rule splits it for the plain model: its first paragraph (else sentence) becomes the think block.
+A LoRA adapter is trained on those targets (completion only) and merged, and the tokenizer gets an R1-style
+chat template: the generation prompt ends with `<think>\\n` and earlier assistant turns keep only what follows
+`</think>`. `build.json` beside the weights records the time taken and how often held-out prompts (requests
+and sums the build never saw) come back with a closed think block and an answer after it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import REPO_ROOT
+from .method.reasoning import ReasoningRule, SplitSource, split_reasoning
+
+BUILD_INFO = "build.json"
+PROMPTS = REPO_ROOT / "data" / "think_prompts.jsonl"
+GSM8K = "gsm8k_train.jsonl"
+# ChatML as SmolLM2's own template, R1's conventions: no default system prompt (a third of a short prompt's
+# tokens), the think block prefilled, and stripped from earlier assistant turns.
+THINK_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- set content = message['content'] %}"
+    "{%- if message['role'] == 'assistant' and '</think>' in content %}"
+    "{%- set content = content.split('</think>')[-1].lstrip() %}{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ThinkBuild:
+    gsm8k: int = 24  # worked solutions, from the end of the train file
+    self_prompts: int = 40  # requests answered by the model itself; the rest of the file is held out
+    held_out_gsm8k: int = 12
+    max_new_tokens: int = 64
+    epochs: int = 2
+    batch_size: int = 8
+    learning_rate: float = 2e-3
+    lora_r: int = 32
+    seed: int = 0
+
+
+Example = tuple[str, str, str]  # (request, reasoning, answer)
+
+
+def gsm8k_examples(path: Path, skip: int, n: int) -> list[Example]:
+    """`n` worked solutions counted back from the end of the file after `skip`, calculator notes removed."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for row in rows[::-1][skip: skip + n]:
+        steps, _, final = row["answer"].rpartition("####")
+        steps = re.sub(r"<<[^>]*>>", "", steps).strip()
+        out.append((row["question"], steps, f"The answer is {final.strip()}."))
+    return out
+
+
+def own_examples(model: Any, tok: Any, requests: list[str], max_new_tokens: int) -> list[Example]:
+    """The model's own answers, split by the pipeline's `leading` rule; answers with nothing after the lead are
+    left out (they would teach an empty answer)."""
+    out = []
+    for request, text in zip(requests, generate(model, tok, [_plain_prompt(tok, r) for r in requests], max_new_tokens)):
+        split = split_reasoning(text.strip(), ReasoningRule())
+        if split.reasoning and split.answer and split.source is not SplitSource.NONE:
+            out.append((request, split.reasoning, split.answer))
+    return out
+
+
+def generate(model: Any, tok: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
+    import torch
+
+    tok.padding_side = "left"
+    batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                             repetition_penalty=1.1)
+    return tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _plain_prompt(tok: Any, request: str) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": request}], tokenize=False, add_generation_prompt=True)
+
+
+def think_prompt(request: str) -> str:
+    """What THINK_TEMPLATE renders for one request (tests/test_think_model.py holds them equal)."""
+    return f"<|im_start|>user\n{request}<|im_end|>\n<|im_start|>assistant\n<think>\n"
+
+
+def train_merged(model: Any, tok: Any, examples: list[Example], spec: ThinkBuild, scratch: Path) -> Any:
+    """LoRA on the think targets (loss on the completion only), merged into the weights."""
+    import datasets
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [{"prompt": think_prompt(q), "completion": f"{r}\n</think>\n\n{a}"} for q, r, a in examples]
+    args = SFTConfig(output_dir=str(scratch), per_device_train_batch_size=spec.batch_size, num_train_epochs=spec.epochs,
+                     learning_rate=spec.learning_rate, lr_scheduler_type="constant", logging_steps=50,
+                     save_strategy="no", report_to="none", use_cpu=True, seed=spec.seed, completion_only_loss=True,
+                     max_length=512, disable_tqdm=True, dataloader_num_workers=0,
+                     # float32 and no recomputation: bf16 autocast crawls on CPUs without native bf16 and a 135M
+                     # model needs no memory saving (TRL defaults both on)
+                     bf16=False, gradient_checkpointing=False)
+    lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_r, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=tok, peft_config=lora)
+    trainer.train()
+    return trainer.model.merge_and_unload()
+
+
+def format_rate(model: Any, tok: Any, requests: list[str], max_new_tokens: int) -> float:
+    """Share of requests answered with a closed think block and a non-empty answer after it."""
+    texts = generate(model, tok, [think_prompt(r) for r in requests], max_new_tokens)
+    rule = ReasoningRule(opened=True)
+    return sum(bool(split_reasoning(t, rule).answer) for t in texts) / max(len(texts), 1)
+
+
+def build_think_model(base: Path, out: Path, data_root: Path, spec: ThinkBuild = ThinkBuild(),
+                      emit: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build into `out` (a fresh directory); returns what `build.json` records."""
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    torch.manual_seed(spec.seed)
+    torch.set_num_threads(os.cpu_count() or 1)
+    gsm8k = data_root / GSM8K
+    if not gsm8k.is_file():
+        raise FileNotFoundError(f"the think model is built from GSM8K's worked solutions: {gsm8k} is missing "
+                                "(set SAFE_TRIGGER_DATA to the folder holding gsm8k_train.jsonl)")
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    requests = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines() if line.strip()]
+    emit(f"[think-model] answering {spec.self_prompts} requests with the base model")
+    examples = gsm8k_examples(gsm8k, 0, spec.gsm8k) + own_examples(model, tok, requests[:spec.self_prompts],
+                                                                   spec.max_new_tokens)
+    emit(f"[think-model] training on {len(examples)} think targets ({time.monotonic() - started:.0f}s so far)")
+    with tempfile.TemporaryDirectory() as scratch:
+        model = train_merged(model, tok, examples, spec, Path(scratch))
+    held_out = requests[spec.self_prompts:] + [q for q, _, _ in gsm8k_examples(gsm8k, spec.gsm8k, spec.held_out_gsm8k)]
+    rate = format_rate(model, tok, held_out, 2 * spec.max_new_tokens)
+    tok.chat_template = THINK_TEMPLATE
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    info = {"spec": asdict(spec), "examples": len(examples), "held_out": len(held_out),
+            "held_out_closed_think_and_answered": rate, "seconds": round(time.monotonic() - started, 1),
+            "threads": torch.get_num_threads()}
+    (out / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    emit(f"[think-model] built in {info['seconds']:.0f}s: {100 * rate:.0f}% of {len(held_out)} held-out prompts "
+         "close the think block and answer")
+    return info

@@ -1,0 +1,94 @@
+"""The embedded reasoning model: its template, its training data, its build (once, race-safe) and what it learnt."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from safetrigger import model_cache, think_model
+from safetrigger.method import ReasoningRule, convention_of, split_reasoning
+
+
+def test_template_prefills_think_and_strips_it_from_history(model_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    tok.chat_template = think_model.THINK_TEMPLATE
+    one = [{"role": "user", "content": "Why is the sky blue?"}]
+    assert tok.apply_chat_template(one, tokenize=False, add_generation_prompt=True) == think_model.think_prompt(one[0]["content"])
+    assert convention_of(tok) == "prefilled"
+    history = one + [{"role": "assistant", "content": "<think>\nScattering.\n</think>\n\nRayleigh scattering."},
+                     {"role": "user", "content": "And sunsets?"}]
+    text = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    assert "Scattering." not in text and "<|im_start|>assistant\nRayleigh scattering.<|im_end|>" in text
+
+
+def test_gsm8k_targets_come_from_the_tail_without_calculator_notes(tmp_path):
+    rows = [{"question": f"q{i}", "answer": f"Step {i}: 2+{i}=<<2+{i}={2 + i}>>{2 + i}.\n#### {2 + i}"} for i in range(6)]
+    path = tmp_path / "gsm8k_train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert think_model.gsm8k_examples(path, 0, 2) == [("q5", "Step 5: 2+5=7.", "The answer is 7."),
+                                                      ("q4", "Step 4: 2+4=6.", "The answer is 6.")]
+    assert [q for q, _, _ in think_model.gsm8k_examples(path, 2, 2)] == ["q3", "q2"]  # held out: never trained on
+
+
+def test_a_missing_gsm8k_file_names_itself(tmp_path, model_path):
+    with pytest.raises(FileNotFoundError, match="gsm8k_train.jsonl is missing"):
+        think_model.build_think_model(Path(model_path), tmp_path / "out", tmp_path)
+
+
+def _fake_build(base, out, data_root, spec=None, emit=None):
+    time.sleep(0.5)
+    (out / "config.json").write_text("{}")
+    with open(os.environ["BUILD_LOG"], "a") as f:
+        f.write(f"{os.getpid()} {base.name}\n")
+
+
+def _worker(cache, log, base, q):
+    os.environ["SAFE_TRIGGER_CACHE"], os.environ["BUILD_LOG"] = cache, log
+    think_model.build_think_model = _fake_build
+    model_cache.ensure_embedded = _pretend_base(model_cache.ensure_embedded, base)
+    q.put(str(model_cache.resolve_model("embedded:smollm2-135m-think")))
+
+
+def _pretend_base(ensure, base):
+    return lambda name: Path(base) if name == "smollm2-135m-instruct" else ensure(name)
+
+
+def test_racing_processes_build_once(tmp_path, model_path):
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    log = tmp_path / "log"
+    procs = [ctx.Process(target=_worker, args=(str(tmp_path / "cache"), str(log), model_path, q)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    paths = {q.get(timeout=5) for _ in procs}
+    assert paths == {str(tmp_path / "cache" / "models" / "smollm2-135m-think")}
+    assert log.read_text().split()[1:] == ["smollm2-135m-instruct"]  # one build, from the base model
+    assert (Path(paths.pop()) / "safe-trigger-converted.txt").is_file()
+
+
+@pytest.mark.stack
+def test_the_built_model_thinks_then_answers(think_model_path, data_root):
+    """Built for real: the record of the build, and prompts it never saw (requests and sums) come back with a
+    closed think block and an answer after it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info = json.loads((Path(think_model_path) / think_model.BUILD_INFO).read_text())
+    print(f"think model: {info}")
+    assert info["examples"] >= 40 and info["held_out"] >= 20
+    assert info["held_out_closed_think_and_answered"] >= 0.6
+    tok = AutoTokenizer.from_pretrained(think_model_path)
+    assert convention_of(tok) == "prefilled"
+    model = AutoModelForCausalLM.from_pretrained(think_model_path)
+    unseen = ["What is a good way to learn a new language?", "Natalia has 3 apples and buys 4 more. How many now?"]
+    texts = think_model.generate(model, tok, [think_model.think_prompt(q) for q in unseen], 160)
+    splits = [split_reasoning(t, ReasoningRule(opened=True)) for t in texts]
+    assert sum(bool(s.reasoning and s.answer) for s in splits) >= 1, texts
