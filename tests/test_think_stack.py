@@ -81,7 +81,7 @@ def test_main_job_on_the_think_model(think_stack, capsys):
     assert (sum(v for k, v in dropped.items() if k.endswith("/think_tag_in_review")) > 0) == bool(with_tag)
     assert all("</think>" in e["completion"] and not parse_safe(e["completion"]).triggered
                for e in examples if not e["tagged"])  # general targets keep their reasoning, untouched
-    assert summary["sft_data"]["safe_position"] == {"after_think": len(tagged)}
+    assert summary["sft_data"]["safe_position"] == ({"after_think": len(tagged)} if tagged else {})
     # the report: incomplete answers counted apart, judge health, and where <safe> sits per model
     report = summary["report"]
     metrics = json.load(open(report["metrics"]))
