@@ -41,6 +41,7 @@ def think_stack(tmp_path_factory, data_root, think_model_path):
     ray.shutdown()
 
 
+@pytest.mark.timeout(1800)  # a whole main job: ~620 s on a 2-core AVX2 EPYC, CI machines are slower
 def test_main_job_on_the_think_model(think_stack, capsys):
     from pipelines.chat import load_tokenizer
     from pipelines.judge import judge_prompt_ids
