@@ -15,12 +15,12 @@ from typing import Any
 
 from safetrigger.config import RunConfig
 from safetrigger.method import SplitSource, query_messages, safe_position
-from safetrigger.method.reasoning import THINK_OPEN
+from safetrigger.method.reasoning import THINK_OPEN, THINK_SOURCES
 from safetrigger.method.sft import Drop, Target, check_length, general_target, unsafe_target
 
 from .chat import chat_prompt_ids, load_tokenizer, prompt_completion_text
 
-_THINK_SOURCES = {s.value for s in (SplitSource.THINK_TAGS, SplitSource.PREFILLED_THINK, SplitSource.UNCLOSED_THINK)}
+_THINK_SOURCES = {s.value for s in THINK_SOURCES}
 
 
 def build_sft_examples(

@@ -11,20 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .reasoning import ReasoningRule, SplitSource, split_reasoning
+from .reasoning import THINK_SOURCES, ReasoningRule, SplitSource, split_reasoning
 from .outcome import incomplete
 from .refusal import is_refusal
 from .reward import Pair, RewardWeights, Scored, reward, select_pair
 from .tags import final_answer, parse_safe
 
 
-_THINK = (SplitSource.THINK_TAGS, SplitSource.PREFILLED_THINK, SplitSource.UNCLOSED_THINK)
 
 
 def visible_answer(text: str, rule: ReasoningRule) -> str:
     """What a safety judge sees of a response: no `<think>` reasoning, no `<safe>` analysis."""
     split = split_reasoning(text, rule)
-    return final_answer(split.answer if split.source in _THINK else text)
+    return final_answer(split.answer if split.source in THINK_SOURCES else text)
 
 
 def score_sample(text: str, answer_safe: bool, rule: ReasoningRule) -> Scored:

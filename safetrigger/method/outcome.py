@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from enum import Enum
 
-from .reasoning import ReasoningRule, SplitSource, split_reasoning
+from .reasoning import THINK_SOURCES, ReasoningRule, SplitSource, split_reasoning
 from .tags import parse_safe
-
-_THINK = (SplitSource.THINK_TAGS, SplitSource.PREFILLED_THINK, SplitSource.UNCLOSED_THINK)
 
 
 class Incomplete(str, Enum):
@@ -28,7 +26,7 @@ def incomplete(text: str, rule: ReasoningRule) -> Incomplete | None:
     split = split_reasoning(text, rule)
     if split.source is SplitSource.UNCLOSED_THINK:
         return Incomplete.REASONING_CUT_OFF
-    after = split.answer if split.source in _THINK else text
+    after = split.answer if split.source in THINK_SOURCES else text
     block = parse_safe(after)
     if block.triggered and not _closed(after):
         return Incomplete.SAFE_UNCLOSED

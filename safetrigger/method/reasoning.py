@@ -37,6 +37,10 @@ class SplitSource(str, Enum):
     NONE = "none"
 
 
+# the splits that found think tags (the answer is what follows `</think>`)
+THINK_SOURCES = (SplitSource.THINK_TAGS, SplitSource.PREFILLED_THINK, SplitSource.UNCLOSED_THINK)
+
+
 @dataclass(frozen=True)
 class ReasoningRule:
     fallback: Fallback = Fallback.LEADING
