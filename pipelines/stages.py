@@ -109,13 +109,24 @@ def _train_st_d(job: Job, r: Results, adapter_dir: Path) -> dict[str, Any] | Ski
                      name=adapter_dir.name.replace("-adapter", ""), emit=job.emit)
 
 
+def _weights(c: RunConfig) -> tuple[str, ...]:
+    """A built model's recipe joins the root key (every model-dependent stage descends from `generate`), so a
+    rebuilt model under the same name is not served results of the old one. Empty for other models, whose keys
+    stay as they were."""
+    from safetrigger.model_cache import model_revision
+
+    revision = model_revision(c.model.source)
+    return (revision,) if revision else ()
+
+
 def pipeline_stages() -> list[Stage]:
     """Self-generation to ST-D's eval answers. Each key recipe: the stage's config slice and its inputs' keys."""
     d = lambda c: c.dpo  # noqa: E731
     return [
         Stage("generate", (QUERIES,), lambda c, k: (
             "generate", c.model.model_dump(),
-            c.generation.model_dump(exclude={"batch_size", "concurrency", "chunk_rows", "slow_tokens_per_s"}), k[QUERIES]),
+            c.generation.model_dump(exclude={"batch_size", "concurrency", "chunk_rows", "slow_tokens_per_s"}), k[QUERIES],
+            *_weights(c)),
             _generate, doc="the policy answers every query: think1, answer1"),
         Stage("judge", ("generate",), lambda c, k: ("judge", k["generate"], c.judge.model_dump()), _judge,
               doc="the policy judges its own reasoning (awareness)"),

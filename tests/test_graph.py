@@ -44,6 +44,18 @@ def _cfg():
     return load_config(REPO / "configs" / "embedded.yaml")
 
 
+def test_a_rebuilt_think_model_keys_every_stage_anew(monkeypatch):
+    """The think model is rebuilt under the same name when its recipe changes: a run directory holding results
+    of the old build must not hand them to the new one."""
+    from safetrigger import think_model
+
+    cfg = load_config(REPO / "configs" / "embedded-think.yaml")
+    before = compute_keys(main_graph(cfg), cfg, {QUERIES: "q"})
+    monkeypatch.setattr(think_model, "recipe_id", lambda spec=None: "another-recipe")
+    after = compute_keys(main_graph(cfg), cfg, {QUERIES: "q"})
+    assert all(before[s] != after[s] for s in before if s != QUERIES)
+
+
 def _rows(name):
     def run(job, results, store):
         rows = [{"query_id": f"{name}-{i}", "completion_tokens": 3} for i in range(2)]

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.datasets import load_source
 from safetrigger import model_cache, think_model
+from safetrigger.config import DataConfig, SourceConfig
 from safetrigger.method import ReasoningRule, convention_of, split_reasoning
 
 
@@ -28,13 +30,40 @@ def test_template_prefills_think_and_strips_it_from_history(model_path):
     assert "Scattering." not in text and "<|im_start|>assistant\nRayleigh scattering.<|im_end|>" in text
 
 
-def test_gsm8k_targets_come_from_the_tail_without_calculator_notes(tmp_path):
-    rows = [{"question": f"q{i}", "answer": f"Step {i}: 2+{i}=<<2+{i}={2 + i}>>{2 + i}.\n#### {2 + i}"} for i in range(6)]
+def test_gsm8k_targets_are_what_no_run_reads_without_calculator_notes(tmp_path):
+    """The build trains on the last rows of the order in which a run reads the file, so a run with any `limit`
+    short of those rows never evaluates on them."""
+    rows = [{"question": f"q{i}", "answer": f"Step {i}: 2+{i}=<<2+{i}={2 + i}>>{2 + i}.\n#### {2 + i}"} for i in range(12)]
     path = tmp_path / "gsm8k_train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert think_model.gsm8k_examples(path, 0, 2) == [("q5", "Step 5: 2+5=7.", "The answer is 7."),
-                                                      ("q4", "Step 4: 2+4=6.", "The answer is 6.")]
-    assert [q for q, _, _ in think_model.gsm8k_examples(path, 2, 2)] == ["q3", "q2"]  # held out: never trained on
+    trained = think_model.gsm8k_examples(path, 0, 3)
+    held_out = think_model.gsm8k_examples(path, 3, 2)
+    q = trained[0][0]
+    assert trained[0] == (q, f"Step {q[1:]}: 2+{q[1:]}={2 + int(q[1:])}.", f"The answer is {2 + int(q[1:])}.")
+    src = SourceConfig(type="gsm8k", path="gsm8k_train.jsonl", limit=len(rows) - 3)
+    read = {x.prompt for x in load_source(src, DataConfig(root=str(tmp_path), sources=[src.model_dump()]))}
+    assert read.isdisjoint(t[0] for t in trained) and len(read) == len(rows) - 3
+    assert {t[0] for t in held_out} <= read and not {t[0] for t in held_out} & {t[0] for t in trained}
+
+
+def test_a_cached_model_of_another_recipe_is_built_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFE_TRIGGER_CACHE", str(tmp_path / "cache"))
+    built = []
+
+    def build(base, out, data_root, spec=None, emit=None):
+        built.append(out)
+        (out / think_model.BUILD_INFO).write_text(json.dumps({"recipe": think_model.recipe_id()}))
+
+    monkeypatch.setattr(think_model, "build_think_model", build)
+    monkeypatch.setattr(model_cache, "ensure_embedded", _pretend_base(model_cache.ensure_embedded, tmp_path))
+    target = tmp_path / "cache" / "models" / "smollm2-135m-think"
+    target.mkdir(parents=True)
+    (target / "safe-trigger-converted.txt").write_text("an older build\n")
+    (target / think_model.BUILD_INFO).write_text(json.dumps({"recipe": "older"}))
+    assert model_cache.resolve_model("embedded:smollm2-135m-think") == str(target)
+    assert len(built) == 1 and json.loads((target / think_model.BUILD_INFO).read_text())["recipe"] == think_model.recipe_id()
+    model_cache.resolve_model("embedded:smollm2-135m-think")
+    assert len(built) == 1  # current now: not built again
 
 
 def test_a_missing_gsm8k_file_names_itself(tmp_path, model_path):
@@ -45,6 +74,7 @@ def test_a_missing_gsm8k_file_names_itself(tmp_path, model_path):
 def _fake_build(base, out, data_root, spec=None, emit=None):
     time.sleep(0.5)
     (out / "config.json").write_text("{}")
+    (out / think_model.BUILD_INFO).write_text(json.dumps({"recipe": think_model.recipe_id()}))
     with open(os.environ["BUILD_LOG"], "a") as f:
         f.write(f"{os.getpid()} {base.name}\n")
 
@@ -85,6 +115,8 @@ def test_the_built_model_thinks_then_answers(think_model_path, data_root):
     print(f"think model: {info}")
     assert info["examples"] >= 40 and info["held_out"] >= 20
     assert info["held_out_closed_think_and_answered"] >= 0.6
+    assert info["reviews"] >= 12 and info["held_out_reviews"] >= 6
+    assert info["held_out_reviews_kept"] >= 0.5  # the pipeline's review layout, on harmful requests it never saw
     tok = AutoTokenizer.from_pretrained(think_model_path)
     assert convention_of(tok) == "prefilled"
     model = AutoModelForCausalLM.from_pretrained(think_model_path)
