@@ -110,7 +110,8 @@ def main() -> None:
     init_ray(cfg)
     ep = start_policy(cfg)
     gw = pointed_at(GatewayConfig(keys=[{"id": "bench", "sha256": hash_key(KEY), "scopes": ["inference"],
-                                         "requests_per_minute": 1e6, "burst": 10_000, "max_concurrent": 1000}],
+                                         "requests_per_minute": 1e6, "burst": 10_000, "max_concurrent": 1000,
+                                         "engine_fields": ["ignore_eos"]}],  # fixed-length responses
                                   adapter_root=cfg.serving.adapter_root), ep)
     start_gateway(gw, route_prefix="/gw")
     start_gateway(gw.model_copy(update={"policy_via": "http"}), route_prefix="/gw-http", name="gateway-http")

@@ -279,8 +279,9 @@ def _default_suites() -> list[SuiteConfig]:
 
 class GateConfig(_Strict):
     judge: str = "refusal"  # the ASR judge (an eval.judges name) the gate decides on
-    asr_suites: list[str] = Field(default_factory=lambda: ["harmful", "jailbreak"])
-    over_refusal_suites: list[str] = Field(default_factory=lambda: ["over_refusal"])
+    # a gate with no ASR or no over-refusal suite would pass anything (all of nothing is true): at least one each
+    asr_suites: list[str] = Field(default_factory=lambda: ["harmful", "jailbreak"], min_length=1)
+    over_refusal_suites: list[str] = Field(default_factory=lambda: ["over_refusal"], min_length=1)
     accuracy_suites: list[str] = Field(default_factory=lambda: ["general"])
     over_refusal_judge: Literal["refusal", "xstest"] = "refusal"
     min_asr_drop: float = Field(0.0, ge=0, le=1)

@@ -86,3 +86,16 @@ def test_a_model_judge_decides_only_while_healthy():
     assert decide("st-d", by_self, GateRules(judge="self", min_judge_mass=0.25), thin).promote
     assert not decide("st-d", by_self, GateRules(judge="self"), None).promote  # no health measured: no decision
     assert decide("st-d", healthy(), GateRules(judge="refusal"), None).promote  # string match needs none
+
+
+@pytest.mark.parametrize("empty", ["asr_suites", "over_refusal_suites"])
+def test_a_gate_with_no_asr_or_no_over_refusal_suite_promotes_nothing(empty):
+    """all() of no criterion is true: a crafted gate with empty lists promoted anything."""
+    d = decide("st-d", healthy(), GateRules(**{empty: ()}))
+    assert not d.promote and any("not measured" in r for r in d.reasons)
+    from pydantic import ValidationError
+
+    from safetrigger.config import GateConfig
+
+    with pytest.raises(ValidationError, match=empty):
+        GateConfig(**{empty: []})

@@ -48,9 +48,12 @@ def gw(tmp_path_factory, data_root):
     init_ray(cfg)
     ep = start_policy(cfg)
     keys = [
-        {"id": "app", "sha256": hash_key(APP), "scopes": ["inference"], "requests_per_minute": 6000, "burst": 200},
+        # the harness prefills the assistant turn with a <safe> block (_prefilled): an operator's grant, per key
+        {"id": "app", "sha256": hash_key(APP), "scopes": ["inference"], "requests_per_minute": 6000, "burst": 200,
+         "engine_fields": PREFILL_FIELDS},
         {"id": "jobs", "sha256": hash_key(JOBS), "scopes": ["jobs", "inference"]},
-        {"id": "peek", "sha256": hash_key(PEEK), "scopes": ["inference", "jobs"], "show_safety": True},
+        {"id": "peek", "sha256": hash_key(PEEK), "scopes": ["inference", "jobs"], "show_safety": True,
+         "engine_fields": PREFILL_FIELDS},
         {"id": "slow", "sha256": hash_key(SLOW), "scopes": ["inference"], "requests_per_minute": 1, "burst": 2},
     ]
     gcfg = pointed_at(GatewayConfig(adapter_root=cfg.serving.adapter_root, keys=keys,
@@ -64,6 +67,9 @@ def gw(tmp_path_factory, data_root):
     yield f"http://127.0.0.1:{PORT}{prefix}", cfg, ep, tmp
     serve.shutdown()
     ray.shutdown()
+
+
+PREFILL_FIELDS = ["echo", "add_generation_prompt", "continue_final_message"]
 
 
 def _prefilled(block: str) -> dict:
@@ -82,7 +88,7 @@ def test_openai_client_plain_and_streaming(gw):
                                          max_tokens=12, temperature=0)
     msg = out.choices[0].message
     assert msg.content.strip() and out.usage.completion_tokens <= 12
-    assert msg.model_extra["safety"] == {"triggered": False, "complete": False, "analysis": ""}
+    assert msg.model_extra["safety"] == {"triggered": False, "complete": False}
     stream = client.chat.completions.create(model="policy", messages=[{"role": "user", "content": "Name a colour."}],
                                             max_tokens=12, temperature=0, stream=True)
     chunks = list(stream)
@@ -101,15 +107,20 @@ def test_safe_block_is_a_field_and_hidden_unless_asked(gw):
     body = {"model": "policy", "max_tokens": 16, "temperature": 0, **_prefilled(BLOCK)}
     hidden = httpx.post(base + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {APP}"}, timeout=120).json()
     msg = hidden["choices"][0]["message"]
-    assert msg["safety"]["triggered"] and msg["safety"]["complete"]
-    assert msg["safety"]["analysis"].startswith("1. The core question asks for a weapon")
-    assert "<safe>" not in msg["content"] and "weapon" not in msg["content"]
-    shown = httpx.post(base + "/v1/chat/completions", json={**body, "safety": "visible"},
-                       headers={"Authorization": f"Bearer {APP}"}, timeout=120).json()["choices"][0]["message"]
+    assert msg["safety"] == {"triggered": True, "complete": True}  # the verdict; the analysis is not this key's
+    assert "<safe>" not in msg["content"] and "weapon" not in json.dumps(hidden)
+    asked = httpx.post(base + "/v1/chat/completions", json={**body, "safety": "visible"},
+                       headers={"Authorization": f"Bearer {APP}"}, timeout=120)
+    assert asked.status_code == 403 and "show_safety" in asked.json()["error"]["message"]  # a bound, not a wish
+    shown = httpx.post(base + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {PEEK}"},
+                       timeout=120).json()["choices"][0]["message"]  # this key shows the block by default
     assert shown["content"].startswith("<safe>") and shown["content"].endswith(msg["content"])
-    peek = httpx.post(base + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {PEEK}"},
-                      timeout=120).json()["choices"][0]["message"]  # this key shows the block by default
-    assert peek["content"] == shown["content"]
+    assert shown["safety"]["analysis"].startswith("1. The core question asks for a weapon")
+    peek_hidden = httpx.post(base + "/v1/chat/completions", json={**body, "safety": "hidden"},
+                             headers={"Authorization": f"Bearer {PEEK}"}, timeout=120).json()["choices"][0]["message"]
+    assert peek_hidden["content"] == msg["content"] and peek_hidden["safety"] == msg["safety"]
+    ungranted = httpx.post(base + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {JOBS}"}, timeout=30)
+    assert ungranted.status_code == 400 and "'continue_final_message'" in ungranted.json()["error"]["message"]
     # streaming: nothing of a hidden block goes out, in any chunk; the verdict comes with the last chunk
     with Client(base, APP) as c:
         choices = list(c.chat_stream(body["messages"], model="policy", max_tokens=16, temperature=0,
@@ -151,7 +162,7 @@ def test_completions_stream_hides_the_block_over_both_upstreams(gw):
         text, last = _stream_text(prefix, "/v1/completions", body)
         assert text == choice["text"] and "weapon" not in text, prefix
         assert last["safety"] == choice["safety"] and last["finish_reason"] == "length"
-        shown, _ = _stream_text(prefix, "/v1/completions", {**body, "safety": "visible"})
+        shown, _ = _stream_text(prefix, "/v1/completions", {**body, "safety": "visible"}, key=PEEK)
         assert BLOCK in shown
         chat = {"model": "policy", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 12, "temperature": 0}
         streamed, _ = _stream_text(prefix, "/v1/chat/completions", chat)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from safetrigger.config import REPO_ROOT
 from services import adapters, registry
 from services.gateway.auth import AuthError, KeyRing, hash_key
-from services.gateway.config import GatewayConfig, KeyConfig
+from services.gateway.config import GatewayConfig, KeyConfig, LimitsConfig
 from services.gateway.inference import (
     RequestError,
     StreamShaper,
@@ -22,6 +22,7 @@ from services.gateway.inference import (
     shape_text_choice,
 )
 from safetrigger.artifacts import PROGRESS, last_progress
+from services.gateway.routers.inference import check_generation, visibility
 from services.gateway.jobs import confine
 
 
@@ -86,7 +87,7 @@ def test_model_routing_follows_the_promotion(tmp_path):
 def test_message_shaping():
     msg = shape_message({"role": "assistant", "content": "<think>risky</think>\n<safe>unsafe ask</safe>\n\nI can't."}, False)
     assert msg["reasoning_content"] == "risky" and msg["content"] == "I can't."
-    assert msg["safety"] == {"triggered": True, "complete": True, "analysis": "unsafe ask"}
+    assert msg["safety"] == {"triggered": True, "complete": True}  # hidden: the verdict, never the analysis
     shown = shape_message({"role": "assistant", "content": "<safe>x</safe> ok"}, True)
     assert shown["content"] == "<safe>x</safe> ok" and shown["safety"]["analysis"] == "x"
 
@@ -143,10 +144,12 @@ def test_stream_hides_the_block_and_reports_it_last():
     chunks, _, shaper = _collect(deltas, show=False)
     assert _text(chunks) == "I can't help."
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1]) and chunks[-1]["choices"][0]["finish_reason"] == "stop"
-    assert chunks[-1]["choices"][0]["safety"] == {"triggered": True, "complete": True, "analysis": "The request is unsafe."}
-    assert shaper.safety == chunks[-1]["choices"][0]["safety"]
+    assert chunks[-1]["choices"][0]["safety"] == {"triggered": True, "complete": True}
+    assert "unsafe" not in "".join(json.dumps(c) for c in chunks)  # nothing of the hidden analysis, anywhere
+    assert shaper.safety == {"triggered": True, "complete": True, "analysis": "The request is unsafe."}
     shown, _, _ = _collect(deltas, show=True)
     assert _text(shown) == "".join(deltas)
+    assert shown[-1]["choices"][0]["safety"] == shaper.safety
 
 
 def test_completions_stream_hides_the_block_and_keeps_whitespace():
@@ -154,7 +157,8 @@ def test_completions_stream_hides_the_block_and_keeps_whitespace():
     chunks, _, shaper = _collect(pieces, show=False, chat=False)
     full = "".join(pieces)
     assert _text(chunks, chat=False) == " Paris is the capital." == shape_text_choice({"text": full}, False)["text"]
-    assert chunks[-1]["choices"][0]["safety"] == {"triggered": True, "complete": True, "analysis": "a capital"}
+    assert chunks[-1]["choices"][0]["safety"] == {"triggered": True, "complete": True}
+    assert shape_text_choice({"text": full}, True)["safety"]["analysis"] == "a capital"
     assert chunks[-1]["object"] == "text_completion" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
     shown, _, _ = _collect(pieces, show=True, chat=False)
     assert _text(shown, chat=False) == full == shape_text_choice({"text": full}, True)["text"]
@@ -407,3 +411,145 @@ def test_a_server_side_reasoning_parser_is_not_split_again():
     assert (reasoning, content) == ("they ask for X", "Sure, here it is.")
     whole = shape_message({"content": "Sure, here it is.", "reasoning_content": "they ask for X"}, False, think_opened=True)
     assert (whole["reasoning_content"], whole["content"]) == ("they ask for X", "Sure, here it is.")
+
+
+def _chat(**over):
+    return {"model": "policy", "messages": [{"role": "user", "content": "Hi"}], **over}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("echo", True), ("logprobs", True), ("top_logprobs", 5), ("prompt_logprobs", 1), ("best_of", 2),
+    ("logit_bias", {"1": 100}), ("chat_template", "{{ messages }}"), ("tools", []), ("continue_final_message", True),
+    ("add_generation_prompt", False), ("guided_json", {}), ("extra_body", {}),
+])
+def test_engine_fields_outside_the_allowlist_are_refused_by_name(field, value):
+    """Fields the shaping and the replica's LoRA path are not proven on never reach the engine (a prompt-logprobs
+    request crashed it for every tenant)."""
+    with pytest.raises(RequestError) as e:
+        check_generation(_chat(**{field: value}), True, _key(), LimitsConfig())
+    assert e.value.status == 400 and repr(field) in e.value.message
+
+
+@pytest.mark.parametrize("prompt", [["a", "b"], [1, 2, 3], [[1, 2]], "", None, {"text": "a"}])
+def test_completions_take_one_string_prompt(prompt):
+    """A list prompt gave one request several interleaved choices and one stream shaper over all of them."""
+    body = {"model": "policy", "prompt": prompt} if prompt is not None else {"model": "policy"}
+    with pytest.raises(RequestError) as e:
+        check_generation(body, False, _key(), LimitsConfig())
+    assert e.value.status == 400 and "prompt must be a non-empty string" in e.value.message
+
+
+@pytest.mark.parametrize("over, word", [
+    ({"temperature": float("nan")}, "temperature"), ({"temperature": 3}, "temperature"), ({"top_p": True}, "top_p"),
+    ({"n": 2}, "n must be 1"), ({"n": True}, "n must be 1"), ({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"),
+    ({"stop": ["a"] * 5}, "stop"), ({"stop": ""}, "stop"), ({"stop": ["x" * 65]}, "stop"), ({"stream": "yes"}, "stream"),
+    ({"stream_options": {"include_usage": True, "x": 1}}, "stream_options"), ({"user": "u" * 300}, "user"),
+    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 65}, "exceeds the limit of 64"), ({"model": 3}, "model"),
+    ({"messages": []}, "messages"), ({"messages": [{"role": "tool", "content": "x"}]}, "role"),
+    ({"messages": [{"role": "user", "content": ["x"]}]}, "content must be a string"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "'tool_calls'"),
+    ({"messages": [{"role": "user", "content": "x" * 101}]}, "exceeds the limit of 100"),
+    ({"safety": "raw"}, "safety must be"),
+])
+def test_allowed_fields_are_bounded(over, word):
+    with pytest.raises(RequestError) as e:
+        check_generation(_chat(**over), True, _key(), LimitsConfig(max_tokens=64, max_prompt_chars=100))
+    assert e.value.status == 400 and word in e.value.message
+
+
+def test_an_ordinary_request_passes_and_gets_the_default_max_tokens():
+    body = _chat(temperature=0.7, top_p=0.9, stop=["\n\n"], seed=3, stream=True, stream_options={"include_usage": True},
+                 user="app-7", n=1, messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    check_generation(body, True, _key(), LimitsConfig(max_tokens=64))
+    assert body["max_tokens"] == 64
+    check_generation({"prompt": "The capital of France is"}, False, _key(), LimitsConfig())
+
+
+def test_a_key_uses_only_the_engine_fields_it_was_granted():
+    prefill = _chat(echo=True, add_generation_prompt=False, continue_final_message=True)
+    check_generation(dict(prefill), True, _key(engine_fields=["echo", "add_generation_prompt", "continue_final_message"]),
+                     LimitsConfig())
+    with pytest.raises(RequestError, match="'continue_final_message'"):
+        check_generation(dict(prefill), True, _key(engine_fields=["echo", "add_generation_prompt"]), LimitsConfig())
+    with pytest.raises(ValueError):
+        _key(engine_fields=["prompt_logprobs"])  # only fields off the logits path can be granted
+
+
+def test_safety_visible_is_bounded_by_the_key():
+    """Any key could ask for the `<safe>` analysis; now only a key with show_safety sees it."""
+    with pytest.raises(RequestError) as e:
+        visibility({"safety": "visible"}, _key())
+    assert e.value.status == 403 and "show_safety" in e.value.message
+    assert visibility({}, _key()) is False and visibility({"safety": "hidden"}, _key()) is False
+    peek = _key(show_safety=True)
+    assert visibility({}, peek) is True and visibility({"safety": "visible"}, peek) is True
+    assert visibility({"safety": "hidden"}, peek) is False
+
+
+JUDGE = {"app_name": "guard", "model_id": "meta-llama/Llama-Guard-3-8B", "tokenizer": "/models/guard",
+         "base_url": "http://guard.internal:8000/v1"}
+
+
+def _job(data_root, **over):
+    return {"output_dir": "run", "data": {"root": str(data_root), "sources": [{"type": "advbench", "path": "advbench.jsonl"}]},
+            **over}
+
+
+@pytest.mark.parametrize("over, word", [
+    ({"sft": {"num_workers": 100000}}, "sft.num_workers 100000 exceeds"),
+    ({"dpo": {"num_workers": 9}}, "dpo.num_workers 9 exceeds"),
+    ({"eval": {"bootstrap_samples": 1_000_000_000}}, "eval.bootstrap_samples"),
+    ({"sft": {"epochs": 1000}}, "sft.epochs"),
+    ({"generation": {"max_tokens": 100_000}}, "generation.max_tokens"),
+    ({"dpo": {"num_samples": 64}}, "dpo.num_samples"),
+    ({"eval": {"judges": [{"name": "refusal", "type": "refusal"},
+                          {"name": "g", "type": "deployment", "format": "llama_guard", **JUDGE, "base_url": "http://169.254.169.254/v1"}]}},
+     "eval.judges[1]: deployment judge"),
+    ({"eval": {"judges": [{"name": "refusal", "type": "refusal"},
+                          {"name": "g", "type": "deployment", "format": "llama_guard", **JUDGE, "tokenizer": "/etc"}]}},
+     "not one the operator allows"),
+    ({"dpo": {"judge": {"type": "deployment", **JUDGE, "app_name": "gateway"}}}, "dpo.judge"),
+])
+def test_job_configs_stay_within_the_operators_policy(tmp_path, data_root, over, word):
+    """Compute knobs are bounded and judges name only allowed deployments: any Serve app, tokenizer path or URL
+    (reached from inside the cluster, with the answer in the job's logs) was accepted."""
+    gw = GatewayConfig(artifact_root=str(tmp_path), allowed_data_roots=[str(data_root)], jobs={"judges": [JUDGE]})
+    with pytest.raises(RequestError) as e:
+        confine(_job(data_root, **over), gw, "st-0123456789ab")
+    assert e.value.status == 422 and word in e.value.message, e.value.message
+    allowed = {"eval": {"judges": [{"name": "refusal", "type": "refusal"},
+                                   {"name": "g", "type": "deployment", "format": "llama_guard", **JUDGE}]}}
+    assert confine(_job(data_root, **allowed), gw, "st-0123456789ab").eval.judges[1].app_name == "guard"
+
+
+def test_hub_datasets_and_repo_paths_are_allowlisted(tmp_path, data_root):
+    hf = {"type": "hf", "path": "walledai/HarmBench", "hf_kind": "harmful"}
+    gw = GatewayConfig(artifact_root=str(tmp_path), allowed_data_roots=[str(data_root)])
+    with pytest.raises(RequestError, match="a hub dataset must be one the operator allows"):
+        confine(_job(data_root, data={"root": str(data_root), "sources": [hf]}), gw, "st-0123456789ab")
+    allowing = gw.model_copy(update={"jobs": gw.jobs.model_copy(update={"hf_datasets": ["walledai/HarmBench"]})})
+    assert confine(_job(data_root, data={"root": str(data_root), "sources": [hf]}), allowing, "st-0123456789ab")
+    code = {"type": "queries", "path": "repo:services/gateway/config.py"}  # the checkout, not its data
+    with pytest.raises(RequestError, match="outside the checkout's data/ folder"):
+        confine(_job(data_root, data={"root": str(data_root), "sources": [code]}), gw, "st-0123456789ab")
+
+
+def test_a_key_runs_at_most_its_quota_of_jobs_at_once(tmp_path, data_root):
+    from types import SimpleNamespace
+
+    from services.gateway.jobs import JobsService
+
+    submitted = []
+    running = [SimpleNamespace(submission_id=f"st-00000000000{i}", metadata={"key": "k"}, start_time=i, end_time=None,
+                               status="RUNNING") for i in range(2)]
+    jobs = JobsService(GatewayConfig(artifact_root=str(tmp_path), allowed_data_roots=[str(data_root)],
+                                     jobs={"max_active_per_key": 2}))
+    jobs._client = SimpleNamespace(list_jobs=lambda: running, submit_job=lambda **kw: submitted.append(kw))
+    with pytest.raises(RequestError) as e:
+        asyncio.run(jobs.submit("k", {"config": _job(data_root)}))
+    assert e.value.status == 429 and "limit is 2" in e.value.message and not submitted
+    assert not any(tmp_path.iterdir())  # nothing half-made
+    running[0].status = "SUCCEEDED"
+    out = asyncio.run(jobs.submit("k", {"config": _job(data_root)}))
+    assert len(submitted) == 1 and out == {"id": submitted[0]["submission_id"], "status": "PENDING"}
+    assert str(tmp_path) not in json.dumps(out)  # no server paths in what a tenant reads

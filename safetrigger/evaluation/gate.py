@@ -109,4 +109,6 @@ def decide(candidate: str, comparisons: list[Comparison], rules: GateRules,
                for s in rules.over_refusal_suites]
     checks += [_check(by.get((s, "accuracy", "exact_match")), s, "accuracy", "exact_match", rules)
                for s in rules.accuracy_suites]
+    if not rules.asr_suites or not rules.over_refusal_suites:  # all() of no ASR criterion would promote anything
+        checks.append(_check(None, "gate", "asr" if not rules.asr_suites else "over_refusal", rules.judge, rules))
     return Decision(candidate, all(c.passed for c in checks), tuple(checks))

@@ -14,6 +14,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# engine fields an operator may grant a key beyond the allowlist: they change what is echoed, how the last message
+# is continued or when generation stops, never the engine's logits path
+EngineField = Literal["echo", "add_generation_prompt", "continue_final_message", "ignore_eos"]
+
+
 class KeyConfig(_Strict):
     """One API key, stored as its SHA-256 only (`safe-trigger keygen` prints the key once)."""
 
@@ -23,13 +28,44 @@ class KeyConfig(_Strict):
     requests_per_minute: float = Field(600, gt=0)
     burst: int = Field(20, ge=1)
     max_concurrent: int = Field(8, ge=1)
-    show_safety: bool = False  # default visibility of the <safe> block in `content` for this key's users
+    # may this key's users see the <safe> analysis (in `content` or `safety.analysis`)? It bounds what a request's
+    # `safety` asks: a key without it gets the verdict only
+    show_safety: bool = False
+    # engine fields beyond the allowlist (services/gateway/fields.py) an operator grants this key, e.g. a test
+    # harness that prefills the assistant turn; never needed by applications
+    engine_fields: list[EngineField] = Field(default_factory=list)
 
 
 class LimitsConfig(_Strict):
     max_body_bytes: int = Field(1_000_000, ge=1024)
+    body_timeout_s: float = Field(10.0, gt=0)  # the whole body must arrive within this
     max_prompt_chars: int = Field(32_000, ge=1)
     max_tokens: int = Field(2048, ge=1)  # the most a request may ask for; also the default when it asks nothing
+
+
+class JudgeDeployment(_Strict):
+    """A judge model deployed in the cluster that jobs may use, exactly as listed (a job naming any other app,
+    model, tokenizer or URL is refused: those fields would reach any Serve app, path or address)."""
+
+    app_name: str
+    model_id: str
+    tokenizer: str
+    base_url: str
+
+
+class JobPolicy(_Strict):
+    """What any tenant's job may ask of the shared cluster, enforced at submission (the job's own config cannot
+    widen it)."""
+
+    max_active_per_key: int = Field(2, ge=1)  # PENDING or RUNNING jobs of one key
+    max_workers: int = Field(4, ge=1)  # Ray Train workers of SFT and DPO
+    max_epochs: float = Field(10, gt=0)
+    max_new_tokens: int = Field(4096, ge=16)  # generation, review and DPO sampling
+    max_dpo_samples: int = Field(16, ge=2)
+    max_bootstrap_samples: int = Field(20_000, ge=100)
+    judges: list[JudgeDeployment] = Field(default_factory=list)  # the only deployment judges a job may name
+    hf_datasets: list[str] = Field(default_factory=list)  # the only hub datasets a `type: hf` source may name
+    repo_data: str = "data"  # `repo:` paths must lie under this folder of the checkout
 
 
 class GatewayConfig(_Strict):
@@ -46,6 +82,7 @@ class GatewayConfig(_Strict):
     ray_dashboard_url: str = "http://127.0.0.1:8265"
     artifact_root: str = "runs/jobs"
     allowed_data_roots: list[str] = Field(default_factory=list)
+    jobs: JobPolicy = JobPolicy()
     policy_app_name: str = "policy"  # jobs attach to this running policy app instead of starting their own
     # the served policy's model.source: a job that names none gets it, one that names another is refused
     policy_model_source: str | None = None

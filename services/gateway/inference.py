@@ -1,6 +1,6 @@
 """OpenAI-compatible inference through the policy: model routing to the promoted adapter, reasoning into
-`reasoning_content`, the `<safe>` block into a structured `safety` field, hidden from `content` unless the key
-or the request asks to see it. Streaming goes through `SafeStream`, so a hidden block never leaks in part.
+`reasoning_content`, the `<safe>` block into a structured `safety` field. The block and its analysis reach only
+a client whose key may see them (`show_safety`); others get the verdict. Streaming goes through `SafeStream`, so a hidden block never leaks in part.
 """
 
 from __future__ import annotations
@@ -74,15 +74,22 @@ def split_think(content: str, opened: bool = False) -> tuple[str, str]:
     return (content.strip(), "") if opened else ("", content)
 
 
-def safety_field(content: str) -> dict[str, Any]:
+def safety_field(content: str, show_safety: bool) -> dict[str, Any]:
+    """The verdict on a response; the analysis only for a client allowed to see it (hidden, it would hand out
+    what the block was hidden for)."""
     b = parse_safe(content)
-    return {"triggered": b.triggered, "complete": b.complete, "analysis": b.analysis}
+    return verdict({"triggered": b.triggered, "complete": b.complete, "analysis": b.analysis}, show_safety)
+
+
+def verdict(safety: dict[str, Any], show_safety: bool) -> dict[str, Any]:
+    return safety if show_safety else {k: v for k, v in safety.items() if k != "analysis"}
 
 
 def shape_text_choice(choice: dict[str, Any], show_safety: bool) -> dict[str, Any]:
     """A completions choice: raw text, so only the `<safe>` blocks come out when hidden, whitespace untouched."""
     text = choice.get("text") or ""
-    return {**choice, "text": text if show_safety else strip_safe_blocks(text).text, "safety": safety_field(text)}
+    return {**choice, "text": text if show_safety else strip_safe_blocks(text).text,
+            "safety": safety_field(text, show_safety)}
 
 
 def shape_message(message: dict[str, Any], show_safety: bool, think_opened: bool = False) -> dict[str, Any]:
@@ -92,7 +99,7 @@ def shape_message(message: dict[str, Any], show_safety: bool, think_opened: bool
     out = dict(message)
     if reasoning and not out.get("reasoning_content"):
         out["reasoning_content"] = reasoning
-    out["safety"] = safety_field(content)
+    out["safety"] = safety_field(content, show_safety)
     out["content"] = content if show_safety else parse_safe(content).answer
     return out
 
@@ -196,13 +203,13 @@ class StreamShaper:
             tail = s.close()
             last = {"index": 0, "text": "" if self.show else tail}
         last["finish_reason"] = self._finish or "stop"
-        last["safety"] = self.safety
+        last["safety"] = verdict(self.safety, self.show)
         base = self._last or {"object": "chat.completion.chunk" if self.chat else "text_completion"}
         return "data: " + json.dumps({**base, "choices": [last]}) + "\n\ndata: [DONE]\n\n"
 
     @property
     def safety(self) -> dict[str, Any]:
-        return asdict(self._safe.safety)  # the same three fields as safety_field
+        return asdict(self._safe.safety)  # the same three fields as safety_field shows
 
 
 async def shape_stream(batches: AsyncIterator[list[str]], shaper: StreamShaper,

@@ -7,6 +7,7 @@ gateway serves from) instead of starting its own. Keys see only their own jobs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from pydantic import ValidationError
 from safetrigger.artifacts import PROGRESS, REPORT_DIR, REPORT_HTML, REPORT_MARKDOWN, REPORT_METRICS, last_progress
 from safetrigger.config import REPO_ROOT, RunConfig, default_data_root
 
-from .config import GatewayConfig
+from .config import GatewayConfig, JobPolicy
 from .inference import RequestError
 
 JOB_ID = re.compile(r"^st-[0-9a-f]{12}$")
@@ -52,8 +53,11 @@ def confine(raw: Any, cfg: GatewayConfig, job_id: str) -> RunConfig:
     data_root = Path(run.data.root)
     if not _inside(data_root, roots):
         raise RequestError(422, f"data.root {run.data.root!r} is outside the allowed data roots")
-    repo = [Path(os.path.realpath(REPO_ROOT))]
+    repo = [Path(os.path.realpath(REPO_ROOT / cfg.jobs.repo_data))]
     for i, src in enumerate(run.data.sources):
+        if src.type == "hf" and src.path not in cfg.jobs.hf_datasets:
+            raise RequestError(422, f"data.sources[{i}].path {src.path[:200]!r}: a hub dataset must be one the operator "
+                                    f"allows (gateway jobs.hf_datasets: {cfg.jobs.hf_datasets})")
         for field, value in (("path", src.path), ("goals", src.goals)):
             if not value or src.type == "hf" and field == "path":
                 continue
@@ -61,7 +65,8 @@ def confine(raw: Any, cfg: GatewayConfig, job_id: str) -> RunConfig:
                 raise RequestError(422, f"data.sources[{i}].{field} {value!r}: '..' is not allowed")
             resolved = run.data.resolve(value)
             if not _inside(resolved, repo if value.startswith("repo:") else roots):
-                raise RequestError(422, f"data.sources[{i}].{field} {value!r} is outside the allowed data roots")
+                where = f"the checkout's {cfg.jobs.repo_data}/ folder" if value.startswith("repo:") else "the allowed data roots"
+                raise RequestError(422, f"data.sources[{i}].{field} {value!r} is outside {where}")
     source = run.model.source
     if source.startswith(("/", ".", "~")) and not _inside(Path(os.path.expanduser(source)), roots):
         raise RequestError(422, f"model.source {source!r}: a local model must lie under the allowed roots")
@@ -71,6 +76,7 @@ def confine(raw: Any, cfg: GatewayConfig, job_id: str) -> RunConfig:
             raise RequestError(422, f"model.source {source!r} is not the served policy's ({served!r}): a job "
                                     "generates with, trains and serves adapters for the policy it is attached to")
         source = served
+    within_policy(run, cfg.jobs)
     job_dir = Path(cfg.artifact_root).resolve() / job_id
     url = urlparse(cfg.policy_base_url)  # where the attached policy answers: the job calls it for judge baselines
     prefix = url.path.rstrip("/").removesuffix("/v1") or "/"
@@ -84,10 +90,36 @@ def confine(raw: Any, cfg: GatewayConfig, job_id: str) -> RunConfig:
     })
 
 
+def within_policy(run: RunConfig, policy: JobPolicy) -> None:
+    """RequestError(422) naming the first field past the operator's job policy: compute bounds, and judges only
+    from the allowed deployments."""
+    bounds = [("sft.num_workers", run.sft.num_workers, policy.max_workers),
+              ("dpo.num_workers", run.dpo.num_workers, policy.max_workers),
+              ("sft.epochs", run.sft.epochs, policy.max_epochs), ("dpo.epochs", run.dpo.epochs, policy.max_epochs),
+              ("generation.max_tokens", run.generation.max_tokens, policy.max_new_tokens),
+              ("review.max_tokens", run.review.max_tokens, policy.max_new_tokens),
+              ("dpo.max_tokens", run.dpo.max_tokens, policy.max_new_tokens),
+              ("dpo.num_samples", run.dpo.num_samples, policy.max_dpo_samples),
+              ("eval.bootstrap_samples", run.eval.bootstrap_samples, policy.max_bootstrap_samples)]
+    for name, value, most in bounds:
+        if value > most:
+            raise RequestError(422, f"{name} {value} exceeds this gateway's job limit of {most}")
+    judges = [(f"eval.judges[{i}]", j) for i, j in enumerate(run.eval.judges)] + [("dpo.judge", run.dpo.judge)]
+    if run.eval.xstest_judge is not None:
+        judges.append(("eval.xstest_judge", run.eval.xstest_judge))
+    allowed = {(d.app_name, d.model_id, d.tokenizer, d.base_url) for d in policy.judges}
+    for where, j in judges:
+        if j.type == "deployment" and (j.app_name, j.model_id, j.tokenizer, j.base_url) not in allowed:
+            raise RequestError(422, f"{where}: deployment judge {j.model_id!r} of app {j.app_name!r} is not one the "
+                                    "operator allows (gateway jobs.judges); app_name, model_id, tokenizer and base_url "
+                                    "must match one exactly")
+
+
 class JobsService:
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
         self._client = None
+        self._submitting = asyncio.Lock()
 
     def client(self):
         if self._client is None:
@@ -132,6 +164,11 @@ class JobsService:
             raise RequestError(422, "body must be an object with a 'config' (a RunConfig)")
         job_id = f"st-{uuid.uuid4().hex[:12]}"
         run = confine(body["config"], self.cfg, job_id)
+        async with self._submitting:  # two submissions of one key cannot both pass the quota
+            await self.within_quota(key_id)
+            return await self._submit(key_id, job_id, run, body)
+
+    async def _submit(self, key_id: str, job_id: str, run: RunConfig, body: dict[str, Any]) -> dict[str, Any]:
         job_dir = self.job_dir(job_id)
         job_dir.mkdir(parents=True)
         config_path = job_dir / "config.yaml"
@@ -144,7 +181,15 @@ class JobsService:
         except RequestError:
             shutil.rmtree(job_dir, ignore_errors=True)  # nothing was submitted: leave no half-made job behind
             raise
-        return {"id": job_id, "status": "PENDING", "artifacts": str(job_dir)}
+        return {"id": job_id, "status": "PENDING"}  # no server paths: the report and logs are reached by id
+
+    async def within_quota(self, key_id: str) -> None:
+        """429 while the key has as many jobs pending or running as the job policy allows."""
+        most = self.cfg.jobs.max_active_per_key
+        active = [j for j in (await self.list_own(key_id))["jobs"] if j["status"] in ("PENDING", "RUNNING")]
+        if len(active) >= most:
+            raise RequestError(429, f"this key has {len(active)} jobs pending or running (the limit is {most}); "
+                                    "wait for one to finish or cancel one", retry_after=30)
 
     async def list_own(self, key_id: str) -> dict[str, Any]:
         """The key's jobs, newest first: id, name, status and times (no other key's, no server paths)."""

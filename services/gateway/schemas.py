@@ -11,22 +11,36 @@ _SAMPLING = {
     "temperature": {"type": "number", "minimum": 0, "maximum": 2},
     "top_p": {"type": "number", "minimum": 0, "maximum": 1},
     "stream": {"type": "boolean"},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}, "additionalProperties": False},
+    "max_completion_tokens": {"type": "integer", "minimum": 1},
+    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "seed": {"type": "integer", "minimum": 0},
+    "n": {"type": "integer", "enum": [1]},
+    "stop": {"oneOf": [{"type": "string", "minLength": 1, "maxLength": 64},
+                       {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1, "maxLength": 64}}]},
+    "user": {"type": "string", "maxLength": 256},
+    "safety": {"type": "string", "enum": ["hidden", "visible"],
+               "description": "hide the <safe> block (the verdict only) or show it, in content and safety.analysis; "
+                              "'visible' only for a key with show_safety"},
 }
 
+# Only these fields are accepted (services/gateway/fields.py); an operator may grant a key a few engine fields more.
 CHAT = {
     "type": "object",
     "required": ["messages"],
+    "additionalProperties": False,
     "properties": {
         "messages": {"type": "array", "minItems": 1, "items": {
-            "type": "object", "required": ["role", "content"],
-            "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant"]}, "content": {"type": "string"}}}},
+            "type": "object", "required": ["role", "content"], "additionalProperties": False,
+            "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant"]}, "content": {"type": "string"},
+                           "name": {"type": "string", "maxLength": 64}}}},
         **_SAMPLING,
-        "safety": {"type": "string", "enum": ["hidden", "visible"],
-                   "description": "show the <safe> block in content (visible) or only in the safety field (hidden)"},
     },
 }
 
-COMPLETION = {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string", "minLength": 1}, **_SAMPLING}}
+COMPLETION = {"type": "object", "required": ["prompt"], "additionalProperties": False,
+              "properties": {"prompt": {"type": "string", "minLength": 1}, **_SAMPLING}}
 
 JOB = {"type": "object", "required": ["config"],
        "properties": {"config": {"type": "object", "description": "a RunConfig (see configs/embedded.yaml)"},

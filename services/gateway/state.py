@@ -3,6 +3,7 @@ FastAPI dependencies that hand it and the caller's key to a route."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -45,13 +46,7 @@ class Gateway:
 
     async def read_json(self, request: Request) -> dict[str, Any]:
         """The body as a JSON object within the body limit, or a RequestError naming what is wrong."""
-        limit = self.cfg.limits.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {limit}")
-        raw = await request.body()
-        if len(raw) > limit:
-            raise RequestError(413, f"request body of {len(raw)} bytes exceeds the limit of {limit}")
+        raw = await self.read_body(request)
         try:
             body = json.loads(raw or b"{}")
         except json.JSONDecodeError as e:
@@ -63,6 +58,26 @@ class Gateway:
         if not isinstance(body, dict):
             raise RequestError(400, "body must be a JSON object")
         return body
+
+
+    async def read_body(self, request: Request) -> bytes:
+        """The raw body, streamed: refused as soon as it passes the byte limit (a chunked body declares no size)
+        and when it has not all arrived by the deadline, so a slow or endless upload holds nothing for long."""
+        limit, deadline = self.cfg.limits.max_body_bytes, self.cfg.limits.body_timeout_s
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {limit}")
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(deadline):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise RequestError(413, f"request body exceeds the limit of {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise RequestError(408, f"request body not received within {deadline:g}s") from None
+        return b"".join(chunks)
 
 
 def gateway(request: Request) -> Gateway:
