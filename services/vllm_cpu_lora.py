@@ -16,13 +16,39 @@ import os
 ENV_DISABLE = "SAFE_TRIGGER_NATIVE_LORA_OPS"  # "1": keep vLLM's own per-token ops (for side-by-side benches)
 
 
-def _grouped_matmul(inputs, weights, indices, dtype):
+_log = logging.getLogger("vllm.safe_trigger")
+_warned: set[str] = set()
+
+
+def _per_row(indices, rows: int):
+    """The adapter index of each of `rows` input rows. The logits of prompt log-probs (and echo) are computed for
+    every prompt position of a request while the sampler indices hold one entry per request, so rows and indices
+    disagree there (vLLM's own per-token op fails the same way: an engine crash for every tenant, issue 17). With
+    one adapter in the batch every row takes it; with several, which request a row belongs to is not known here, so
+    those rows get no LoRA delta (the base model's logits) and a warning, never a crash."""
+    import torch
+
+    if indices.shape[0] >= rows:
+        return indices[:rows]
+    groups = torch.unique(indices).tolist()
+    if len(groups) == 1:
+        return indices.new_full((rows,), groups[0])
+    if "mixed" not in _warned:
+        _warned.add("mixed")
+        _log.warning("safe-trigger: %d logits rows for %d requests with different adapters (prompt log-probs in a "
+                     "mixed batch): those rows get the base model's logits", rows, indices.shape[0])
+    return indices.new_full((rows,), -1)
+
+
+def _grouped_matmul(inputs, weights, indices, dtype, rows: int | None = None):
+    """`rows`: how many rows the caller's output has (the inputs may carry padding past them)."""
     import torch
 
     if weights.dim() == 4:
         weights = weights.squeeze(1)
     x = inputs.to(dtype)
-    n = indices.shape[0]
+    n = indices.shape[0] if rows is None or rows <= indices.shape[0] else rows
+    indices = _per_row(indices, n)
     x = x[:n]
     groups = torch.unique(indices).tolist()
     if len(groups) == 1 and groups[0] >= 0:
@@ -37,12 +63,14 @@ def _grouped_matmul(inputs, weights, indices, dtype):
 
 
 def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling=1.0):
-    out = _grouped_matmul(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
+    out = _grouped_matmul(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype,
+                          min(inputs.shape[0], output_tensor.shape[0]))
     output_tensor[:, : out.shape[1]] = scaling * out
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs=True):
-    out = _grouped_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    out = _grouped_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype,
+                          min(inputs.shape[0], output_tensor.shape[0]))
     limit = 1 if out.shape[0] == 1 and output_tensor.shape[0] != 1 else output_tensor.shape[0]
     common = min(out.shape[1], output_tensor.shape[1])
     if add_inputs:
@@ -53,7 +81,8 @@ def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_
 
 def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size,
                       add_inputs=True):
-    out = _grouped_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    out = _grouped_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype,
+                          min(inputs.shape[0], output_tensor.shape[0]))
     if add_inputs:
         output_tensor[:, slice_offset : slice_offset + slice_size] += out
     else:
@@ -80,4 +109,4 @@ def register() -> None:
         module.bgmv_expand = bgmv_expand
         module.bgmv_expand_slice = bgmv_expand_slice
     # a "vllm." logger: vLLM configures those in every process it starts, the engine core included
-    logging.getLogger("vllm.safe_trigger").info("safe-trigger: grouped CPU LoRA ops installed (pid %d)", os.getpid())
+    _log.info("safe-trigger: grouped CPU LoRA ops installed (pid %d)", os.getpid())

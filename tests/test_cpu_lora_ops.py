@@ -59,3 +59,39 @@ def test_single_adapter_fast_path_and_no_adapter_rows(batch):
     ours.bgmv_expand(batch["h"], batch["b"], out, mixed, True)
     assert torch.equal(out[::2], base[::2])
     assert not torch.allclose(out[1::2], base[1::2])
+
+
+@pytest.mark.parametrize("requests", [1, 7])
+def test_prompt_logprob_rows_take_the_batchs_one_adapter(batch, requests):
+    """Prompt log-probs compute logits for every prompt position while the sampler indices hold one entry per
+    request: 46 rows against 7 indices crashed the engine for every tenant (issue 17, finding 0). With one adapter in
+    the batch every row takes it, as vLLM's op computes when given one index per row."""
+    g = torch.Generator().manual_seed(1)
+    rows = 46
+    x, h = torch.randn(rows, 48, generator=g), torch.randn(rows, batch["rank"], generator=g)
+    idx, per_row = torch.full((requests,), 2), torch.full((rows,), 2)
+    want, got = torch.zeros(rows, batch["rank"]), torch.zeros(rows, batch["rank"])
+    native.bgmv_shrink(x, batch["a"], want, per_row, 0.5)
+    ours.bgmv_shrink(x, batch["a"], got, idx, 0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    base = torch.randn(rows, batch["d_out"], generator=g)
+    want, got = base.clone(), base.clone()
+    native.bgmv_expand(h, batch["b"], want, per_row, True)
+    ours.bgmv_expand(h, batch["b"], got, idx, True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if requests > 1:
+        with pytest.raises(RuntimeError):  # vLLM's own op, given what the engine gives it
+            native.bgmv_shrink(x, batch["a"], torch.zeros(rows, batch["rank"]), idx, 0.5)
+
+
+def test_prompt_logprob_rows_of_a_mixed_batch_get_base_logits_not_a_crash(batch):
+    rows = 46
+    x, h = torch.randn(rows, 48), torch.randn(rows, batch["rank"])
+    idx = torch.tensor([0, 1, 2, 0, -1, 1, 2])
+    shrunk = torch.full((rows, batch["rank"]), 7.0)
+    ours.bgmv_shrink(x, batch["a"], shrunk, idx, 1.0)
+    assert torch.equal(shrunk, torch.zeros(rows, batch["rank"]))
+    base = torch.randn(rows, batch["d_out"])
+    out = base.clone()
+    ours.bgmv_expand(h, batch["b"], out, idx, True)
+    assert torch.equal(out, base)

@@ -6,6 +6,7 @@ One engine for the whole module (vLLM start-up costs 25-100 s here); tests use s
 import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -250,6 +251,14 @@ def test_adapters_hot_load_and_never_serve_stale_weights(stack):
     assert ep.loaded_adapters() == {"policy:st": "policy:st@v2"}
     assert listed("policy:st") == (2, 2)
     assert ask("policy") == base  # the base model is untouched
+    # prompt log-probs through an adapter, alone and in batches mixed with the base: logits for every prompt
+    # position against one sampler index per request crashed the engine for every tenant (issue 17, finding 0)
+    plp = {"prompt": "The capital of France is", "max_tokens": 2, "prompt_logprobs": 1, "temperature": 0}
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda m: httpx.post(ep.base_url + "/completions", json={**plp, "model": m}, timeout=300),
+                                ["policy:st", "policy:st", "policy", "policy:st", "policy"]))
+    assert all(r.status_code == 200 and r.json()["choices"][0]["prompt_logprobs"] for r in replies), [r.text for r in replies]
+    assert ask("policy:st") == v2 and ask("policy") == base  # the engine lives on, both models unchanged
     r = httpx.post(ep.base_url + "/chat/completions", timeout=60,
                    json={"model": "policy:missing", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     assert r.status_code >= 400 and "missing" in r.text
