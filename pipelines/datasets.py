@@ -17,6 +17,8 @@ from typing import Any
 from safetrigger.config import DataConfig, SourceConfig
 from safetrigger.method import Kind, Label, Query, assign_split, query_id, stable_hash
 
+from .benchmarks import LOADERS as BENCHMARK_LOADERS
+
 TEMPLATE_SLOT = re.compile(r"\{\{\s*prompt\s*\}\}")
 _GSM8K_FINAL = re.compile(r"####\s*([-\d,\.]+)\s*$")
 
@@ -238,6 +240,8 @@ def load_source(src: SourceConfig, data: DataConfig) -> list[Query]:
         queries = load_gsm8k(path, data)
     elif src.type == "queries":
         queries = load_queries(path, data)
+    elif src.type in BENCHMARK_LOADERS:
+        queries = BENCHMARK_LOADERS[src.type](path, src, data)
     else:
         queries = load_hf(src, data)
     if not queries:

@@ -89,7 +89,9 @@ class RayConfig(_Strict):
 
 
 class SourceConfig(_Strict):
-    type: Literal["advbench", "jailbreak_templates", "jbb", "xstest", "gsm8k", "queries", "hf"]
+    # the last six: the paper's and its peers' benchmarks in their published formats (pipelines/benchmarks.py)
+    type: Literal["advbench", "jailbreak_templates", "jbb", "xstest", "gsm8k", "queries", "hf",
+                  "harmbench", "strongreject", "hex_phi", "wildjailbreak", "jbb_behaviors", "or_bench"]
     path: str
     limit: int | None = Field(None, ge=1)
     # jailbreak_templates: where the harmful goals come from, and how many templates to cross with them
@@ -98,6 +100,8 @@ class SourceConfig(_Strict):
     max_template_chars: int = Field(2000, ge=100)
     # xstest: which half ("safe" prompts test over-refusal, "unsafe" are contrast prompts); both when None
     xstest_label: Literal["safe", "unsafe"] | None = None
+    # jbb_behaviors / or_bench: a file that holds one class says which (JBB's benign behaviours, OR-Bench's toxic set)
+    label: Literal["safe", "unsafe"] | None = None
     # hf: a hub dataset name with its split and column mapping
     hf_split: str = "train"
     hf_prompt_column: str = "prompt"
