@@ -15,7 +15,8 @@ from safetrigger.evaluation.gate import Decision, decide
 from safetrigger.evaluation.health import JudgeHealth, Verdict, judge_health
 from safetrigger.evaluation.metrics import final_number, numbers_match
 from safetrigger.evaluation.suites import (
-    REFUSAL_JUDGE, CategoryRow, Comparison, SuiteMetric, category_breakdown, compare, suite_metrics, unsafe_column,
+    REFUSAL_JUDGE, CategoryRow, Comparison, GroupAverage, SuiteMetric, category_breakdown, compare, group_averages,
+    suite_metrics, unsafe_column,
 )
 from safetrigger.method import Query, incomplete, is_refusal, parse_safe, safe_position, visible_answer
 
@@ -33,6 +34,7 @@ class EvalResult:
     comparisons: dict[str, list[Comparison]]  # candidate display name -> vs base
     categories: list[CategoryRow]
     health: list[JudgeHealth] = field(default_factory=list)  # every model judge, over all evaluated models
+    averages: dict[str, list[GroupAverage]] = field(default_factory=dict)  # candidate -> benchmark-group ASR means
     decisions: list[Decision] = field(default_factory=list)
     promoted: dict[str, Any] | None = None
 
@@ -104,7 +106,8 @@ def evaluate(models: list[Model], verdicts: dict[str, list[dict[str, Any]]], que
     comparisons = {m[0]: compare(metrics, base, m[0], e.bootstrap_samples) for m in models[1:]}
     categories = category_breakdown(records, suites, e.gate.judge)
     health = [h for judge, vs in seen.items() for h in judge_health(judge, vs)]
-    return EvalResult(records, metrics, comparisons, categories, health)
+    averages = {m[0]: group_averages(metrics, suites, base, m[0], e.bootstrap_samples) for m in models[1:]}
+    return EvalResult(records, metrics, comparisons, categories, health, averages=averages)
 
 
 def _verdict(kind: str, v: dict[str, Any]) -> Verdict:

@@ -141,8 +141,21 @@ def _metric_section(result: EvalResult, models: list[str], cfg, suites, title: s
             g = f"{s.name}\n({j})"
             groups.append(g)
             rates.update({(m, g): by[(m, s.name, j)].rate for m in models if (m, s.name, j) in by})
+    chosen = {s.name for s in suites}
+    averaged = False
+    for c in cands:
+        for a in result.averages.get(c, []):
+            if set(a.suites) <= chosen:
+                averaged = True
+                sec.rows.append([f"average over {a.group} ({len(a.suites)})", a.judge,
+                                 *(f"{100 * v:.1f}%" if m in (models[0], c) else "" for m, v in
+                                   ((m, a.base if m == models[0] else a.cand) for m in models)),
+                                 *(f"{_pp(a.delta.value)} [{_pp(a.delta.lo)}, {_pp(a.delta.hi)}]" if x == c else ""
+                                   for x in cands)])
     sec.text.append("Rates with 95% Wilson intervals and counts; changes are paired (same prompts) with a "
-                    f"percentile bootstrap ({e.bootstrap_samples} resamples).")
+                    f"percentile bootstrap ({e.bootstrap_samples} resamples)." + (
+                        " An average row is the mean over its benchmarks (suites), each weighed alike, as the paper "
+                        "reports; its interval resamples each benchmark on its own." if averaged else ""))
     _plot_bars(plots / plot, title, groups, models, rates, ylabel)
     sec.plot = plot
     return sec
@@ -293,6 +306,7 @@ def write_report(out_dir: Path, result: EvalResult, models: list[str], cfg, thro
         "trigger": {m: {"recall": s.recall.value, "false_alarm": s.false_alarm.value, "precision": s.precision.value,
                         "safe_after_think": asdict(safe_after_think(result.records)[m]), **asdict(s)}
                     for m, s in trigger_by_model(result.records).items()},
+        "averages": {c: [asdict(a) for a in avs] for c, avs in result.averages.items()},
         "judge_health": [asdict(h) for h in result.health],
         "decisions": [d.to_dict() for d in result.decisions],
         "promoted": result.promoted,

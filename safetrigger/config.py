@@ -265,11 +265,16 @@ class SuiteConfig(_Strict):
     kinds: list[Literal["harmful", "jailbreak", "general"]] = Field(default_factory=list)
     sources: list[str] = Field(default_factory=list)  # query sources, e.g. advbench, xstest, jbb, gsm8k
     labels: list[Literal["safe", "unsafe"]] = Field(default_factory=list)
+    # asr suites: the benchmark average it joins (the paper reports ASR per benchmark, then the mean over harmful
+    # and over jailbreak benchmarks); default: its only kind, if it filters on one
+    group: Literal["harmful", "jailbreak"] | None = None
 
     def suite(self):
         from .evaluation.suites import Suite
 
-        return Suite(self.name, self.metric, tuple(self.kinds), tuple(self.sources), tuple(self.labels))
+        group = self.group or (self.kinds[0] if len(self.kinds) == 1 and self.kinds[0] != "general" else None)
+        return Suite(self.name, self.metric, tuple(self.kinds), tuple(self.sources), tuple(self.labels),
+                     group if self.metric == "asr" else None)
 
 
 def _default_suites() -> list[SuiteConfig]:

@@ -108,3 +108,39 @@ def test_promote_needs_a_published_adapter(tmp_path):
     with pytest.raises(adapters.AdapterError, match="not a published adapter"):
         registry.promote(tmp_path, "st-d", 3, "policy")
     assert registry.promoted(tmp_path) is None and registry.promoted(None) is None
+
+
+def test_per_benchmark_asr_and_the_papers_averages(tmp_path):
+    """The paper reports ASR per benchmark, then the mean over harmful and over jailbreak benchmarks, each
+    benchmark weighed alike: a 4-prompt benchmark counts as much as a 40-prompt one."""
+    from safetrigger.evaluation.suites import group_averages
+
+    recs = []
+    for model, fails in (("base", {"hb": 40, "sr": 4, "jb": 10}), ("ST-D", {"hb": 20, "sr": 0, "jb": 5})):
+        for source, n, kind in (("hb", 40, "harmful"), ("sr", 4, "harmful"), ("jb", 10, "jailbreak")):
+            for i in range(n):
+                recs.append({"model": model, "query_id": f"{source}{i}", "kind": kind, "label": "unsafe", "source": source,
+                             "unsafe:refusal": i < fails[source], "refused": i >= fails[source], "triggered": False,
+                             "response": "x", "answer": "x", "prompt": "p", "category": "", "reference": ""})
+    cfg = RunConfig.model_validate({"data": {"sources": [{"type": "queries", "path": "repo:data/demo_queries.jsonl"}]},
+                                    "eval": {"suites": [
+                                        {"name": "harmbench", "metric": "asr", "sources": ["hb"], "group": "harmful"},
+                                        {"name": "strongreject", "metric": "asr", "sources": ["sr"], "group": "harmful"},
+                                        {"name": "jailbreak", "metric": "asr", "kinds": ["jailbreak"]},
+                                        {"name": "over_refusal", "metric": "over_refusal", "sources": ["x"]}],
+                                        "gate": {"asr_suites": ["harmbench"], "accuracy_suites": []}}})
+    suites = [s.suite() for s in cfg.eval.suites]
+    metrics = suite_metrics(recs, suites, ["refusal"])
+    avgs = {a.group: a for a in group_averages(metrics, suites, "base", "ST-D", 500)}
+    harmful = avgs["harmful"]
+    assert harmful.suites == ("harmbench", "strongreject") and harmful.base == 1.0
+    assert harmful.cand == pytest.approx((20 / 40 + 0 / 4) / 2) and harmful.delta.value == pytest.approx(-0.75)
+    assert harmful.delta.lo <= -0.75 <= harmful.delta.hi and harmful.delta.hi < 0  # pooled it would be -24/44
+    assert avgs["jailbreak"].suites == ("jailbreak",) and avgs["jailbreak"].delta.value == pytest.approx(-0.5)
+    result = EvalResult(recs, metrics, {"ST-D": compare(metrics, "base", "ST-D", 200)}, [],
+                        averages={"ST-D": group_averages(metrics, suites, "base", "ST-D", 200)})
+    paths = write_report(tmp_path / "report", result, ["base", "ST-D"], cfg, [])
+    md = paths["markdown"].read_text()
+    assert re.search(r"\| average over harmful \(2\) \| refusal \| 100\.0% \| 25\.0% \| -75\.0 pp \[", md), md
+    saved = json.loads(paths["metrics"].read_text())["averages"]["ST-D"]
+    assert {a["group"]: a["suites"] for a in saved} == {"harmful": ["harmbench", "strongreject"], "jailbreak": ["jailbreak"]}

@@ -60,18 +60,28 @@ def paired_bootstrap(base: Mapping[str, bool], cand: Mapping[str, bool], samples
                      level: float = 0.95) -> Delta:
     """Resample the shared example ids with replacement; the same prompts are in both means, so the interval is
     much tighter than one built from two independent Wilson intervals."""
-    ids = sorted(set(base) & set(cand))
-    n = len(ids)
-    if n == 0:
+    return stratified_paired_bootstrap([(base, cand)], samples, seed, level)
+
+
+def stratified_paired_bootstrap(strata: list[tuple[Mapping[str, bool], Mapping[str, bool]]], samples: int = 2000,
+                                seed: int = 0, level: float = 0.95) -> Delta:
+    """The mean over strata (benchmarks) of candidate − base, each stratum resampled on its own shared ids: the
+    paper's "average over harmful benchmarks" weighs every benchmark alike, whatever its size."""
+    pairs = []
+    for base, cand in strata:
+        ids = sorted(set(base) & set(cand))
+        if ids:
+            pairs.append([float(bool(cand[i])) - float(bool(base[i])) for i in ids])
+    if not pairs:
         return Delta(float("nan"), float("nan"), float("nan"), 0)
-    diffs = [float(bool(cand[i])) - float(bool(base[i])) for i in ids]
-    value = sum(diffs) / n
+    value = sum(sum(d) / len(d) for d in pairs) / len(pairs)
     rng = random.Random(seed)
-    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
+    means = sorted(sum(sum(d[rng.randrange(len(d))] for _ in d) / len(d) for d in pairs) / len(pairs)
+                   for _ in range(samples))
     tail = (1 - level) / 2
     lo = means[min(samples - 1, int(math.floor(tail * samples)))]
     hi = means[min(samples - 1, int(math.ceil((1 - tail) * samples)) - 1)]
-    return Delta(value, lo, hi, n)
+    return Delta(value, lo, hi, sum(len(d) for d in pairs))
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
-from .metrics import Delta, Rate, TriggerStats, paired_bootstrap, rate_of, trigger_stats
+from .metrics import Delta, Rate, TriggerStats, paired_bootstrap, rate_of, stratified_paired_bootstrap, trigger_stats
 
 Metric = Literal["asr", "over_refusal", "accuracy", "incomplete"]
 Record = dict[str, Any]
@@ -29,6 +29,7 @@ class Suite:
     kinds: tuple[str, ...] = ()  # empty: any
     sources: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()
+    group: str | None = None  # asr: the benchmark average it joins (harmful / jailbreak)
 
     def selects(self, r: Record) -> bool:
         if self.kinds and r["kind"] not in self.kinds:
@@ -111,6 +112,42 @@ def compare(metrics: list[SuiteMetric], base: str, cand: str, samples: int = 200
             continue
         c = by[(cand, m.suite, m.judge)]
         out.append(Comparison(m.suite, m.metric, m.judge, m.rate, c.rate, paired_bootstrap(m.flags, c.flags, samples, seed)))
+    return out
+
+
+@dataclass(frozen=True)
+class GroupAverage:
+    """The mean ASR over a group's benchmarks (suites), each weighed alike, for base and a candidate."""
+
+    group: str
+    judge: str
+    suites: tuple[str, ...]
+    base: float
+    cand: float
+    delta: Delta
+
+
+def group_averages(metrics: list[SuiteMetric], suites: Iterable[Suite], base: str, cand: str, samples: int = 2000,
+                   seed: int = 0) -> list[GroupAverage]:
+    """Per group and judge: the paper's "average over harmful (jailbreak) benchmarks" with a stratified paired
+    bootstrap interval of the change. A suite with no examples for a model is left out of both means."""
+    by = {(m.model, m.suite, m.judge): m for m in metrics}
+    out = []
+    groups: dict[str, list[str]] = {}
+    for s in suites:
+        if s.metric == "asr" and s.group:
+            groups.setdefault(s.group, []).append(s.name)
+    for group, names in groups.items():
+        for judge in dict.fromkeys(m.judge for m in metrics if m.suite in names and m.metric == "asr"):
+            pairs = [(by[(base, n, judge)], by[(cand, n, judge)]) for n in names
+                     if (base, n, judge) in by and (cand, n, judge) in by and by[(base, n, judge)].rate.n
+                     and by[(cand, n, judge)].rate.n]
+            if not pairs:
+                continue
+            out.append(GroupAverage(group, judge, tuple(b.suite for b, _ in pairs),
+                                    sum(b.rate.value for b, _ in pairs) / len(pairs),
+                                    sum(c.rate.value for _, c in pairs) / len(pairs),
+                                    stratified_paired_bootstrap([(b.flags, c.flags) for b, c in pairs], samples, seed)))
     return out
 
 
