@@ -18,6 +18,7 @@ from safetrigger.config import DataConfig, SourceConfig
 from safetrigger.method import Kind, Label, Query, assign_split, query_id, stable_hash
 
 from .benchmarks import LOADERS as BENCHMARK_LOADERS
+from .splits import SplitAudit, count_moved, drop_near_duplicates, source_rules
 
 TEMPLATE_SLOT = re.compile(r"\{\{\s*prompt\s*\}\}")
 _GSM8K_FINAL = re.compile(r"####\s*([-\d,\.]+)\s*$")
@@ -226,7 +227,8 @@ def load_hf(src: SourceConfig, data: DataConfig) -> list[Query]:
     ]
 
 
-def load_source(src: SourceConfig, data: DataConfig) -> list[Query]:
+def load_source(src: SourceConfig, data: DataConfig, audit: SplitAudit | None = None) -> list[Query]:
+    """One source's queries after the per-source leakage rules, a hash-ordered sample of `limit`."""
     path = data.resolve(src.path)
     if src.type == "advbench":
         queries = load_advbench(path, data)
@@ -246,16 +248,26 @@ def load_source(src: SourceConfig, data: DataConfig) -> list[Query]:
         queries = load_hf(src, data)
     if not queries:
         raise DatasetError(f"{src.type} source {path}: no queries")
+    queries = source_rules(queries, data, audit if audit is not None else SplitAudit())
     queries.sort(key=lambda q: stable_hash(q.id))
-    return queries[: src.limit] if src.limit else queries
+    sample = queries[: src.limit] if src.limit else queries
+    if audit is not None:
+        count_moved(sample, data, audit)
+    return sample
 
 
 def load_all(data: DataConfig) -> list[Query]:
     """Every configured source; a prompt listed twice by one source is asked once."""
+    return load_all_audited(data)[0]
+
+
+def load_all_audited(data: DataConfig) -> tuple[list[Query], SplitAudit]:
+    """`load_all` and what its leakage rules removed or moved (pipelines/splits.py)."""
+    audit = SplitAudit()
     seen: dict[str, Query] = {}
     for src in data.sources:
-        for q in load_source(src, data):
+        for q in load_source(src, data, audit):
             seen.setdefault(q.id, q)
     if not seen:
         raise DatasetError("the configured data sources hold no queries")
-    return list(seen.values())
+    return drop_near_duplicates(list(seen.values()), data.near_duplicate_threshold, audit), audit

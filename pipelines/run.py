@@ -70,16 +70,18 @@ class LazyPolicy:
             serve.delete(self.endpoint.app_name)
 
 
-def load_queries(cfg: RunConfig, out: Path, emit) -> list:
-    from .datasets import load_all
+def load_queries(cfg: RunConfig, out: Path, emit) -> tuple[list, Any]:
+    """The run's queries and the audit of its leakage rules."""
+    from .datasets import load_all_audited
 
-    queries = load_all(cfg.data)
+    queries, audit = load_all_audited(cfg.data)
     _write_queries(out, queries)
     counts: dict[str, int] = {}
     for q in queries:
         counts[f"{q.kind}/{q.split}"] = counts.get(f"{q.kind}/{q.split}", 0) + 1
     emit(f"[data] {len(queries)} queries: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
-    return queries
+    emit(f"[data] {audit.line()}")
+    return queries, audit
 
 
 def queries_key(queries) -> str:
@@ -104,7 +106,7 @@ def _run(cfg: RunConfig, out: Path, emit, endpoint) -> dict[str, Any]:
     precision = precision_report(cfg)
     emit_precision(precision, emit)
     cfg = with_serving_dtype(cfg, precision["serving"]["dtype"])
-    queries = load_queries(cfg, out, emit)
+    queries, audit = load_queries(cfg, out, emit)
     model_path = resolve_model(cfg.model.source)
     timings: dict[str, float] = {}
     policy = LazyPolicy(cfg, model_path, endpoint, emit, timings)
@@ -113,13 +115,14 @@ def _run(cfg: RunConfig, out: Path, emit, endpoint) -> dict[str, Any]:
     keys = compute_keys(stages, cfg, {QUERIES: queries_key(queries)})
     results = run_stages(stages, job, keys, {QUERIES: queries})
 
-    tables = _tables(job, results)
+    tables = _tables(job, results, f"Data: {audit.line()}.")
     report = _evaluate_and_report(job, results, tables["markdown"]) if cfg.eval.enabled else {}
     policy.stop_if_owned()
     summary = {
         "name": cfg.name,
         "model": cfg.model.source,
         "queries": len(queries),
+        "splits": asdict(audit),
         "precision": precision,
         "stages": stage_paths(stages, out, keys),
         "sft_data": _value(results, "sft-data", "stats"),
@@ -151,7 +154,7 @@ def _answers(results: dict[str, Any], stage: str) -> list[dict[str, Any]]:
     return [] if r is None or isinstance(r, Skip) else [t for t in r if t["split"] == "eval"]
 
 
-def _tables(job: Job, results: dict[str, Any]) -> dict[str, Any]:
+def _tables(job: Job, results: dict[str, Any], data_line: str = "") -> dict[str, Any]:
     """Awareness (the policy judging its own reasoning), `<safe>` trigger rates per model, DPO pair statistics."""
     from .awareness import awareness_table, format_table
     from .dpo_data import format_pair_table
@@ -163,7 +166,7 @@ def _tables(job: Job, results: dict[str, Any]) -> dict[str, Any]:
     trigger_text = format_trigger_table(triggers)
     pair_stats = _value(results, "dpo-pairs", "stats")
     pair_text = format_pair_table(pair_stats) if pair_stats else ""
-    markdown = "\n\n".join(x for x in (text, trigger_text, pair_text) if x)
+    markdown = "\n\n".join(x for x in (data_line, text, trigger_text, pair_text) if x)
     (job.out / "awareness.md").write_text(markdown + "\n")
     job.emit("\n" + text + "\n\n" + trigger_text + "\n")
     return {"awareness": [asdict(r) for r in table], "trigger": [asdict(r) for r in triggers], "markdown": markdown}

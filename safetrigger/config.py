@@ -128,6 +128,11 @@ class DataConfig(_Strict):
     dpo_fraction: float = Field(0.5, ge=0, le=1)
     dpo_kinds: list[Literal["harmful", "jailbreak", "general"]] = Field(default_factory=lambda: ["jailbreak"])
     split_salt: str = "safe-trigger"
+    # leakage rules (pipelines/splits.py): templates held apart like goals; over-refusal sets' safe prompts in eval
+    # only; eval prompts that paraphrase a training goal dropped (content-word Jaccard; None: keep them)
+    hold_out_templates: bool = True
+    eval_only_safe_sources: list[str] = Field(default_factory=lambda: ["xstest", "or_bench"])
+    near_duplicate_threshold: float | None = Field(0.6, gt=0, le=1)
     sources: list[SourceConfig] = Field(min_length=1)
 
     def resolve(self, path: str) -> Path:
