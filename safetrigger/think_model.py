@@ -9,9 +9,10 @@ generation at all. This builds the smallest model that takes those paths, from d
 - for everyday requests (`data/think_prompts.jsonl`) the model's own answer is split where the pipeline's
   `leading` rule splits it for the plain model: its first paragraph (else sentence) becomes the think block.
 - for harmful requests the project wrote itself (`data/review_prompts.jsonl`, in no benchmark) the model's own
-  structured self-review, made as the pipeline makes it for the plain model, goes after a closed think block.
-  Without these the think model, asked to review after `</think>`, wrote closing tags in place of every part
-  (7 of 8 reviews dropped as `think_tag_in_review` in the main job on it, and no tagged SFT target).
+  structured self-review, made as the pipeline makes it for the plain model, in the pipeline's layout for the
+  think model (`<safe>` after a closed think block, one row per part with its cue in the prompt). Without these
+  the think model, asked to review after `</think>`, wrote closing tags in place of every part (7 of 8 reviews
+  dropped as `think_tag_in_review`); trained on whole reviews it recited the cues instead (83 of 94 dropped).
 A LoRA adapter is trained on those targets (completion only) and merged, and the tokenizer gets an R1-style
 chat template: the generation prompt ends with `<think>\\n` and earlier assistant turns keep only what follows
 `</think>`. `build.json` beside the weights records the time taken and how often held-out prompts (requests
@@ -70,11 +71,22 @@ class ThinkBuild:
 
 
 Example = tuple[str, str, str]  # (request, reasoning, answer)
+Row = tuple[str, str]  # (prompt, completion) as the trainer sees it: loss on the completion only
+
+
+def think_row(request: str, reasoning: str, answer: str) -> Row:
+    return think_prompt(request), f"{reasoning}\n</think>\n\n{answer}"
+
+
+# Raised whenever the way a build turns its data into training rows changes (the spec and files are hashed apart).
+# 2: reviews as one row per part, the cue in the prompt. 3: no empty part (the base model often ended the line at once).
+RECIPE_VERSION = 3
 
 
 def recipe_id(spec: ThinkBuild = ThinkBuild()) -> str:
     """Names what a build makes: a cached model built by another recipe is built again."""
-    inputs = [json.dumps(asdict(spec), sort_keys=True), THINK_TEMPLATE, PROMPTS.read_text(), REVIEW_PROMPTS.read_text()]
+    inputs = [str(RECIPE_VERSION), json.dumps(asdict(spec), sort_keys=True), THINK_TEMPLATE, PROMPTS.read_text(),
+              REVIEW_PROMPTS.read_text()]
     return f"{stable_hash(chr(0).join(inputs)):016x}"
 
 
@@ -107,34 +119,51 @@ def own_examples(model: Any, tok: Any, requests: list[str], max_new_tokens: int)
     return out
 
 
-def own_reviews(model: Any, tok: Any, requests: list[str], spec: ThinkBuild) -> list[Example]:
+def own_reviews(model: Any, tok: Any, requests: list[str], spec: ThinkBuild) -> list[list[Row]]:
     """The base model's first thoughts on each request, then its structured self-review of them, made as the
-    pipeline makes it for a model with no think tags. The think target puts the review after an empty closed
-    think block, where the pipeline's review prefill opens `<safe>` for a prefilled template; reviews the SFT
-    data stage would drop are left out."""
+    pipeline makes it for a model with no think tags; reviews the SFT data stage would drop are left out. Each
+    review becomes the rows of the pipeline's own layout for the think model (the `<safe>` block opened after an
+    empty closed think block): one row per part, its cue in the prompt and the model's words the completion, and
+    one for the answer after the block. Trained as one completion, cues and all, the think model learnt the cues
+    and not the parts: asked for part 1 it wrote the cue of part 2 (83 of 94 reviews in a main job)."""
     thoughts = [_lead(t) for t in generate(model, tok, [_plain_prompt(tok, r) for r in requests], spec.max_new_tokens)]
     turns = [review_messages(q, r) for q, r in zip(requests, thoughts)]
     prefixes = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) + review_prefill("none")
                 for m in turns]
     out = []
-    for turn, written in zip(turns, structured_reviews(model, tok, prefixes, spec)):
-        if unsafe_target("", written, think_tags=True).drop is None:
-            out.append((turn[0]["content"], "", SAFE_OPEN + "\n" + written))
+    for turn, (parts, answer) in zip(turns, structured_reviews(model, tok, prefixes, spec)):
+        if not well_formed(parts, answer):
+            continue
+        head = think_prompt(turn[0]["content"]) + review_prefill("prefilled")
+        rows = [(head + structured_review_text(parts[:i]), f" {part}\n") for i, part in enumerate(parts)]
+        out.append(rows + [(head + structured_review_text(parts), answer)])
     return out
 
 
-def structured_reviews(model: Any, tok: Any, prefixes: list[str], spec: ThinkBuild) -> list[str]:
-    """What each prompt's model writes after the opened `<safe>`: one greedy line per cued part, the block closed,
-    then an answer cut where it would open or close another block (the pipeline's `structured` review mode)."""
+def well_formed(parts: list[str], answer: str) -> bool:
+    """A review the SFT data stage keeps, every part in the model's own words (not empty), and an answer that is
+    not the cue list going on ("4. What's next? …", a third of the base model's answers)."""
+    return (all(parts) and not re.match(r"\d+\.\s", answer)
+            and unsafe_target("", structured_review_text(parts) + answer, think_tags=True).drop is None)
+
+
+def structured_reviews(model: Any, tok: Any, prefixes: list[str], spec: ThinkBuild) -> list[tuple[list[str], str]]:
+    """The parts and the answer each prompt's model writes after the opened `<safe>`: one greedy line per cued
+    part (never an empty one: its first token may not end the line, as the pipeline's `min_tokens` has it), then
+    the answer after the closed block, cut where it would open or close another block (the pipeline's
+    `structured` review mode)."""
+    line_ends = sorted({i for text in ("\n", "\n\n", " \n") for i in tok.encode(text, add_special_tokens=False)[-1:]}
+                       | {tok.eos_token_id})
     parts: list[list[str]] = [[] for _ in prefixes]
     for _ in REVIEW_PART_CUES:
         texts = generate(model, tok, [p + structured_review_text(done) for p, done in zip(prefixes, parts)],
-                         spec.part_max_tokens)
+                         spec.part_max_tokens, begin_suppress_tokens=line_ends)
         for done, text in zip(parts, texts):
             done.append(text.split("\n", 1)[0].strip())
-    heads = [structured_review_text(done) for done in parts]
-    answers = generate(model, tok, [p + h for p, h in zip(prefixes, heads)], spec.max_new_tokens)
-    return [h + re.split(f"{re.escape(SAFE_OPEN)}|{re.escape(SAFE_CLOSE)}", a)[0].strip() for h, a in zip(heads, answers)]
+    answers = generate(model, tok, [p + structured_review_text(done) for p, done in zip(prefixes, parts)],
+                       spec.max_new_tokens)
+    return [(done, re.split(f"{re.escape(SAFE_OPEN)}|{re.escape(SAFE_CLOSE)}", a)[0].strip())
+            for done, a in zip(parts, answers)]
 
 
 def _lead(text: str) -> str:
@@ -142,14 +171,14 @@ def _lead(text: str) -> str:
     return split.reasoning or text.strip()
 
 
-def generate(model: Any, tok: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
+def generate(model: Any, tok: Any, prompts: list[str], max_new_tokens: int, **options: Any) -> list[str]:
     import torch
 
     tok.padding_side = "left"
     batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                             repetition_penalty=1.1)
+                             repetition_penalty=1.1, **options)
     return tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -162,13 +191,13 @@ def think_prompt(request: str) -> str:
     return f"<|im_start|>user\n{request}<|im_end|>\n<|im_start|>assistant\n<think>\n"
 
 
-def train_merged(model: Any, tok: Any, examples: list[Example], spec: ThinkBuild, scratch: Path) -> Any:
+def train_merged(model: Any, tok: Any, examples: list[Row], spec: ThinkBuild, scratch: Path) -> Any:
     """LoRA on the think targets (loss on the completion only), merged into the weights."""
     import datasets
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    rows = [{"prompt": think_prompt(q), "completion": f"{r}\n</think>\n\n{a}"} for q, r, a in examples]
+    rows = [{"prompt": prompt, "completion": completion} for prompt, completion in examples]
     args = SFTConfig(output_dir=str(scratch), per_device_train_batch_size=spec.batch_size, num_train_epochs=spec.epochs,
                      learning_rate=spec.learning_rate, lr_scheduler_type="constant", logging_steps=50,
                      save_strategy="no", report_to="none", use_cpu=True, seed=spec.seed, completion_only_loss=True,
@@ -192,8 +221,8 @@ def review_rate(model: Any, tok: Any, requests: list[str], spec: ThinkBuild) -> 
     thoughts = [split_reasoning(t, rule).reasoning or t.strip() for t in texts]
     prefixes = [think_prompt(review_messages(q, r)[0]["content"]) + review_prefill("prefilled")
                 for q, r in zip(requests, thoughts)]
-    written = structured_reviews(model, tok, prefixes, spec)
-    return sum(unsafe_target("", w, think_tags=True).drop is None for w in written) / max(len(written), 1)
+    reviews = structured_reviews(model, tok, prefixes, spec)
+    return sum(well_formed(parts, answer) for parts, answer in reviews) / max(len(reviews), 1)
 
 
 def format_rate(model: Any, tok: Any, requests: list[str], max_new_tokens: int) -> float:
@@ -223,10 +252,11 @@ def build_think_model(base: Path, out: Path, data_root: Path, spec: ThinkBuild =
     requests, harmful = read_prompts(PROMPTS), read_prompts(REVIEW_PROMPTS)
     emit(f"[think-model] answering {spec.self_prompts} requests and reviewing {spec.review_prompts} with the base model")
     reviews = own_reviews(model, tok, harmful[:spec.review_prompts], spec)
-    examples = (gsm8k_examples(gsm8k, 0, spec.gsm8k) + own_examples(model, tok, requests[:spec.self_prompts],
-                                                                    spec.max_new_tokens) + reviews)
-    emit(f"[think-model] training on {len(examples)} think targets, {len(reviews)} of them reviews "
-         f"({time.monotonic() - started:.0f}s so far)")
+    thinking = gsm8k_examples(gsm8k, 0, spec.gsm8k) + own_examples(model, tok, requests[:spec.self_prompts],
+                                                                   spec.max_new_tokens)
+    examples = [think_row(*e) for e in thinking] + [row for rows in reviews for row in rows]
+    emit(f"[think-model] training on {len(thinking)} think targets and {len(reviews)} reviews ({len(examples)} rows; "
+         f"{time.monotonic() - started:.0f}s so far)")
     with tempfile.TemporaryDirectory() as scratch:
         model = train_merged(model, tok, examples, spec, Path(scratch))
     held_out = requests[spec.self_prompts:] + [q for q, _, _ in gsm8k_examples(gsm8k, spec.gsm8k, spec.held_out_gsm8k)]
@@ -235,7 +265,8 @@ def build_think_model(base: Path, out: Path, data_root: Path, spec: ThinkBuild =
     tok.chat_template = THINK_TEMPLATE
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    info = {"recipe": recipe_id(spec), "spec": asdict(spec), "examples": len(examples), "reviews": len(reviews),
+    info = {"recipe": recipe_id(spec), "spec": asdict(spec), "examples": len(thinking) + len(reviews),
+            "think_targets": len(thinking), "reviews": len(reviews), "rows": len(examples),
             "held_out": len(held_out), "held_out_closed_think_and_answered": rate,
             "held_out_reviews": len(harmful) - spec.review_prompts, "held_out_reviews_kept": reviewed,
             "seconds": round(time.monotonic() - started, 1),

@@ -40,3 +40,15 @@ def test_too_long_is_dropped_not_truncated():
     assert check_length(t, prompt_tokens=10, count_tokens=words, max_length=100).completion == t.completion
     dropped = check_length(t, prompt_tokens=99, count_tokens=words, max_length=100)
     assert dropped.completion is None and dropped.drop is Drop.TOO_LONG
+
+
+def test_a_review_that_recites_the_cues_is_dropped():
+    """The embedded think model wrote the next part's cue in place of each part (83 of 94 reviews of a main job):
+    a block of cues teaches the model to recite them, not to review."""
+    from safetrigger.method import REVIEW_PART_CUES, structured_review_text
+
+    recited = structured_review_text([REVIEW_PART_CUES[1], REVIEW_PART_CUES[2], "</safe>"]) + "I can't help."
+    assert unsafe_target("r", recited, True).drop is Drop.ECHOED_CUE
+    own_words = structured_review_text(["No, it asks for a weapon.", "No.", "Refuse and point to safety."]) + "I can't help."
+    t = unsafe_target("r", own_words, True)
+    assert t.drop is None and all(t.completion.count(cue) == 1 for cue in REVIEW_PART_CUES)

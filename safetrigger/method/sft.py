@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
 
+from .prompts import REVIEW_PART_CUES
 from .reasoning import THINK_CLOSE, THINK_OPEN, join_reasoning
 from .tags import SAFE_OPEN, parse_safe, render_safe_block
 
@@ -28,6 +29,7 @@ class Drop(str, Enum):
     TOO_LONG = "too_long"
     TAG_IN_ANSWER = "tag_in_answer"
     THINK_TAG_IN_REVIEW = "think_tag_in_review"
+    ECHOED_CUE = "echoed_cue"
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,10 @@ def unsafe_target(reasoning: str, review_generated: str, think_tags: bool, reaso
         # The review is written after a closed think block: a `<think>`/`</think>` in it would put a second
         # reasoning block (or a stray close) after `<safe>` in the target, and split_reasoning would cut there.
         return Target(None, Drop.THINK_TAG_IN_REVIEW, True)
+    if any(review_generated.count(cue) > 1 for cue in REVIEW_PART_CUES):
+        # a structured part that writes the next cue instead of the model's own words (the embedded think model
+        # did on 83 of 94 reviews): a block of cues, no review, that would teach the model to recite them
+        return Target(None, Drop.ECHOED_CUE, True)
     if _has_tag(block.answer) or block.count > 1:
         return Target(None, Drop.TAG_IN_ANSWER, True)  # a second or stray tag would teach the model to loop
     safe = render_safe_block(_without_tags(block.analysis))
