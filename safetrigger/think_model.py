@@ -63,6 +63,7 @@ class ThinkBuild:
     held_out_gsm8k: int = 12
     max_new_tokens: int = 64
     part_max_tokens: int = 32  # one line of a structured review
+    review_attempts: int = 4  # per harmful request: greedy, then sampled until one review is well formed
     epochs: int = 2
     batch_size: int = 8
     learning_rate: float = 2e-3
@@ -79,8 +80,9 @@ def think_row(request: str, reasoning: str, answer: str) -> Row:
 
 
 # Raised whenever the way a build turns its data into training rows changes (the spec and files are hashed apart).
-# 2: reviews as one row per part, the cue in the prompt. 3: no empty part (the base model often ended the line at once).
-RECIPE_VERSION = 3
+# 2: reviews as one row per part, the cue in the prompt. 3: no empty part (the base model often ended the line at
+# once). 4: sampled attempts until a review is well formed (greedy alone: 5 of 18).
+RECIPE_VERSION = 4
 
 
 def recipe_id(spec: ThinkBuild = ThinkBuild()) -> str:
@@ -126,14 +128,25 @@ def own_reviews(model: Any, tok: Any, requests: list[str], spec: ThinkBuild) -> 
     empty closed think block): one row per part, its cue in the prompt and the model's words the completion, and
     one for the answer after the block. Trained as one completion, cues and all, the think model learnt the cues
     and not the parts: asked for part 1 it wrote the cue of part 2 (83 of 94 reviews in a main job)."""
+    import torch
+
     thoughts = [_lead(t) for t in generate(model, tok, [_plain_prompt(tok, r) for r in requests], spec.max_new_tokens)]
     turns = [review_messages(q, r) for q, r in zip(requests, thoughts)]
     prefixes = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) + review_prefill("none")
                 for m in turns]
+    found: dict[int, tuple[list[str], str]] = {}
+    for attempt in range(spec.review_attempts):  # greedy first, then sampled: the first well-formed review counts
+        todo = [i for i in range(len(turns)) if i not in found]
+        if not todo:
+            break
+        torch.manual_seed(spec.seed + attempt)
+        sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.95} if attempt else {}
+        for i, review in zip(todo, structured_reviews(model, tok, [prefixes[i] for i in todo], spec, **sampling)):
+            if well_formed(*review):
+                found[i] = review
     out = []
-    for turn, (parts, answer) in zip(turns, structured_reviews(model, tok, prefixes, spec)):
-        if not well_formed(parts, answer):
-            continue
+    for i, (parts, answer) in sorted(found.items()):
+        turn = turns[i]
         head = think_prompt(turn[0]["content"]) + review_prefill("prefilled")
         rows = [(head + structured_review_text(parts[:i]), f" {part}\n") for i, part in enumerate(parts)]
         out.append(rows + [(head + structured_review_text(parts), answer)])
@@ -147,7 +160,8 @@ def well_formed(parts: list[str], answer: str) -> bool:
             and unsafe_target("", structured_review_text(parts) + answer, think_tags=True).drop is None)
 
 
-def structured_reviews(model: Any, tok: Any, prefixes: list[str], spec: ThinkBuild) -> list[tuple[list[str], str]]:
+def structured_reviews(model: Any, tok: Any, prefixes: list[str], spec: ThinkBuild,
+                       **sampling: Any) -> list[tuple[list[str], str]]:
     """The parts and the answer each prompt's model writes after the opened `<safe>`: one greedy line per cued
     part (never an empty one: its first token may not end the line, as the pipeline's `min_tokens` has it), then
     the answer after the closed block, cut where it would open or close another block (the pipeline's
@@ -157,11 +171,11 @@ def structured_reviews(model: Any, tok: Any, prefixes: list[str], spec: ThinkBui
     parts: list[list[str]] = [[] for _ in prefixes]
     for _ in REVIEW_PART_CUES:
         texts = generate(model, tok, [p + structured_review_text(done) for p, done in zip(prefixes, parts)],
-                         spec.part_max_tokens, begin_suppress_tokens=line_ends)
+                         spec.part_max_tokens, begin_suppress_tokens=line_ends, **sampling)
         for done, text in zip(parts, texts):
             done.append(text.split("\n", 1)[0].strip())
     answers = generate(model, tok, [p + structured_review_text(done) for p, done in zip(prefixes, parts)],
-                       spec.max_new_tokens)
+                       spec.max_new_tokens, **sampling)
     return [(done, re.split(f"{re.escape(SAFE_OPEN)}|{re.escape(SAFE_CLOSE)}", a)[0].strip())
             for done, a in zip(parts, answers)]
 
@@ -177,8 +191,8 @@ def generate(model: Any, tok: Any, prompts: list[str], max_new_tokens: int, **op
     tok.padding_side = "left"
     batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                             repetition_penalty=1.1, **options)
+        out = model.generate(**batch, **{"max_new_tokens": max_new_tokens, "do_sample": False,
+                                         "pad_token_id": tok.pad_token_id, "repetition_penalty": 1.1, **options})
     return tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
