@@ -108,7 +108,7 @@ def test_safe_block_is_a_field_and_hidden_unless_asked(gw):
     hidden = httpx.post(base + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {APP}"}, timeout=120).json()
     msg = hidden["choices"][0]["message"]
     assert msg["safety"] == {"triggered": True, "complete": True}  # the verdict; the analysis is not this key's
-    assert "<safe>" not in msg["content"] and "weapon" not in json.dumps(hidden)
+    assert "<safe>" not in msg["content"] and "weapon" not in msg["content"]
     asked = httpx.post(base + "/v1/chat/completions", json={**body, "safety": "visible"},
                        headers={"Authorization": f"Bearer {APP}"}, timeout=120)
     assert asked.status_code == 403 and "show_safety" in asked.json()["error"]["message"]  # a bound, not a wish
