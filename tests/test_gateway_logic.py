@@ -553,3 +553,19 @@ def test_a_key_runs_at_most_its_quota_of_jobs_at_once(tmp_path, data_root):
     out = asyncio.run(jobs.submit("k", {"config": _job(data_root)}))
     assert len(submitted) == 1 and out == {"id": submitted[0]["submission_id"], "status": "PENDING"}
     assert str(tmp_path) not in json.dumps(out)  # no server paths in what a tenant reads
+
+
+def test_engine_fields_that_echo_the_prompt_never_reach_a_client():
+    """A hidden response carried the prefilled `<safe>` block token by token in vLLM's `prompt_logprobs`."""
+    from services.gateway.inference import public_fields
+
+    leak = [{"12": {"decoded_token": " weapon"}}]
+    out = public_fields({"id": "c", "choices": [{"index": 0, "message": {"content": "ok"}, "token_ids": [1],
+                                                 "prompt_logprobs": leak}],
+                         "prompt_logprobs": leak, "prompt_token_ids": [1], "prompt_text": "<safe>weapon", "usage": {}})
+    assert "weapon" not in json.dumps(out) and out["choices"][0]["message"] == {"content": "ok"} and "usage" in out
+    shaper = StreamShaper(True, False)
+    sent = shaper.feed(json.dumps({"object": "chat.completion.chunk", "prompt_logprobs": leak,
+                                   "choices": [{"index": 0, "delta": {"content": "Hi"}}]}))
+    sent += shaper.feed(json.dumps({"object": "chat.completion.chunk", "prompt_text": "<safe>weapon", "choices": []}))
+    assert "weapon" not in sent + shaper.finish()

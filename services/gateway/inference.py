@@ -74,6 +74,23 @@ def split_think(content: str, opened: bool = False) -> tuple[str, str]:
     return (content.strip(), "") if opened else ("", content)
 
 
+# vLLM's own response fields beside OpenAI's: the prompt back (its tokens, text and per-token log-probs) and engine
+# internals. A prefilled or echoed `<safe>` block came back through `prompt_logprobs` token by token in a hidden
+# response; none of them is something a client of this gateway asked for.
+ENGINE_RESPONSE_FIELDS = ("prompt_logprobs", "prompt_token_ids", "prompt_text", "kv_transfer_params",
+                          "ec_transfer_params", "metrics")
+ENGINE_CHOICE_FIELDS = ("token_ids", "prompt_token_ids", "routed_experts", "prompt_logprobs")
+
+
+def public_fields(response: dict[str, Any]) -> dict[str, Any]:
+    """The response without vLLM's prompt-echoing and internal fields, at the top and in every choice."""
+    out = {k: v for k, v in response.items() if k not in ENGINE_RESPONSE_FIELDS}
+    if isinstance(out.get("choices"), list):
+        out["choices"] = [{k: v for k, v in c.items() if k not in ENGINE_CHOICE_FIELDS} if isinstance(c, dict) else c
+                          for c in out["choices"]]
+    return out
+
+
 def safety_field(content: str, show_safety: bool) -> dict[str, Any]:
     """The verdict on a response; the analysis only for a client allowed to see it (hidden, it would hand out
     what the block was hidden for)."""
@@ -156,10 +173,10 @@ class StreamShaper:
 
     def feed(self, data: str) -> str:
         """One upstream SSE payload -> the SSE event(s) to send now ("" when everything is held back)."""
-        chunk = json.loads(data)
+        chunk = public_fields(json.loads(data))
         if not chunk.get("choices"):
             self._last = chunk  # e.g. a usage-only chunk: passed on as is
-            return f"data: {data}\n\n"
+            return f"data: {json.dumps(chunk)}\n\n"
         choice = chunk["choices"][0]
         self._finish = choice.get("finish_reason") or self._finish
         self._last = chunk

@@ -14,7 +14,9 @@ from .. import schemas
 from ..config import KeyConfig, LimitsConfig
 from ..errors import error_response
 from ..fields import check_fields
-from ..inference import RequestError, StreamShaper, resolve_model, shape_message, shape_stream, shape_text_choice
+from ..inference import (
+    RequestError, StreamShaper, public_fields, resolve_model, shape_message, shape_stream, shape_text_choice,
+)
 from ..state import Gateway, GatewayDep, InferenceKey
 from ..upstream import UpstreamError
 
@@ -118,7 +120,7 @@ async def _stream(gw: Gateway, key: KeyConfig, kind: str, model: str, prepared, 
 
 
 async def _complete(gw: Gateway, kind: str, model: str, prepared, chat: bool, show: bool, own: list[float]):
-    out = await gw.upstream().complete(kind, model, prepared)
+    out = public_fields(await gw.upstream().complete(kind, model, prepared))
     t = time.thread_time()
     tokens = int((out.get("usage") or {}).get("completion_tokens") or 0)
     choices = out.get("choices") or []
