@@ -26,8 +26,6 @@ from pathlib import Path
 from safetrigger.config import DataConfig, SourceConfig
 from safetrigger.method import Kind, Label, Query
 
-BENCHMARK_TYPES = ("harmbench", "strongreject", "hex_phi", "wildjailbreak", "jbb_behaviors", "or_bench")
-
 Row = dict[str, str]
 
 
@@ -134,4 +132,3 @@ def load_or_bench(path: Path, src: SourceConfig, data: DataConfig) -> list[Query
 
 LOADERS = {"harmbench": load_harmbench, "strongreject": load_strongreject, "hex_phi": load_hex_phi,
            "wildjailbreak": load_wildjailbreak, "jbb_behaviors": load_jbb_behaviors, "or_bench": load_or_bench}
-assert set(LOADERS) == set(BENCHMARK_TYPES)

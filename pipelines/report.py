@@ -147,9 +147,9 @@ def _metric_section(result: EvalResult, models: list[str], cfg, suites, title: s
         for a in result.averages.get(c, []):
             if set(a.suites) <= chosen:
                 averaged = True
+                means = {models[0]: a.base, c: a.cand}
                 sec.rows.append([f"average over {a.group} ({len(a.suites)})", a.judge,
-                                 *(f"{100 * v:.1f}%" if m in (models[0], c) else "" for m, v in
-                                   ((m, a.base if m == models[0] else a.cand) for m in models)),
+                                 *(f"{100 * means[m]:.1f}%" if m in means else "" for m in models),
                                  *(f"{_pp(a.delta.value)} [{_pp(a.delta.lo)}, {_pp(a.delta.hi)}]" if x == c else ""
                                    for x in cands)])
     sec.text.append("Rates with 95% Wilson intervals and counts; changes are paired (same prompts) with a "

@@ -145,10 +145,9 @@ def own_reviews(model: Any, tok: Any, requests: list[str], spec: ThinkBuild) -> 
             if well_formed(*review):
                 found[i] = review
     out = []
-    for i, (parts, answer) in sorted(found.items()):
-        turn = turns[i]
-        head = think_prompt(turn[0]["content"]) + review_prefill("prefilled")
-        rows = [(head + structured_review_text(parts[:i]), f" {part}\n") for i, part in enumerate(parts)]
+    for request, (parts, answer) in sorted(found.items()):
+        head = think_prompt(turns[request][0]["content"]) + review_prefill("prefilled")
+        rows = [(head + structured_review_text(parts[:k]), f" {part}\n") for k, part in enumerate(parts)]
         out.append(rows + [(head + structured_review_text(parts), answer)])
     return out
 
