@@ -230,6 +230,32 @@ def load_hf(src: SourceConfig, data: DataConfig) -> list[Query]:
 def load_source(src: SourceConfig, data: DataConfig, audit: SplitAudit | None = None) -> list[Query]:
     """One source's queries after the per-source leakage rules, a hash-ordered sample of `limit`."""
     path = data.resolve(src.path)
+    try:
+        queries = _read_source(src, path, data)
+    except UnicodeDecodeError:  # every file loader reads UTF-8: name the file and the first line that is not
+        files = [path] + ([data.resolve(src.goals)] if src.goals else [])
+        raise DatasetError(next((f"{f}:{n}: not valid UTF-8" for f in files if (n := _first_undecodable_line(f))),
+                                f"{path}: not valid UTF-8")) from None
+    if not queries:
+        raise DatasetError(f"{src.type} source {path}: no queries")
+    queries = source_rules(queries, data, audit if audit is not None else SplitAudit())
+    queries.sort(key=lambda q: stable_hash(q.id))
+    sample = queries[: src.limit] if src.limit else queries
+    if audit is not None:
+        count_moved(sample, data, audit)
+    return sample
+
+
+def _first_undecodable_line(path: Path) -> int | None:
+    for lineno, line in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            return lineno
+    return None
+
+
+def _read_source(src: SourceConfig, path: Path, data: DataConfig) -> list[Query]:
     if src.type == "advbench":
         queries = load_advbench(path, data)
     elif src.type == "jailbreak_templates":
@@ -246,14 +272,7 @@ def load_source(src: SourceConfig, data: DataConfig, audit: SplitAudit | None = 
         queries = BENCHMARK_LOADERS[src.type](path, src, data)
     else:
         queries = load_hf(src, data)
-    if not queries:
-        raise DatasetError(f"{src.type} source {path}: no queries")
-    queries = source_rules(queries, data, audit if audit is not None else SplitAudit())
-    queries.sort(key=lambda q: stable_hash(q.id))
-    sample = queries[: src.limit] if src.limit else queries
-    if audit is not None:
-        count_moved(sample, data, audit)
-    return sample
+    return queries
 
 
 def load_all(data: DataConfig) -> list[Query]:
