@@ -137,3 +137,24 @@ def run_answer_judge(samples: list[dict[str, Any]], endpoint: PolicyEndpoint, cf
     items = [(sample_id(s["query_id"], i), s["prompt"], visible_answer(text, rule))
              for s in samples for i, text in enumerate(s["samples"])]
     return judge_answers(items, endpoint, cfg.dpo.judge, cfg, store, "dpo-judge")
+
+
+def selection_id(candidate: str, judge: str) -> str:
+    return f"{candidate}@{judge}"
+
+
+def run_review_judge(reviews: list[dict[str, Any]], trajectories: list[dict[str, Any]], endpoint: PolicyEndpoint,
+                     cfg: RunConfig, store: StageStore) -> list[dict[str, Any]]:
+    """Every `review.select_judges` verdict on every review candidate's answer after its block (never the
+    analysis), one row per (candidate, judge): `<candidate id>@<judge name>`. A candidate with no answer after
+    its block is not judged: the SFT rules drop it anyway."""
+    from safetrigger.method import SAFE_OPEN, parse_safe
+    from safetrigger.method.sft import candidate_id
+
+    n = cfg.review.candidates
+    prompt = {candidate_id(t["query_id"], i, n): t["prompt"] for t in trajectories for i in range(n)}
+    answers = [(r["query_id"], parse_safe(SAFE_OPEN + r["review"]).answer) for r in reviews]
+    for judge in cfg.review.select_judges:
+        items = [(selection_id(cid, judge.name), prompt[cid], answer) for cid, answer in answers if answer]
+        judge_answers(items, endpoint, judge, cfg, store, f"review-judge/{judge.name}")
+    return store.read()

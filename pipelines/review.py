@@ -7,6 +7,9 @@ Two modes (`review.mode`):
 - `structured`: one round per part of the block, each cued and finished by the policy in one line, then the
   block is closed and a last round writes the answer. Each round commits to its own store, so a killed stage
   resumes in the round it was in.
+
+`review.candidates` > 1 samples several reviews per query (structured: several answers after one block), each
+a row of its own (`<query_id>#<i>`), for the SFT data stage to select from by their judges' verdicts.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 from safetrigger.config import RunConfig
 from safetrigger.method import REVIEW_PART_CUES, SAFE_CLOSE, SAFE_OPEN, review_messages, review_prefill, stable_hash, structured_review_text
+from safetrigger.method.sft import candidate_id
 from services.policy import PolicyEndpoint
 
 from .chat import chat_prompt_ids, convention, load_tokenizer, truncate_tokens
@@ -53,6 +57,8 @@ class _Pre:
     def __init__(self, model: str, cfg: RunConfig, round_name: str = "", line: bool = False) -> None:
         self.model, self.temperature, self.top_p, self.seed = model, cfg.review.temperature, cfg.generation.top_p, cfg.generation.seed
         self.round_name, self.line = round_name, line
+        if round_name == "answer" and cfg.review.answer_temperature is not None:
+            self.temperature = cfg.review.answer_temperature
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         sampling: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": int(row["max_tokens"]),
@@ -77,22 +83,31 @@ def _post(row: dict[str, Any]) -> dict[str, Any]:
 def run_review(
     trajectories: list[dict[str, Any]], endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore, adapter: str = ""
 ) -> list[dict[str, Any]]:
+    """One row per review candidate (`review.candidates`; id `candidate_id`), resuming from what the store holds."""
+    n = cfg.review.candidates
     todo = [t for t in trajectories if needs_review(t)]
     done = store.done_ids()
-    pending = [t for t in todo if t["query_id"] not in done]
+    pending = [t for t in todo if any(candidate_id(t["query_id"], i, n) not in done for i in range(n))]
     model = endpoint.served_model(adapter)
     g = cfg.generation
     if cfg.review.mode == "free":
-        rows = plan_review_rows(pending, cfg, endpoint.model_path)
+        rows = plan_review_rows(_as_candidates(pending, n, done), cfg, endpoint.model_path)
         run_through_policy(rows, endpoint, _Pre(model, cfg), _post, store, "review", batch_size=g.batch_size,
-                           concurrency=g.concurrency, chunk_rows=g.chunk_rows, total=len(todo))
+                           concurrency=g.concurrency, chunk_rows=g.chunk_rows, total=len(todo) * n)
         return store.read()
-    _structured(pending, endpoint, cfg, store, model, total=len(todo))
+    _structured(pending, endpoint, cfg, store, model, done)
     return store.read()
 
 
-def _structured(pending, endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore, model: str, total: int) -> None:
-    g = cfg.generation
+def _as_candidates(trajectories: list[dict[str, Any]], n: int, skip: set[str]) -> list[dict[str, Any]]:
+    """Each trajectory once per candidate still to write, under the candidate's id (its sampling seed differs)."""
+    return [dict(t, query_id=cid) for t in trajectories for i in range(n)
+            if (cid := candidate_id(t["query_id"], i, n)) not in skip]
+
+
+def _structured(pending, endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore, model: str, done: set[str]) -> None:
+    """The block's parts once per query; then `review.candidates` answers after it, each its own row."""
+    g, n = cfg.generation, cfg.review.candidates
     rounds = Path(f"{store.root}.rounds")
     parts: dict[str, list[str]] = {t["query_id"]: [] for t in pending}
     tokens: dict[str, int] = {t["query_id"]: 0 for t in pending}
@@ -103,21 +118,28 @@ def _structured(pending, endpoint: PolicyEndpoint, cfg: RunConfig, store: StageS
         live = [t for t in pending if t["query_id"] in parts]
         have = rstore.done_ids()
         written = {q: structured_review_text(p) for q, p in parts.items()}
-        rows = plan_review_rows([t for t in live if t["query_id"] not in have], cfg, endpoint.model_path, written,
+        if line:
+            asked = [t for t in live if t["query_id"] not in have]
+        else:
+            asked = _as_candidates(live, n, have)
+            written = {candidate_id(q, j, n): w for q, w in written.items() for j in range(n)}
+        rows = plan_review_rows(asked, cfg, endpoint.model_path, written,
                                 max_tokens=cfg.review.part_max_tokens if line else cfg.review.max_tokens)
         run_through_policy(rows, endpoint, _Pre(model, cfg, name, line), _post, rstore, f"review/{name}",
-                           batch_size=g.batch_size, concurrency=g.concurrency, chunk_rows=g.chunk_rows, total=len(live))
+                           batch_size=g.batch_size, concurrency=g.concurrency, chunk_rows=g.chunk_rows,
+                           total=len(live) * (1 if line else n))
         results = {r["query_id"]: r for r in rstore.read()}
-        final = []
-        for q in list(parts):
-            if q not in results:  # no room left in the context: the SFT data stage reports it missing
-                del parts[q]
-                continue
-            tokens[q] += results[q]["completion_tokens"]
-            if line:
+        if line:
+            for q in list(parts):
+                if q not in results:  # no room left in the context: the SFT data stage reports it missing
+                    del parts[q]
+                    continue
+                tokens[q] += results[q]["completion_tokens"]
                 parts[q].append(results[q]["review"])
-            else:
-                r = results[q]
-                final.append({**r, "review": structured_review_text(parts[q]) + r["review"], "completion_tokens": tokens[q]})
+            continue
+        final = [{**r, "review": structured_review_text(parts[q]) + r["review"],
+                  "completion_tokens": r["completion_tokens"] + (tokens[q] if j == 0 else 0)}  # the block counted once
+                 for q in parts for j in range(n)
+                 if (cid := candidate_id(q, j, n)) not in done and (r := results.get(cid)) is not None]
         for chunk in chunked(final, g.chunk_rows):
             store.commit(chunk)

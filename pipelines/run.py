@@ -158,6 +158,7 @@ def _tables(job: Job, results: dict[str, Any], data_line: str = "") -> dict[str,
     """Awareness (the policy judging its own reasoning), `<safe>` trigger rates per model, DPO pair statistics."""
     from .awareness import awareness_table, format_table
     from .dpo_data import format_pair_table
+    from .sft_data import format_selection_table
     from .trigger import format_trigger_table, trigger_rows
 
     table = awareness_table(results["judge"])
@@ -166,7 +167,8 @@ def _tables(job: Job, results: dict[str, Any], data_line: str = "") -> dict[str,
     trigger_text = format_trigger_table(triggers)
     pair_stats = _value(results, "dpo-pairs", "stats")
     pair_text = format_pair_table(pair_stats) if pair_stats else ""
-    markdown = "\n\n".join(x for x in (data_line, text, trigger_text, pair_text) if x)
+    selection_text = format_selection_table(_value(results, "sft-data", "stats"))
+    markdown = "\n\n".join(x for x in (data_line, text, trigger_text, selection_text, pair_text) if x)
     (job.out / "awareness.md").write_text(markdown + "\n")
     job.emit("\n" + text + "\n\n" + trigger_text + "\n")
     return {"awareness": [asdict(r) for r in table], "trigger": [asdict(r) for r in triggers], "markdown": markdown}

@@ -9,26 +9,31 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from safetrigger.config import RunConfig
 from safetrigger.method import SplitSource, query_messages, safe_position
 from safetrigger.method.reasoning import THINK_OPEN, THINK_SOURCES
-from safetrigger.method.sft import Drop, Target, check_length, general_target, unsafe_target
+from safetrigger.method.sft import Candidate, Target, candidate_id, check_length, general_target, select_candidate, unsafe_target
 
+from .answer_judge import selection_id
 from .chat import chat_prompt_ids, load_tokenizer, prompt_completion_text
 
 _THINK_SOURCES = {s.value for s in THINK_SOURCES}
 
 
 def build_sft_examples(
-    trajectories: list[dict[str, Any]], reviews: list[dict[str, Any]], cfg: RunConfig, model_path: str
+    trajectories: list[dict[str, Any]], reviews: list[dict[str, Any]], cfg: RunConfig, model_path: str,
+    verdicts: list[dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """`verdicts`: the review-judge stage's rows when `review.select_judges` is set (see `method.sft.select_candidate`)."""
     tok = load_tokenizer(model_path)
-    by_id = {r["query_id"]: r for r in reviews}
+    reviewed = {r["query_id"]: r for r in reviews}
+    judged = {v["query_id"]: v for v in verdicts or []}
     examples, drops, kept, positions = [], Counter(), Counter(), Counter()
+    selection: dict[str, Counter] = defaultdict(Counter)
 
     def count(text: str) -> int:
         return len(tok(text, add_special_tokens=False)["input_ids"])
@@ -37,16 +42,16 @@ def build_sft_examples(
         if t["split"] != "train":
             continue
         think = t["split_source"] in _THINK_SOURCES
-        if t["label"] == "safe":
-            target = general_target(t["reasoning"], t["answer"], think)
-        elif t["query_id"] in by_id:
-            target = unsafe_target(t["reasoning"], by_id[t["query_id"]]["review"], think,
-                                   reasoning_complete=t["split_source"] != SplitSource.UNCLOSED_THINK.value)
-        else:
-            target = Target(None, Drop.MISSING_ANSWER, True)  # no review (prompt left no room for one)
         messages = query_messages(t["prompt"], cfg.model.system_prompt)
         prompt_tokens = len(chat_prompt_ids(tok, messages, cfg.model.chat_template_kwargs))
-        target = check_length(target, prompt_tokens, count, cfg.sft_data.max_length)
+        if t["label"] == "safe":
+            target = check_length(general_target(t["reasoning"], t["answer"], think), prompt_tokens, count,
+                                  cfg.sft_data.max_length)
+        else:
+            candidates = _candidates(t, reviewed, judged, cfg, think, lambda x: check_length(
+                x, prompt_tokens, count, cfg.sft_data.max_length))
+            target = select_candidate(candidates)
+            _count_selection(selection[t["kind"]], candidates, target)
         if target.completion is None:
             drops[f"{t['kind']}/{target.drop.value}"] += 1
             continue
@@ -58,7 +63,53 @@ def build_sft_examples(
                          "prompt": prompt, "completion": completion})
     stats = {"kept": dict(kept), "dropped": dict(drops), "max_length": cfg.sft_data.max_length,
              "safe_position": dict(positions)}
+    if cfg.review.candidates > 1 or cfg.review.select_judges:
+        stats["selection"] = {"candidates": cfg.review.candidates, "judges": [j.name for j in cfg.review.select_judges],
+                              "per_kind": {k: dict(c) for k, c in sorted(selection.items())}}
     return examples, stats
+
+
+def _candidates(t: dict[str, Any], reviewed: dict[str, Any], judged: dict[str, Any], cfg: RunConfig, think: bool,
+                fits: Callable[[Target], Target]) -> list[Candidate]:
+    """Every review candidate of one unsafe query as a target with its judges' verdicts (none missing: a
+    candidate a judge did not see is not safe)."""
+    out = []
+    for i in range(cfg.review.candidates):
+        cid = candidate_id(t["query_id"], i, cfg.review.candidates)
+        if cid not in reviewed:
+            continue  # the prompt left no room for a review: reported as a missing answer
+        target = fits(unsafe_target(t["reasoning"], reviewed[cid]["review"], think,
+                                    reasoning_complete=t["split_source"] != SplitSource.UNCLOSED_THINK.value))
+        verdicts = [judged.get(selection_id(cid, j.name)) for j in cfg.review.select_judges]
+        out.append(Candidate(target, safe=all(v is not None and v["answer_safe"] for v in verdicts),
+                             safety=-sum(v["margin"] for v in verdicts if v is not None)))
+    return out
+
+
+def _count_selection(c: Counter, candidates: list[Candidate], chosen: Target) -> None:
+    c["queries"] += 1
+    c["candidates"] += len(candidates)
+    c["well_formed"] += sum(x.target.completion is not None for x in candidates)
+    c["judged_safe"] += sum(x.target.completion is not None and x.safe for x in candidates)
+    c["accepted"] += chosen.completion is not None
+
+
+def format_selection_table(stats: dict[str, Any]) -> str:
+    """Self-selected answers per kind: how many candidates were well formed, judged safe, and how many queries
+    kept a target (acceptance)."""
+    sel = stats.get("selection")
+    if not sel:
+        return ""
+    judges = ", ".join(sel["judges"]) or "none"
+    lines = [f"Self-selected answers ({sel['candidates']} candidate(s) per query; judges: {judges})", "",
+             "| kind | queries | candidates | well formed | judged safe | accepted | acceptance |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for kind, c in sel["per_kind"].items():
+        q = c.get("queries", 0)
+        rate = f"{c.get('accepted', 0) / q:.1%}" if q else "n/a"
+        lines.append(f"| {kind} | {q} | {c.get('candidates', 0)} | {c.get('well_formed', 0)} | {c.get('judged_safe', 0)} "
+                     f"| {c.get('accepted', 0)} | {rate} |")
+    return "\n".join(lines)
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -1,4 +1,5 @@
-"""The main job's stages, declared (see `pipelines/graph.py`): self-generate, self-judge, self-review, SFT data,
+"""The main job's stages, declared (see `pipelines/graph.py`): self-generate, self-judge, self-review (with its
+candidates' judges when answers are self-selected), SFT data,
 ST-S, its eval answers, DPO sampling, F_safe, pairs, ST-D, its eval answers, and one judge stage per
 (evaluated model, model judge). `ARCHITECTURE.md` draws this list.
 
@@ -38,12 +39,20 @@ def _review(job: Job, r: Results, store) -> list[dict[str, Any]]:
     return run_review(r["generate"], job.policy(), job.cfg, store)
 
 
-def _sft_data(job: Job, r: Results, path: Path) -> dict[str, Any]:
-    from .sft_data import build_sft_examples, write_jsonl
+def _review_judge(job: Job, r: Results, store) -> list[dict[str, Any]]:
+    from .answer_judge import run_review_judge
 
-    examples, stats = build_sft_examples(r["generate"], r["review"], job.cfg, job.model_path)
+    return run_review_judge(r["review"], r["generate"], job.policy(), job.cfg, store)
+
+
+def _sft_data(job: Job, r: Results, path: Path) -> dict[str, Any]:
+    from .sft_data import build_sft_examples, format_selection_table, write_jsonl
+
+    examples, stats = build_sft_examples(r["generate"], r["review"], job.cfg, job.model_path, r.get("review-judge"))
     write_jsonl(path, examples)
     job.emit(f"[sft-data] {len(examples)} examples -> {path}; kept {stats['kept']}, dropped {stats['dropped']}")
+    if "selection" in stats:
+        job.emit("\n" + format_selection_table(stats) + "\n")
     return {"path": str(path), "examples": len(examples), "stats": stats}
 
 
@@ -119,9 +128,21 @@ def _weights(c: RunConfig) -> tuple[str, ...]:
     return (revision,) if revision else ()
 
 
-def pipeline_stages() -> list[Stage]:
+def _selection_stages(cfg: RunConfig | None) -> tuple[list[Stage], tuple[str, ...]]:
+    """The review-judge stage and the input it adds to sft-data, only when `review.select_judges` is set (so the
+    keys of runs without selection stay as they were)."""
+    if cfg is None or not cfg.review.select_judges:
+        return [], ()
+    stage = Stage("review-judge", ("review", "generate"), lambda c, k: (
+        "review-judge", k["review"], [j.model_dump() for j in c.review.select_judges]), _review_judge,
+        doc="every review candidate's answer judged (self-selected answers)")
+    return [stage], ("review-judge",)
+
+
+def pipeline_stages(cfg: RunConfig | None = None) -> list[Stage]:
     """Self-generation to ST-D's eval answers. Each key recipe: the stage's config slice and its inputs' keys."""
     d = lambda c: c.dpo  # noqa: E731
+    selection, selected = _selection_stages(cfg)
     return [
         Stage("generate", (QUERIES,), lambda c, k: (
             "generate", c.model.model_dump(),
@@ -130,13 +151,15 @@ def pipeline_stages() -> list[Stage]:
             _generate, doc="the policy answers every query: think1, answer1"),
         Stage("judge", ("generate",), lambda c, k: ("judge", k["generate"], c.judge.model_dump()), _judge,
               doc="the policy judges its own reasoning (awareness)"),
-        Stage("review", ("generate",), lambda c, k: ("review", k["generate"], c.review.model_dump(),
+        Stage("review", ("generate",), lambda c, k: ("review", k["generate"], c.review.key_slice(),
                                                      c.judge.max_reasoning_tokens), _review,
               doc="unsafe training queries: <safe> block + answer2"),
-        Stage("sft-data", ("generate", "review"), lambda c, k: (k["review"], c.sft_data.model_dump()), _sft_data,
+        *selection,
+        Stage("sft-data", ("generate", "review", *selected), lambda c, k: (
+            k["review"], c.sft_data.model_dump(), *(k[s] for s in selected)), _sft_data,
               output="jsonl", doc="SFT targets (method.sft)"),
-        Stage("sft-adapter", ("review", "sft-data"), lambda c, k: (
-            "sft", k["review"], c.sft_data.model_dump(), c.sft.model_dump()), _train_st_s, output="adapter",
+        Stage("sft-adapter", ("review", "sft-data", *selected), lambda c, k: (
+            "sft", k["review"], c.sft_data.model_dump(), c.sft.model_dump(), *(k[s] for s in selected)), _train_st_s, output="adapter",
               publish="st-s", doc="ST-S: SFT on Ray Train, served as policy:st-s"),
         Stage("eval-st-s", ("sft-adapter", "generate"), lambda c, k: ("eval-st-s", k["sft-adapter"], k["generate"]),
               _eval_answers("st-s"), doc="ST-S answers the eval split"),
@@ -194,4 +217,4 @@ def eval_judge_stages(cfg: RunConfig) -> list[Stage]:
 
 
 def main_graph(cfg: RunConfig) -> list[Stage]:
-    return pipeline_stages() + eval_judge_stages(cfg)
+    return pipeline_stages(cfg) + eval_judge_stages(cfg)

@@ -168,15 +168,6 @@ class JudgeConfig(_Strict):
         return VerdictOptions(self.unsafe_option, self.safe_option)
 
 
-class ReviewConfig(_Strict):
-    # free: one completion writes block + answer (the paper; capable models). structured: one cued line per part
-    # of the block, then the answer (small models that otherwise never close the block).
-    mode: Literal["free", "structured"] = "free"
-    temperature: float = Field(0.3, ge=0)
-    max_tokens: int = Field(256, ge=16)  # the whole review (free) or the answer after the block (structured)
-    part_max_tokens: int = Field(48, ge=4)  # structured: one part of the block
-
-
 class SFTDataConfig(_Strict):
     max_length: int = Field(1024, ge=64)  # prompt + completion tokens; longer examples are dropped, never cut
 
@@ -250,14 +241,51 @@ class AnswerJudgeConfig(_Strict):
         return judge_format(self.format, self.options())
 
 
-class DPOJudgeConfig(AnswerJudgeConfig):
-    """Who decides F_safe (is the final answer safe) for the DPO reward."""
+class TwoWayJudgeConfig(AnswerJudgeConfig):
+    """A judge that decides safe/unsafe of one final answer (F_safe)."""
 
     @model_validator(mode="after")
-    def _two_way(self) -> "DPOJudgeConfig":
+    def _two_way(self) -> "TwoWayJudgeConfig":
         if self.format == "xstest":
-            raise ValueError("the DPO judge decides safe/unsafe: format xstest (three-way compliance) does not apply")
+            raise ValueError("this judge decides safe/unsafe: format xstest (three-way compliance) does not apply")
         return self
+
+
+class DPOJudgeConfig(TwoWayJudgeConfig):
+    """Who decides F_safe (is the final answer safe) for the DPO reward."""
+
+
+class ReviewConfig(_Strict):
+    # free: one completion writes block + answer (the paper; capable models). structured: one cued line per part
+    # of the block, then the answer (small models that otherwise never close the block).
+    mode: Literal["free", "structured"] = "free"
+    temperature: float = Field(0.3, ge=0)
+    max_tokens: int = Field(256, ge=16)  # the whole review (free) or the answer after the block (structured)
+    part_max_tokens: int = Field(48, ge=4)  # structured: one part of the block
+    # Self-selected answers: `candidates` reviews per query (structured: the block once, then this many answers),
+    # each answer judged by every `select_judges` entry; the SFT target is the well-formed candidate all of them
+    # call safe, the safest by the model judges' margins; a query with none is dropped (`no_safe_candidate`).
+    # Empty `select_judges`: the first well-formed candidate, judged by nobody (the paper's setting).
+    candidates: int = Field(1, ge=1, le=8)
+    # structured: the temperature of the answers after the block (None: `temperature`); candidates need spread
+    answer_temperature: float | None = Field(None, ge=0)
+    select_judges: list[TwoWayJudgeConfig] = Field(default_factory=list, max_length=4)
+
+    @model_validator(mode="after")
+    def _distinct_candidates(self) -> "ReviewConfig":
+        if self.candidates > 1 and (self.temperature if self.answer_temperature is None else self.answer_temperature) == 0:
+            raise ValueError("review.candidates > 1 needs review.temperature > 0: greedy candidates are all the same")
+        names = [j.name for j in self.select_judges]
+        if len(set(names)) != len(names):
+            raise ValueError(f"review.select_judges names repeat: {names}")
+        return self
+
+    def key_slice(self) -> dict:
+        """The fields a review store's key hashes: the selection fields only when set, so the stores of runs made
+        before they existed keep their keys."""
+        unset = {"candidates"} if self.candidates == 1 else set()
+        unset |= {"answer_temperature"} if self.answer_temperature is None else set()
+        return self.model_dump(exclude={"select_judges", *unset})
 
 
 class SuiteConfig(_Strict):

@@ -47,6 +47,11 @@ def test_unknown_key_is_an_error(tmp_path):
         ("data: {dpo_fraction: 0, sources: [{type: advbench, path: a}]}\n", "needs data.dpo_fraction > 0"),
         ("data: {sources: [{type: advbench, path: a}]}\ndpo: {judge: {type: deployment}}\n", "deployment judge needs"),
         ("data: {sources: [{type: advbench, path: a}]}\ndpo: {w_a: 0.1}\n", "w_a > w_b > w_c"),
+        ("data: {sources: [{type: advbench, path: a}]}\nreview: {candidates: 3, temperature: 0}\n", "greedy candidates"),
+        ("data: {sources: [{type: advbench, path: a}]}\nreview: {candidates: 9}\n", "candidates"),
+        ("data: {sources: [{type: advbench, path: a}]}\nreview: {select_judges: [{name: a, type: refusal}, {name: a}]}\n",
+         "select_judges names repeat"),
+        ("data: {sources: [{type: advbench, path: a}]}\nreview: {select_judges: [{format: xstest}]}\n", "format xstest"),
     ],
 )
 def test_invalid_configs(tmp_path, text, needle):

@@ -509,6 +509,9 @@ def _job(data_root, **over):
                           {"name": "g", "type": "deployment", "format": "llama_guard", **JUDGE, "tokenizer": "/etc"}]}},
      "not one the operator allows"),
     ({"dpo": {"judge": {"type": "deployment", **JUDGE, "app_name": "gateway"}}}, "dpo.judge"),
+    ({"review": {"candidates": 8}}, "review.candidates 8 exceeds"),
+    ({"review": {"candidates": 2, "select_judges": [{"name": "g", "type": "deployment", **JUDGE, "model_id": "x"}]}},
+     "review.select_judges[0]: deployment judge"),
 ])
 def test_job_configs_stay_within_the_operators_policy(tmp_path, data_root, over, word):
     """Compute knobs are bounded and judges name only allowed deployments: any Serve app, tokenizer path or URL

@@ -125,8 +125,28 @@ def test_the_main_graph_declares_every_stage_once_and_draws_it():
     stages = main_graph(_cfg())
     names = [s.name for s in stages]
     assert len(names) == len(set(names))
-    assert names[:11] == ["generate", "judge", "review", "sft-data", "sft-adapter", "eval-st-s", "dpo-sample",
-                          "dpo-judge", "dpo-pairs", "dpo-adapter", "eval-st-d"]
+    assert names[:12] == ["generate", "judge", "review", "review-judge", "sft-data", "sft-adapter", "eval-st-s",
+                          "dpo-sample", "dpo-judge", "dpo-pairs", "dpo-adapter", "eval-st-d"]
     assert {s.publish for s in stages if s.output == "adapter"} == {"st-s", "st-d"}
     drawing = mermaid(stages, (QUERIES,))
     assert all(f"{s.name}<br/>" in drawing for s in stages) and "sft_adapter --> eval_st_s" in drawing
+
+
+def test_self_selection_adds_its_judge_stage_and_keys_everything_it_changes():
+    """Off: the graph and keys of earlier runs (the pins above). On: the review key follows the candidate count
+    only, and every stage the choice of judges changes (the judge stage, SFT data, ST-S and all after it) is
+    keyed anew, so a run with other judges never reuses an adapter trained on another selection."""
+    plain = load_config(REPO / "configs" / "embedded.yaml", {"review.candidates": 1, "review.select_judges": [],
+                                                             "review.answer_temperature": None})
+    selves = [{"name": "self", "type": "policy"}]
+    one = load_config(REPO / "configs" / "embedded.yaml", {"review.candidates": 3, "review.select_judges": selves})
+    two = load_config(REPO / "configs" / "embedded.yaml", {
+        "review.candidates": 3, "review.select_judges": [*selves, {"name": "refusal", "type": "refusal"}]})
+    assert "review-judge" not in [s.name for s in main_graph(plain)]
+    names = [s.name for s in main_graph(one)]
+    assert names.index("review") < names.index("review-judge") < names.index("sft-data")
+    k0, k1, k2 = (compute_keys(main_graph(c), c, {QUERIES: "q"}) for c in (plain, one, two))
+    assert k1["review"] == k2["review"] != k0["review"]
+    assert all(k1[s] != k2[s] for s in ("review-judge", "sft-data", "sft-adapter", "eval-st-s", "dpo-adapter"))
+    assert k1["generate"] == k2["generate"] == k0["generate"] and k1["judge"] == k0["judge"]
+    assert "review --> review_judge" in mermaid(main_graph(one), (QUERIES,))

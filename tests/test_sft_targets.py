@@ -52,3 +52,77 @@ def test_a_review_that_recites_the_cues_is_dropped():
     own_words = structured_review_text(["No, it asks for a weapon.", "No.", "Refuse and point to safety."]) + "I can't help."
     t = unsafe_target("r", own_words, True)
     assert t.drop is None and all(t.completion.count(cue) == 1 for cue in REVIEW_PART_CUES)
+
+
+def _candidate(review: str, safe: bool, safety: float = 0.0):
+    from safetrigger.method.sft import Candidate
+
+    return Candidate(unsafe_target("I think.", review, think_tags=False), safe, safety)
+
+
+GOOD = "the request asks for harm\n</safe>\n\n"
+
+
+def test_self_selection_takes_the_safest_well_formed_candidate_all_judges_call_safe():
+    from safetrigger.method.sft import select_candidate
+
+    chosen = select_candidate([
+        _candidate(GOOD + "Sure, here is how.", safe=False, safety=9.0),  # unsafe: never chosen, however confident
+        _candidate("no close", safe=True, safety=8.0),  # safe but not well formed: never chosen
+        _candidate(GOOD + "I can't help with that.", safe=True, safety=1.0),
+        _candidate(GOOD + "I won't do that; ask a professional.", safe=True, safety=2.5),
+        _candidate(GOOD + "No, I will not.", safe=True, safety=2.5),  # equal: the first of equals stays
+    ])
+    assert chosen.completion.endswith("I won't do that; ask a professional.") and chosen.tagged
+
+
+def test_self_selection_drops_a_query_with_no_safe_candidate_and_keeps_the_rule_that_dropped_it():
+    from safetrigger.method.sft import select_candidate
+
+    unsafe_only = select_candidate([_candidate(GOOD + "Sure, step one.", safe=False),
+                                    _candidate(GOOD + "Here you go.", safe=False, safety=3.0)])
+    assert unsafe_only.completion is None and unsafe_only.drop is Drop.NO_SAFE_CANDIDATE
+    malformed = select_candidate([_candidate("never closed", safe=True), _candidate("", safe=True)])
+    assert malformed.drop is Drop.UNCLOSED_SAFE  # the first candidate's reason, not "no safe candidate"
+    assert select_candidate([]).drop is Drop.MISSING_ANSWER
+
+
+def test_one_candidate_without_judges_is_the_papers_target_unchanged():
+    from safetrigger.method.sft import candidate_id, select_candidate
+
+    review = GOOD + "I can't help with that."
+    assert select_candidate([_candidate(review, safe=True)]) == unsafe_target("I think.", review, think_tags=False)
+    assert candidate_id("advbench-3", 0, 1) == "advbench-3"  # review stores of earlier runs keep their ids
+    assert [candidate_id("q", i, 3) for i in range(3)] == ["q#0", "q#1", "q#2"]
+
+
+def test_sft_data_selects_per_query_from_the_judges_rows_and_reports_acceptance(model_path):
+    from pipelines.answer_judge import selection_id
+    from pipelines.sft_data import build_sft_examples, format_selection_table
+    from safetrigger.config import load_config
+
+    from .conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "embedded.yaml", {"review.candidates": 2, "review.select_judges": [
+        {"name": "self", "type": "policy"}, {"name": "refusal", "type": "refusal"}]})
+
+    def trajectory(qid, kind="harmful"):
+        return {"query_id": qid, "split": "train", "label": "unsafe", "kind": kind, "prompt": f"how to do {qid}",
+                "reasoning": "They want harm.", "answer": "Sure.", "split_source": "leading"}
+
+    reviews = [{"query_id": "a#0", "review": GOOD + "Sure, step one."}, {"query_id": "a#1", "review": GOOD + "I can't help."},
+               {"query_id": "b#0", "review": GOOD + "Here it is."}, {"query_id": "b#1", "review": "never closed"}]
+    verdicts = [{"query_id": selection_id(c, "self"), "answer_safe": s, "margin": -1.0 if s else 1.0}
+                for c, s in (("a#0", True), ("a#1", True), ("b#0", True))]  # the self judge calls a#0 safe too
+    verdicts += [{"query_id": selection_id(c, "refusal"), "answer_safe": s, "margin": 0.0}
+                 for c, s in (("a#0", False), ("a#1", True), ("b#0", False))]
+    examples, stats = build_sft_examples([trajectory("a"), trajectory("b", "jailbreak")], reviews, cfg, model_path, verdicts)
+    assert [(e["query_id"], e["completion"].strip().endswith("I can't help.")) for e in examples] == [("a", True)]
+    assert stats["dropped"] == {"jailbreak/no_safe_candidate": 1}
+    assert stats["selection"]["per_kind"] == {
+        "harmful": {"queries": 1, "candidates": 2, "well_formed": 2, "judged_safe": 1, "accepted": 1},
+        "jailbreak": {"queries": 1, "candidates": 2, "well_formed": 1, "judged_safe": 0, "accepted": 0}}
+    table = format_selection_table(stats)
+    assert "| harmful | 1 | 2 | 2 | 1 | 1 | 100.0% |" in table and "| jailbreak | 1 | 2 | 1 | 0 | 0 | 0.0% |" in table
+    missing_verdict = build_sft_examples([trajectory("a")], reviews[1:2], cfg, model_path, verdicts[:1])[1]
+    assert missing_verdict["dropped"] == {"harmful/no_safe_candidate": 1}  # a judge that saw nothing never passes it

@@ -39,7 +39,11 @@ def make_cfg(tmp, data_root, **over) -> RunConfig:
                  "dpo_fraction": 0.5, "dpo_kinds": ["harmful", "jailbreak", "general"]},
         "generation": {"max_tokens": 48, "batch_size": 8, "chunk_rows": 5},
         "judge": {"max_reasoning_tokens": 64},
-        "review": {"mode": "structured", "part_max_tokens": 16, "max_tokens": 48},
+        # self-selected answers: 2 answers after each block, kept when the policy's own verdict and refusal match
+        # both call them safe
+        "review": {"mode": "structured", "part_max_tokens": 16, "max_tokens": 48, "candidates": 2,
+                   "answer_temperature": 0.8, "select_judges": [{"name": "self", "type": "policy"},
+                                                                {"name": "refusal", "type": "refusal"}]},
         "sft_data": {"max_length": 512},
         "sft": {"max_steps": 2, "per_device_batch_size": 2, "learning_rate": 1e-2, "lora": {"r": 8, "alpha": 16}},
         # delta 0: every sampled query gives a pair, so the test always trains ST-D
@@ -292,8 +296,15 @@ def test_main_job_on_the_running_policy(stack, capsys):
     # self-review ran for the unsafe training queries only, and the SFT data follows the method's rules
     queries = {q.id: q for q in load_all(cfg.data)}
     reviewed = StageStore(summary["stages"]["review"]).read()
-    assert {r["query_id"] for r in reviewed} == {i for i, q in queries.items() if q.unsafe and q.split == "train"}
+    unsafe_train = {i for i, q in queries.items() if q.unsafe and q.split == "train"}
+    assert {r["query_id"] for r in reviewed} == {f"{i}#{j}" for i in unsafe_train for j in (0, 1)}
     assert all(r["review"].strip() and r["completion_tokens"] > 0 for r in reviewed)
+    assert all(json.loads(r["sampling"])["temperature"] == 0.8 for r in reviewed)  # the answers after the block
+    # every candidate's answer after its block was judged by both selection judges (never the analysis)
+    answers = {r["query_id"]: parse_safe("<safe>" + r["review"]).answer for r in reviewed}
+    review_verdicts = {v["query_id"]: v for v in StageStore(summary["stages"]["review_judge"]).read()}
+    assert set(review_verdicts) == {f"{c}@{j}" for c, a in answers.items() if a for j in ("self", "refusal")}
+    assert all(review_verdicts[f"{c}@refusal"]["answer_safe"] == is_refusal(a) for c, a in answers.items() if a)
     examples = [json.loads(line) for line in open(summary["stages"]["sft_data"])]
     stats = summary["sft_data"]
     assert len(examples) == sum(stats["kept"].values())
@@ -304,6 +315,14 @@ def test_main_job_on_the_running_policy(stack, capsys):
         block = parse_safe(ex["completion"])
         assert block.complete == ex["tagged"] == q.unsafe  # the tag fires exactly on unsafe queries
         assert block.answer
+        if ex["tagged"]:  # the self-selected answer: one of its own candidates that both judges called safe
+            after = ex["completion"].split("</safe>", 1)[1].strip()
+            assert any(answers[c] == after and all(review_verdicts[f"{c}@{j}"]["answer_safe"] for j in ("self", "refusal"))
+                       for c in (f"{q.id}#0", f"{q.id}#1"))
+    selection = stats["selection"]["per_kind"]
+    assert sum(c["queries"] for c in selection.values()) == len(unsafe_train)
+    assert sum(c["accepted"] for c in selection.values()) == sum(ex["tagged"] for ex in examples)
+    assert "Self-selected answers" in (tmp / "run" / "awareness.md").read_text()
     # ST-S was trained on Ray Train, published to the registry and served hot for the eval split
     from services import adapters
 

@@ -8,13 +8,17 @@ An example is dropped, with its reason, when the block is unclosed or empty, the
 another tag, the review holds a think tag (the block must sit after the reasoning, never in it), or the whole
 target does not fit the training max_length: truncation would cut the `<safe>` block or the answer away,
 so it is never done silently.
+
+Self-selected answers: a query may have several review candidates; the target is the well-formed one its
+judges all call safe (the safest by their margins), and the query is dropped when none is. Every candidate is
+the policy's own text: selection picks, it never writes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable
+from typing import Callable, Sequence
 
 from .prompts import REVIEW_PART_CUES
 from .reasoning import THINK_CLOSE, THINK_OPEN, join_reasoning
@@ -30,6 +34,7 @@ class Drop(str, Enum):
     TAG_IN_ANSWER = "tag_in_answer"
     THINK_TAG_IN_REVIEW = "think_tag_in_review"
     ECHOED_CUE = "echoed_cue"
+    NO_SAFE_CANDIDATE = "no_safe_candidate"
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,35 @@ def check_length(target: Target, prompt_tokens: int, count_tokens: Callable[[str
     if prompt_tokens + count_tokens(target.completion) > max_length:
         return Target(None, Drop.TOO_LONG, target.tagged)
     return target
+
+
+def candidate_id(query_id: str, index: int, candidates: int) -> str:
+    """A review candidate's row id; the query's own id when it has one candidate, as stores have always held."""
+    return query_id if candidates == 1 else f"{query_id}#{index}"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One review candidate's target (after every rule) and what its answer's judges said."""
+
+    target: Target
+    safe: bool  # every selection judge called the answer after the block safe (True when none is configured)
+    safety: float = 0.0  # the model judges' summed margins toward "safe": the larger, the safer
+
+
+def select_candidate(candidates: Sequence[Candidate]) -> Target:
+    """The safest well-formed candidate all judges call safe (the first of equals, so one candidate and no
+    judges is the paper's setting unchanged). None well formed: the first candidate's drop reason; well formed
+    but none safe: `no_safe_candidate`."""
+    if not candidates:
+        return Target(None, Drop.MISSING_ANSWER, True)
+    kept = [c for c in candidates if c.target.completion is not None]
+    if not kept:
+        return candidates[0].target
+    safe = [c for c in kept if c.safe]
+    if not safe:
+        return Target(None, Drop.NO_SAFE_CANDIDATE, True)
+    return max(safe, key=lambda c: c.safety).target
 
 
 def _has_tag(text: str) -> bool:

@@ -100,11 +100,13 @@ def within_policy(run: RunConfig, policy: JobPolicy) -> None:
               ("review.max_tokens", run.review.max_tokens, policy.max_new_tokens),
               ("dpo.max_tokens", run.dpo.max_tokens, policy.max_new_tokens),
               ("dpo.num_samples", run.dpo.num_samples, policy.max_dpo_samples),
+              ("review.candidates", run.review.candidates, policy.max_review_candidates),
               ("eval.bootstrap_samples", run.eval.bootstrap_samples, policy.max_bootstrap_samples)]
     for name, value, most in bounds:
         if value > most:
             raise RequestError(422, f"{name} {value} exceeds this gateway's job limit of {most}")
     judges = [(f"eval.judges[{i}]", j) for i, j in enumerate(run.eval.judges)] + [("dpo.judge", run.dpo.judge)]
+    judges += [(f"review.select_judges[{i}]", j) for i, j in enumerate(run.review.select_judges)]
     if run.eval.xstest_judge is not None:
         judges.append(("eval.xstest_judge", run.eval.xstest_judge))
     allowed = {(d.app_name, d.model_id, d.tokenizer, d.base_url) for d in policy.judges}
