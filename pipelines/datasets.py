@@ -18,7 +18,7 @@ from safetrigger.config import DataConfig, SourceConfig
 from safetrigger.method import Kind, Label, Query, assign_split, query_id, stable_hash
 
 from .benchmarks import LOADERS as BENCHMARK_LOADERS
-from .splits import SplitAudit, count_moved, drop_near_duplicates, source_rules
+from .splits import SplitAudit, count_moved, drop_near_duplicates, hold_out, source_rules
 
 TEMPLATE_SLOT = re.compile(r"\{\{\s*prompt\s*\}\}")
 _GSM8K_FINAL = re.compile(r"####\s*([-\d,\.]+)\s*$")
@@ -243,7 +243,7 @@ def load_source(src: SourceConfig, data: DataConfig, audit: SplitAudit | None = 
     sample = queries[: src.limit] if src.limit else queries
     if audit is not None:
         count_moved(sample, data, audit)
-    return sample
+    return hold_out(sample, audit if audit is not None else SplitAudit()) if src.held_out else sample
 
 
 def _first_undecodable_line(path: Path) -> int | None:

@@ -133,7 +133,7 @@ def _metric_section(result: EvalResult, models: list[str], cfg, suites, title: s
     for s in suites:
         judges = sorted({m.judge for m in result.metrics if m.suite == s.name}, key=lambda j: (j != e.gate.judge, j))
         for j in judges:
-            row = [s.name, j] + [_rate_cell(by[(m, s.name, j)].rate if (m, s.name, j) in by else None) for m in models]
+            row = [s.name + (" (held-out)" if s.held_out else ""), j] + [_rate_cell(by[(m, s.name, j)].rate if (m, s.name, j) in by else None) for m in models]
             for c in cands:
                 cmp = next((x for x in result.comparisons.get(c, []) if x.suite == s.name and x.judge == j), None)
                 row.append("–" if cmp is None else f"{_pp(cmp.delta.value)} [{_pp(cmp.delta.lo)}, {_pp(cmp.delta.hi)}]")
@@ -155,7 +155,10 @@ def _metric_section(result: EvalResult, models: list[str], cfg, suites, title: s
     sec.text.append("Rates with 95% Wilson intervals and counts; changes are paired (same prompts) with a "
                     f"percentile bootstrap ({e.bootstrap_samples} resamples)." + (
                         " An average row is the mean over its benchmarks (suites), each weighed alike, as the paper "
-                        "reports; its interval resamples each benchmark on its own." if averaged else ""))
+                        "reports; its interval resamples each benchmark on its own." if averaged else "") + (
+                        " A held-out suite's prompts come from a source no split trained on (prompts and attacks "
+                        "the pipeline never saw); it is averaged apart from the in-distribution suites."
+                        if any(s.held_out for s in suites) else ""))
     _plot_bars(plots / plot, title, groups, models, rates, ylabel)
     sec.plot = plot
     return sec

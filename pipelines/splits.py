@@ -42,11 +42,13 @@ class SplitAudit:
     templates_straddling: int = 0  # of a templated source's prompts: template and goal on different sides, dropped
     eval_only_safe: int = 0  # of the sampled safe prompts of over-refusal sources: moved to eval
     near_duplicates: int = 0  # eval prompts dropped as paraphrases of a train/DPO goal
+    held_out: int = 0  # prompts of held-out sanity sources, all in eval (before near-duplicates are dropped)
 
     def line(self) -> str:
         return (f"leakage rules: {self.templates_straddling} of the templated sources' prompts left out (template and "
                 f"goal on different sides of the split), {self.eval_only_safe} sampled over-refusal prompts moved to "
-                f"eval, {self.near_duplicates} eval prompts dropped as near-duplicates of a training goal")
+                f"eval, {self.near_duplicates} eval prompts dropped as near-duplicates of a training goal, "
+                f"{self.held_out} prompts of held-out sanity sources (never trained on)")
 
 
 def content_words(text: str) -> frozenset[str]:
@@ -70,6 +72,12 @@ def source_rules(queries: list[Query], data: DataConfig, audit: SplitAudit) -> l
             q = replace(q, split="eval")
         out.append(q)
     return out
+
+
+def hold_out(sample: list[Query], audit: SplitAudit) -> list[Query]:
+    """A held-out sanity source: every prompt evaluated, none trained on."""
+    audit.held_out += len(sample)
+    return [q if q.split == "eval" else replace(q, split="eval") for q in sample]
 
 
 def count_moved(sample: list[Query], data: DataConfig, audit: SplitAudit) -> None:

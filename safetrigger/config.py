@@ -106,6 +106,9 @@ class SourceConfig(_Strict):
     hf_split: str = "train"
     hf_prompt_column: str = "prompt"
     hf_kind: Literal["harmful", "jailbreak", "general"] | None = None
+    # a held-out sanity set: every prompt evaluated, none trained on (split eval whatever its hash), measured by
+    # suites marked `held_out` beside the in-distribution ones (prompts and attacks the training never saw)
+    held_out: bool = False
 
     @model_validator(mode="after")
     def _needs_goals(self) -> "SourceConfig":
@@ -301,13 +304,16 @@ class SuiteConfig(_Strict):
     # asr suites: the benchmark average it joins (the paper reports ASR per benchmark, then the mean over harmful
     # and over jailbreak benchmarks); default: its only kind, if it filters on one
     group: Literal["harmful", "jailbreak"] | None = None
+    # a held-out sanity suite (its queries come from `held_out` sources): averaged apart from the in-distribution
+    # suites of its group, so the report shows both side by side
+    held_out: bool = False
 
     def suite(self):
         from .evaluation.suites import Suite
 
         group = self.group or (self.kinds[0] if len(self.kinds) == 1 and self.kinds[0] != "general" else None)
         return Suite(self.name, self.metric, tuple(self.kinds), tuple(self.sources), tuple(self.labels),
-                     group if self.metric == "asr" else None)
+                     group if self.metric == "asr" else None, self.held_out)
 
 
 def _default_suites() -> list[SuiteConfig]:

@@ -144,3 +144,31 @@ def test_per_benchmark_asr_and_the_papers_averages(tmp_path):
     assert re.search(r"\| average over harmful \(2\) \| refusal \| 100\.0% \| 25\.0% \| -75\.0 pp \[", md), md
     saved = json.loads(paths["metrics"].read_text())["averages"]["ST-D"]
     assert {a["group"]: a["suites"] for a in saved} == {"harmful": ["harmbench", "strongreject"], "jailbreak": ["jailbreak"]}
+
+
+def test_held_out_suites_are_averaged_apart_from_their_group(tmp_path):
+    """In-distribution and held-out sanity numbers side by side: a held-out suite never joins its group's mean."""
+    from safetrigger.evaluation.suites import group_averages
+
+    recs = [{"model": model, "query_id": f"{source}{i}", "kind": "jailbreak", "label": "unsafe", "source": source,
+             "unsafe:refusal": i < fails, "refused": i >= fails, "triggered": False, "response": "x", "answer": "x",
+             "prompt": "p", "category": "", "reference": ""}
+            for model, by_source in (("base", {"tpl": 8, "pair": 8}), ("ST-D", {"tpl": 2, "pair": 6}))
+            for source, fails in by_source.items() for i in range(8)]
+    cfg = RunConfig.model_validate({"data": {"sources": [{"type": "queries", "path": "repo:data/demo_queries.jsonl"}]},
+                                    "eval": {"suites": [
+                                        {"name": "jailbreak", "metric": "asr", "sources": ["tpl"], "group": "jailbreak"},
+                                        {"name": "heldout_jailbreak", "metric": "asr", "sources": ["pair"],
+                                         "group": "jailbreak", "held_out": True},
+                                        {"name": "over_refusal", "metric": "over_refusal", "sources": ["x"]}],
+                                        "gate": {"asr_suites": ["jailbreak"], "accuracy_suites": []}}})
+    suites = [s.suite() for s in cfg.eval.suites]
+    metrics = suite_metrics(recs, suites, ["refusal"])
+    avgs = {a.group: a for a in group_averages(metrics, suites, "base", "ST-D", 200)}
+    assert avgs["jailbreak"].suites == ("jailbreak",) and avgs["jailbreak"].cand == pytest.approx(2 / 8)
+    assert avgs["jailbreak (held-out)"].suites == ("heldout_jailbreak",) and avgs["jailbreak (held-out)"].cand == pytest.approx(6 / 8)
+    result = EvalResult(recs, metrics, {"ST-D": compare(metrics, "base", "ST-D", 200)}, [],
+                        averages={"ST-D": group_averages(metrics, suites, "base", "ST-D", 200)})
+    md = write_report(tmp_path / "report", result, ["base", "ST-D"], cfg, [])["markdown"].read_text()
+    assert "| heldout_jailbreak (held-out) | refusal | 100.0%" in md and "average over jailbreak (held-out) (1)" in md
+    assert "A held-out suite's prompts come from a source no split trained on" in md

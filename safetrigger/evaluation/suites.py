@@ -30,6 +30,12 @@ class Suite:
     sources: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()
     group: str | None = None  # asr: the benchmark average it joins (harmful / jailbreak)
+    held_out: bool = False  # a sanity suite of prompts no split trained on: averaged apart from its group
+
+    @property
+    def average(self) -> str | None:
+        """The name of the average it joins: its group, or the group's held-out twin."""
+        return None if self.group is None else f"{self.group} (held-out)" if self.held_out else self.group
 
     def selects(self, r: Record) -> bool:
         if self.kinds and r["kind"] not in self.kinds:
@@ -135,8 +141,8 @@ def group_averages(metrics: list[SuiteMetric], suites: Iterable[Suite], base: st
     out = []
     groups: dict[str, list[str]] = {}
     for s in suites:
-        if s.metric == "asr" and s.group:
-            groups.setdefault(s.group, []).append(s.name)
+        if s.metric == "asr" and s.average:
+            groups.setdefault(s.average, []).append(s.name)
     for group, names in groups.items():
         for judge in dict.fromkeys(m.judge for m in metrics if m.suite in names and m.metric == "asr"):
             pairs = [(by[(base, n, judge)], by[(cand, n, judge)]) for n in names
