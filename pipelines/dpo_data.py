@@ -26,14 +26,14 @@ def build_dpo_pairs(
     safe = {v["query_id"]: bool(v["answer_safe"]) for v in verdicts}
     tok = load_tokenizer(model_path)
     pairs, per_kind = [], defaultdict(Counter)
-    margins = defaultdict(list)
+    margins, mixes = defaultdict(list), defaultdict(Counter)
     for s in sorted(samples, key=lambda r: r["query_id"]):
         kind, stats = s["kind"], per_kind[s["kind"]]
         scored = [score_sample(text, safe[sample_id(s["query_id"], i)], rule) for i, text in enumerate(s["samples"])]
         stats["queries"] += 1
         stats["samples"] += len(scored)
         stats.update(category(x) for x in scored)
-        choice = choose_pair(scored, s["label"] == "unsafe", d.delta, weights)
+        choice = choose_pair(scored, s["label"] == "unsafe", d.delta, weights, d.rejected)
         if choice.pair is None:
             stats["dropped_no_pair"] += 1
             continue
@@ -47,20 +47,26 @@ def build_dpo_pairs(
             continue
         stats["pairs"] += 1
         margins[kind].append(choice.pair.margin)
+        mixes[kind][f"{category(choice.pair.chosen)}>{category(choice.pair.rejected)}"] += 1
         pairs.append({"query_id": s["query_id"], "kind": kind, "prompt": prompt, "chosen": chosen, "rejected": rejected,
                       "margin": choice.pair.margin, "chosen_category": category(choice.pair.chosen),
                       "rejected_category": category(choice.pair.rejected), "rewards": list(choice.rewards)})
-    stats = {k: {**dict(c), "mean_margin": sum(margins[k]) / len(margins[k]) if margins[k] else 0.0}
-             for k, c in sorted(per_kind.items())}
-    return pairs, {"per_kind": stats, "delta": d.delta, "max_length": d.max_length, "judge": d.judge.type}
+    # the pair mix: which category beat which (C, tagged but complying, must be the rejected side often enough
+    # to teach "tag -> safe answer")
+    stats = {k: {**dict(c), "mean_margin": sum(margins[k]) / len(margins[k]) if margins[k] else 0.0,
+                 "mix": dict(sorted(mixes[k].items()))} for k, c in sorted(per_kind.items())}
+    return pairs, {"per_kind": stats, "delta": d.delta, "max_length": d.max_length, "judge": d.judge.type,
+                   "rejected": d.rejected}
 
 
 def format_pair_table(stats: dict[str, Any]) -> str:
-    lines = [f"DPO samples and pairs (judge: {stats['judge']}, delta {stats['delta']}; A safe+tag, B safe, C unsafe+tag, D unsafe)",
-             "", "| kind | queries | samples | A | B | C | D | pairs | no pair | too long | mean margin |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"DPO samples and pairs (judge: {stats['judge']}, delta {stats['delta']}, rejected: "
+             f"{stats.get('rejected', 'worst')}; A safe+tag, B safe, C unsafe+tag, D unsafe)",
+             "", "| kind | queries | samples | A | B | C | D | pairs | no pair | too long | mean margin | pair mix (chosen>rejected) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for kind, c in stats["per_kind"].items():
         lines.append(f"| {kind} | {c.get('queries', 0)} | {c.get('samples', 0)} | {c.get('A', 0)} | {c.get('B', 0)} | "
                      f"{c.get('C', 0)} | {c.get('D', 0)} | {c.get('pairs', 0)} | {c.get('dropped_no_pair', 0)} | "
-                     f"{c.get('dropped_too_long', 0)} | {c['mean_margin']:.2f} |")
+                     f"{c.get('dropped_too_long', 0)} | {c['mean_margin']:.2f} | "
+                     f"{', '.join(f'{m} {n}' for m, n in c.get('mix', {}).items()) or '–'} |")
     return "\n".join(lines)

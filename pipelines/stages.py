@@ -169,10 +169,11 @@ def pipeline_stages(cfg: RunConfig | None = None) -> list[Stage]:
         Stage("dpo-judge", ("dpo-sample",), lambda c, k: ("dpo-judge", k["dpo-sample"], d(c).judge.model_dump()),
               _dpo_judge, doc="F_safe of every sample"),
         Stage("dpo-pairs", ("dpo-sample", "dpo-judge"), lambda c, k: (
-            "dpo-pairs", k["dpo-judge"], d(c).w_a, d(c).w_b, d(c).w_c, d(c).delta, d(c).max_length), _dpo_pairs,
+            "dpo-pairs", k["dpo-judge"], d(c).w_a, d(c).w_b, d(c).w_c, d(c).delta, d(c).max_length,
+            *(() if d(c).rejected == "worst" else (d(c).rejected,))), _dpo_pairs,
               output="jsonl", doc="chosen/rejected by the method's reward"),
         Stage("dpo-adapter", ("dpo-pairs", "sft-adapter"), lambda c, k: (
-            "dpo", k["dpo-pairs"], d(c).model_dump(exclude={"judge", "enabled"})), _train_st_d, output="adapter",
+            "dpo", k["dpo-pairs"], d(c).model_dump(exclude={"judge", "enabled", "rejected"})), _train_st_d, output="adapter",
               publish="st-d", doc="ST-D: DPO on Ray Train from ST-S, served as policy:st-d"),
         Stage("eval-st-d", ("dpo-adapter", "generate"), lambda c, k: ("eval-st-d", k["dpo-adapter"], k["generate"]),
               _eval_answers("st-d"), doc="ST-D answers the eval split"),

@@ -404,6 +404,9 @@ class DPOConfig(TrainSettings):
     w_b: float = 0.5
     w_c: float = 0.2
     delta: float = Field(0.5, ge=0)  # keep a query when best - worst reward >= delta
+    # the rejected side: the worst sample (the paper), or a tagged-but-complying (C) sample whenever one is delta
+    # below the best, so the pairs teach a safe answer after the tag and not only the tag
+    rejected: Literal["worst", "tagged_unsafe"] = "worst"
     max_length: int = Field(1024, ge=64)  # prompt + longer response; longer pairs are dropped, never cut
     beta: float = Field(0.1, gt=0)
     loss_type: str = "sigmoid"

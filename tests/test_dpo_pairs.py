@@ -55,3 +55,16 @@ def test_general_query_untagged_helpful_answer_wins():
     # a refusal loses to a helpful answer on a general query
     refusal = score_sample(PLAIN_REFUSAL, True, THINK)
     assert choose_pair([refusal, helpful], unsafe_query=False, delta=0.5).pair.chosen is helpful
+
+
+def test_rejecting_tagged_but_complying_samples_teaches_the_answer_after_the_tag():
+    """Best vs worst pairs A with D whenever a D exists, which teaches the tag and nothing about the answer after
+    it; `tagged_unsafe` rejects the C sample instead (delta permitting), and falls back to the worst without one."""
+    a, c, d = (score_sample(TAGGED_REFUSAL, True, THINK), score_sample(TAGGED_COMPLY, False, THINK),
+               score_sample(PLAIN_COMPLY, False, THINK))
+    assert choose_pair([a, c, d], unsafe_query=True, delta=0.5).pair.rejected is d
+    pair = choose_pair([a, c, d], unsafe_query=True, delta=0.5, reject="tagged_unsafe").pair
+    assert pair.chosen is a and pair.rejected is c and pair.margin == pytest.approx(3.0 - 0.2)
+    assert choose_pair([a, d], unsafe_query=True, delta=0.5, reject="tagged_unsafe").pair.rejected is d
+    b = score_sample(PLAIN_REFUSAL, True, THINK)  # B (0.5) over C (0.2) is 0.3: below delta, so the worst stays
+    assert choose_pair([b, c, d], unsafe_query=True, delta=0.5, reject="tagged_unsafe").pair.rejected is d

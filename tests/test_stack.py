@@ -352,6 +352,7 @@ def test_main_job_on_the_running_policy(stack, capsys):
             assert rejected.triggered or is_refusal(rejected.answer)
     stats = summary["dpo_pairs"]["per_kind"]
     assert sum(c.get("pairs", 0) for c in stats.values()) == len(pairs)
+    assert all(sum(c["mix"].values()) == c.get("pairs", 0) for c in stats.values())  # the pair mix counts every pair
     assert sum(c["queries"] for c in stats.values()) == len(dpo_ids)
     # ST-D: DPO on Ray Train from the SFT adapter, published, served hot, and it answers differently from the base
     assert adapters.current(cfg.serving.adapter_root, "st-d")[0] == summary["dpo"]["version"]

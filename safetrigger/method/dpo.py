@@ -14,7 +14,7 @@ from typing import Sequence
 from .reasoning import THINK_SOURCES, ReasoningRule, SplitSource, split_reasoning
 from .outcome import incomplete
 from .refusal import is_refusal
-from .reward import Pair, RewardWeights, Scored, reward, select_pair
+from .reward import Pair, Reject, RewardWeights, Scored, reward, select_pair
 from .tags import final_answer, parse_safe
 
 
@@ -50,7 +50,8 @@ class PairChoice:
     rewards: tuple[float, ...]
 
 
-def choose_pair(samples: Sequence[Scored], unsafe_query: bool, delta: float, w: RewardWeights = RewardWeights()) -> PairChoice:
+def choose_pair(samples: Sequence[Scored], unsafe_query: bool, delta: float, w: RewardWeights = RewardWeights(),
+                reject: Reject = "worst") -> PairChoice:
     rewards = tuple(reward(s, w) for s in samples)
-    pair = select_pair(samples, delta, w) if unsafe_query else select_general_pair(samples)
+    pair = select_pair(samples, delta, w, reject) if unsafe_query else select_general_pair(samples)
     return PairChoice(pair, rewards)

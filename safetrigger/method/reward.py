@@ -5,13 +5,18 @@
 F_safe: the final answer is safe (a judge's verdict); S_exist: a `<safe>` block is present; T_full, S_full:
 the reasoning and the safe block are complete. With w_a > w_b > w_c >= 0 the order is
 A (safe, tagged) > B (safe, untagged) > C (unsafe, tagged) > D (unsafe, untagged).
-Per query, the best and the worst sample form a pair when their rewards differ by at least delta.
+Per query, the best and the worst sample form a pair when their rewards differ by at least delta. With
+`reject="tagged_unsafe"` a C sample (the tag fired, the answer still complied) is the rejected side whenever one
+is at least delta below the best: A over C teaches "after the tag, a safe answer", which A over D (tag or no
+tag) does not.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
+
+Reject = Literal["worst", "tagged_unsafe"]
 
 
 @dataclass(frozen=True)
@@ -54,14 +59,19 @@ class Pair:
     margin: float
 
 
-def select_pair(samples: Sequence[Scored], delta: float, w: RewardWeights = RewardWeights()) -> Pair | None:
-    """Best answered sample vs worst sample of one query; None when they are closer than delta (nothing to
-    learn) or no sample reached an answer (a cut-off or empty response is never the chosen one)."""
+def select_pair(samples: Sequence[Scored], delta: float, w: RewardWeights = RewardWeights(),
+                reject: Reject = "worst") -> Pair | None:
+    """Best answered sample vs worst sample of one query (or a C sample, see `reject`); None when they are closer
+    than delta (nothing to learn) or no sample reached an answer (a cut-off or empty response is never the
+    chosen one)."""
     answered = [s for s in samples if s.answered]
     if len(samples) < 2 or not answered:
         return None
     best = max(reversed(answered), key=lambda s: reward(s, w))  # the last of equals, as a stable sort ranks them
     worst = min(samples, key=lambda s: reward(s, w))
+    if reject == "tagged_unsafe":
+        tagged_unsafe = [s for s in samples if category(s) == "C" and reward(best, w) - reward(s, w) >= delta]
+        worst = tagged_unsafe[0] if tagged_unsafe else worst
     if worst is best:
         return None
     margin = reward(best, w) - reward(worst, w)
