@@ -161,7 +161,7 @@ def _publish(job: Job, name: str, adapter_dir: Path) -> int:
     registry holds another version (e.g. a later run's)."""
     from services import adapters
 
-    version = adapters.ensure_published(job.cfg.serving.adapter_root, name, adapter_dir)
+    version = adapters.ensure_published(job.cfg.serving.adapter_root, name, adapter_dir, job.model_path)
     job.emit(f"[{name}] serving {name} v{version}")
     return version
 

@@ -3,7 +3,7 @@
     <root>/<name>/v0001/adapter_config.json, adapter_model.safetensors
     <root>/<name>/CURRENT        -> "1"
 
-Publishing copies into a fresh version directory and then replaces CURRENT atomically, so a reader sees either
+Publishing checks the files (whole, LoRA, shapes of the base), copies them into a fresh version directory and then replaces CURRENT atomically, so a reader sees either
 the old or the new version, never a half-written one. Versions are never rewritten in place: serving loads
 each version under its own name (`<model>:<name>@v<N>`), so a newer adapter can never be answered from the
 weights of an older one that vLLM still holds.
@@ -18,6 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .adapter_files import AdapterFileError, verify_adapter
+
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -31,12 +33,19 @@ def _check_name(name: str) -> None:
         raise AdapterError(f"invalid adapter name {name!r}: letters, digits, '.', '_' and '-' only")
 
 
-def publish(root: str | os.PathLike[str], name: str, src: str | os.PathLike[str]) -> int:
+def publish(root: str | os.PathLike[str], name: str, src: str | os.PathLike[str], base_model: str | None = None) -> int:
+    """A new version of `name` holding `src`'s files, once they are checked (`adapter_files.verify_adapter`:
+    against `base_model`'s weight shapes when given): a half-copied, corrupt or mismatched adapter is refused here,
+    before any replica could load it."""
     _check_name(name)
     src = Path(src)
     missing = [f for f in ADAPTER_FILES if not (src / f).is_file()]
     if missing:
         raise AdapterError(f"{src} is not a LoRA adapter directory: missing {missing}")
+    try:
+        verify_adapter(src, base_model)
+    except AdapterFileError as e:
+        raise AdapterError(f"refused to publish {name!r}: {e}") from None
     base = Path(root) / name
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=base))
@@ -75,7 +84,7 @@ def list_current(root: str | os.PathLike[str]) -> dict[str, int]:
     return out
 
 
-def ensure_published(root: str | os.PathLike[str], name: str, src: str | os.PathLike[str]) -> int:
+def ensure_published(root: str | os.PathLike[str], name: str, src: str | os.PathLike[str], base_model: str | None = None) -> int:
     """The current version of `name` when it holds exactly `src`'s files, else a new version of them."""
     try:
         _, path = current(root, name)
@@ -83,4 +92,4 @@ def ensure_published(root: str | os.PathLike[str], name: str, src: str | os.Path
             return int(path.name[1:])
     except (AdapterError, FileNotFoundError):
         pass
-    return publish(root, name, src)
+    return publish(root, name, src, base_model)

@@ -49,3 +49,21 @@ def random_adapter(model_path, out, seed):
     lora = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
     get_peft_model(model, lora).save_pretrained(out)
     return out
+
+
+def tiny_adapter(out, tag: str = "a", rank: int = 2, shapes=(("model.layers.0.self_attn.q_proj", 4, 6),)):
+    """A structurally valid LoRA adapter of hand-made shapes (module, in, out), for registry logic without a base."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(sum(map(ord, tag)))
+    tensors = {}
+    for module, fan_in, fan_out in shapes:
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 16, "tag": tag}))
+    return out

@@ -24,6 +24,7 @@ from services.gateway.inference import (
 from safetrigger.artifacts import PROGRESS, last_progress
 from services.gateway.routers.inference import check_generation, visibility
 from services.gateway.jobs import confine
+from tests.conftest import tiny_adapter
 
 
 def _key(**over):
@@ -62,11 +63,7 @@ def test_token_bucket_and_concurrency():
 
 def test_model_routing_follows_the_promotion(tmp_path):
     assert resolve_model(None, "policy", str(tmp_path)) == "policy"
-    src = tmp_path / "src"
-    src.mkdir()
-    for f in adapters.ADAPTER_FILES:
-        (src / f).write_text("x")
-    v = adapters.publish(tmp_path, "st-d", src)
+    v = adapters.publish(tmp_path, "st-d", tiny_adapter(tmp_path / "src"))
     registry.promote(tmp_path, "st-d", v, "policy")
     assert resolve_model("policy", "policy", str(tmp_path)) == "policy:st-d@v1"
     assert resolve_model("policy:base", "policy", str(tmp_path)) == "policy"

@@ -12,6 +12,7 @@ from pipelines.report import write_report
 from safetrigger.config import RunConfig
 from safetrigger.evaluation.suites import category_breakdown, compare, suite_metrics
 from services import adapters, registry
+from tests.conftest import tiny_adapter
 
 
 def _records(cand_refuses: int):
@@ -53,11 +54,7 @@ def _result(cfg, recs):
 
 
 def _publish(tmp_path, name):
-    src = tmp_path / f"src-{name}"
-    src.mkdir()
-    (src / "adapter_config.json").write_text("{}")
-    (src / "adapter_model.safetensors").write_bytes(name.encode())
-    return adapters.publish(tmp_path / "adapters", name, src)
+    return adapters.publish(tmp_path / "adapters", name, tiny_adapter(tmp_path / f"src-{name}", name))
 
 
 def test_report_files_and_promotion(tmp_path):
