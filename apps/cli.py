@@ -165,9 +165,43 @@ def _remote(args) -> int:
     return 0
 
 
-def _serve(args) -> int:
+def wait_for_stop(poll_s: float = 0.5, on_ready=None) -> int:
+    """Block until SIGINT or SIGTERM and return its number; a second one while the caller is stopping ends the
+    process at once (exit 128 + signal). `signal.sigwait` did nothing on Ctrl-C: with SIGINT not blocked, Python's
+    own handler took the signal and sigwait never returned."""
+    import os
     import signal
+    import threading
 
+    got: list[int] = []
+    stop = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        if stop.is_set():
+            os._exit(128 + signum)  # the second Ctrl-C: the user wants out now
+        got.append(signum)
+        stop.set()
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
+    if on_ready is not None:  # said once the handlers are in place, so a Ctrl-C after it is always caught
+        on_ready()
+    while not stop.wait(poll_s):
+        pass
+    return got[0]
+
+
+def _stop_serving() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def _serve(args) -> int:
     from pipelines.runtime import emit_precision, init_ray, precision_report, set_threads, with_adapter_root
     from safetrigger.config import load_config
     from services.gateway.config import load_gateway_config
@@ -183,8 +217,12 @@ def _serve(args) -> int:
     gw = pointed_at(gw, ep).model_copy(update={"adapter_root": gw.adapter_root or cfg.serving.adapter_root,
                                               "policy_model_source": cfg.model.source})
     prefix = start_gateway(gw)
-    print(f"gateway ready at http://{cfg.serving.http_host}:{cfg.serving.http_port}{prefix} (policy at {ep.base_url})")
-    signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    signum = wait_for_stop(on_ready=lambda: print(
+        f"gateway ready at http://{cfg.serving.http_host}:{cfg.serving.http_port}{prefix} (policy at {ep.base_url})",
+        flush=True))
+    print(f"signal {signum}: stopping the gateway, the policy and the local Ray (again to force)", flush=True)
+    _stop_serving()
+    print("stopped", flush=True)
     return 0
 
 

@@ -75,3 +75,22 @@ def test_cli_reports_bad_data_without_traceback(tmp_path):
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2
     assert "bad.jsonl:2: not valid JSON" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serve_stops_on_ctrl_c_and_a_second_one_forces_it(tmp_path):
+    """`safe-trigger serve` waits in `wait_for_stop`: Ctrl-C (SIGINT) used to do nothing within 15 s. Here a real
+    process gets real signals: the first starts a slow stop, the second ends the process at once."""
+    import signal
+    import time
+
+    code = ("import time; from apps.cli import wait_for_stop; "
+            "n = wait_for_stop(0.05, lambda: print('ready', flush=True)); print('stopping', n, flush=True); "
+            "time.sleep(60); print('done')")
+    for first in (signal.SIGINT, signal.SIGTERM):
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(first)
+        assert proc.stdout.readline().split() == ["stopping", str(int(first))]
+        t = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 128 + signal.SIGINT and time.monotonic() - t < 5
