@@ -105,12 +105,16 @@ def _run(args) -> int:
         return 2
     from pipelines.datasets import DatasetError
     from pipelines.run import run
+    from pipelines.stage_store import StageWriteError
 
     try:
         run(cfg)
     except DatasetError as e:
         print(f"safe-trigger: bad input data: {e}", file=sys.stderr)
         return 2
+    except StageWriteError as e:  # a full or read-only disk: nothing committed is lost, the next run resumes
+        print(f"safe-trigger: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -30,6 +30,10 @@ class StageSchemaError(RuntimeError):
     """A store whose parts disagree on their columns: written by another version of the code."""
 
 
+class StageWriteError(OSError):
+    """A part the disk would not take (full, read-only, over a size limit): what was committed before stays."""
+
+
 def _family(t: pa.DataType) -> str | None:
     """What a column holds, coarsely: Parquet keeps int in one chunk and float in the next, or `null` for an
     all-None chunk, and reading promotes those; only a change of kind means another writer."""
@@ -102,8 +106,15 @@ class StageStore:
             check_same_schema(self.root, self._schema, table.schema, "the new rows' columns")
         path = self.root / f"part-{self._next_part:05d}.parquet"
         tmp = self.root / f".tmp-{os.getpid()}-{path.name}"
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise StageWriteError(
+                e.errno, f"{self.root}: could not write {len(rows)} rows as {path.name} ({e}); the "
+                         f"{self._next_part} part(s) committed before are intact, and a re-run resumes after them "
+                         "once the disk takes writes again") from e
         self._next_part += 1
         if self._schema is None:
             self._schema = table.schema

@@ -159,3 +159,37 @@ def test_live_bar_lines_are_recorded_in_the_runs_progress_file(tmp_path):
             p.advance(2, tokens=10)
     events = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
     assert [e["stage"] for e in events] == ["gen"] and events[0]["message"].startswith("2/4 rows")
+
+
+def test_a_disk_that_refuses_a_part_loses_nothing_committed_and_the_next_run_resumes(tmp_path):
+    """A real write failure in a real process: the OS refuses files over RLIMIT_FSIZE (EFBIG, as a full disk
+    refuses with ENOSPC). The stage fails with an error naming the store and what is kept; the parts committed
+    before stay whole, no temporary file is left, and a later process resumes after them."""
+    import subprocess
+    import sys
+
+    from pipelines.stage_store import StageStore
+
+    from .conftest import REPO
+
+    code = f"""
+import random, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the default kill
+resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+from pipelines.stage_store import StageStore, StageWriteError
+store = StageStore({str(tmp_path / 'st')!r})
+store.commit([{{"query_id": f"q{{i}}", "text": "short"}} for i in range(3)])
+try:  # random text: Parquet would compress a repeated one below the limit
+    store.commit([{{"query_id": f"big{{i}}", "text": random.Random(i).randbytes(8000).hex()}} for i in range(4)])
+except StageWriteError as e:
+    print(e, flush=True)
+    sys.exit(3)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "could not write 4 rows as part-00001.parquet" in proc.stdout and "1 part(s) committed before are intact" in proc.stdout
+    store = StageStore(tmp_path / "st")
+    assert [p.name for p in store.parts()] == ["part-00000.parquet"] and not list(store.root.glob(".tmp-*"))
+    assert store.done_ids() == {"q0", "q1", "q2"}
+    store.commit([{"query_id": f"big{i}", "text": str(i) * 20000} for i in range(4)])
+    assert store.count() == 7 and len({r["query_id"] for r in store.read()}) == 7
