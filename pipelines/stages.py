@@ -159,7 +159,7 @@ def pipeline_stages(cfg: RunConfig | None = None) -> list[Stage]:
             k["review"], c.sft_data.model_dump(), *(k[s] for s in selected)), _sft_data,
               output="jsonl", doc="SFT targets (method.sft)"),
         Stage("sft-adapter", ("review", "sft-data", *selected), lambda c, k: (
-            "sft", k["review"], c.sft_data.model_dump(), c.sft.model_dump(), *(k[s] for s in selected)), _train_st_s, output="adapter",
+            "sft", k["review"], c.sft_data.model_dump(), c.sft.key_fields(), *(k[s] for s in selected)), _train_st_s, output="adapter",
               publish="st-s", doc="ST-S: SFT on Ray Train, served as policy:st-s"),
         Stage("eval-st-s", ("sft-adapter", "generate"), lambda c, k: ("eval-st-s", k["sft-adapter"], k["generate"]),
               _eval_answers("st-s"), doc="ST-S answers the eval split"),
@@ -173,7 +173,8 @@ def pipeline_stages(cfg: RunConfig | None = None) -> list[Stage]:
             *(() if d(c).rejected == "worst" else (d(c).rejected,))), _dpo_pairs,
               output="jsonl", doc="chosen/rejected by the method's reward"),
         Stage("dpo-adapter", ("dpo-pairs", "sft-adapter"), lambda c, k: (
-            "dpo", k["dpo-pairs"], d(c).model_dump(exclude={"judge", "enabled", "rejected"})), _train_st_d, output="adapter",
+            "dpo", k["dpo-pairs"], {f: v for f, v in d(c).key_fields().items() if f not in ("judge", "enabled", "rejected")}),
+              _train_st_d, output="adapter",
               publish="st-d", doc="ST-D: DPO on Ray Train from ST-S, served as policy:st-d"),
         Stage("eval-st-d", ("dpo-adapter", "generate"), lambda c, k: ("eval-st-d", k["dpo-adapter"], k["generate"]),
               _eval_answers("st-d"), doc="ST-D answers the eval split"),

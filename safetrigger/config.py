@@ -200,6 +200,15 @@ class TrainSettings(_Strict):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     # How Ray Train places its workers: PACK fills a node first; SPREAD puts one per node where it can
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Faults: a lost worker or node restarts the worker group up to `max_failures` times, resuming from the last
+    # checkpoint (every `checkpoint_every_steps` steps, with optimizer state; None: only the final one, so a
+    # restart trains from the start). Neither changes what is trained, so neither joins a stage key.
+    max_failures: int = Field(0, ge=0)
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+
+    def key_fields(self) -> dict:
+        """The fields that decide the trained weights (a stage key hashes these)."""
+        return self.model_dump(exclude={"max_failures", "checkpoint_every_steps"})
 
 
 class SFTTrainConfig(TrainSettings):

@@ -79,3 +79,64 @@ def test_two_worker_dpo_continues_the_sft_adapter(trained):
     assert json.loads((tmp / "st-d" / "adapter_config.json").read_text())["r"] == 8
     m = out["metrics"]
     assert m["loss"] > 0 and "rewards/margins" in m and m["num_input_tokens_seen"] > 0
+
+
+def test_a_worker_killed_mid_sft_resumes_from_its_checkpoint_to_the_same_adapter(tmp_path, data_root):
+    """Ray Train restarts the worker group after one of its workers is SIGKILLed mid-SFT, resumes from the last
+    checkpoint (optimizer state included) and ends with the adapter a run without the fault trains on the same
+    seed; the progress lines say what happened."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import ray
+    import torch
+    from ray.util.state import list_actors
+
+    from pipelines.runtime import init_ray
+
+    cfg = RunConfig.model_validate({
+        "data": {"root": str(data_root), "sources": [{"type": "advbench", "path": "advbench.jsonl"}]},
+        "sft_data": {"max_length": 256},
+        "sft": {"num_workers": 2, "max_steps": 6, "per_device_batch_size": 1, "lora": {"r": 8, "alpha": 16},
+                "learning_rate": 1e-3, "checkpoint_every_steps": 2, "max_failures": 1},
+    })
+    model_path = resolve_model(cfg.model.source)
+    tok = load_tokenizer(model_path)
+    data = tmp_path / "sft.jsonl"
+    with data.open("w") as f:
+        for i in range(16):
+            prompt, completion = prompt_completion_text(tok, [{"role": "user", "content": f"question {i}"}],
+                                                        f"Thinking {i}.\n\n{REFUSAL if i % 2 else f'It is {i}.'}")
+            f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    started_here = not ray.is_initialized()
+    init_ray(cfg)
+    lines: list[str] = []
+    killed: list[int] = []
+
+    def kill_a_worker_after_step_3() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not any("step 3/6" in ln for ln in lines):
+            time.sleep(0.2)
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        if workers:
+            os.kill(workers[-1].pid, signal.SIGKILL)
+            killed.append(workers[-1].pid)
+
+    try:
+        clean = train_sft(data, model_path, tmp_path / "clean", cfg, name="clean")
+        killer = threading.Thread(target=kill_a_worker_after_step_3, daemon=True)
+        killer.start()
+        faulted = train_sft(data, model_path, tmp_path / "faulted", cfg, name="faulted", emit=lines.append)
+        killer.join(timeout=5)
+    finally:
+        if started_here:
+            ray.shutdown()
+    assert killed, "no Ray Train worker was found to kill"
+    assert any("resuming from the checkpoint of step 2" in ln for ln in lines), lines
+    assert any("step 6/6" in ln for ln in lines)
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("clean", "faulted"))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert faulted["metrics"]["step"] == clean["metrics"]["step"] == 6

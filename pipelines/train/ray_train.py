@@ -25,7 +25,7 @@ def loop_config(settings, **extra: Any) -> dict[str, Any]:
     return {"lr": settings.learning_rate, "epochs": settings.epochs, "max_steps": settings.max_steps,
             "batch_size": settings.per_device_batch_size, "grad_accum": settings.gradient_accumulation_steps,
             "use_gpu": settings.use_gpu, "seed": settings.seed, "torch_threads": settings.torch_threads,
-            "bf16": use_bf16(settings), **extra}
+            "bf16": use_bf16(settings), "checkpoint_every_steps": settings.checkpoint_every_steps, **extra}
 
 
 def _worker_loop(c: dict[str, Any]) -> None:
@@ -38,7 +38,32 @@ def _worker_loop(c: dict[str, Any]) -> None:
     trainer.add_callback(RayTrainReportCallback())
     if c.get("progress_file") and ray.train.get_context().get_world_rank() == 0:
         trainer.add_callback(_progress_callback(c["progress_file"]))
-    prepare_trainer(trainer).train()
+    trainer = prepare_trainer(trainer)
+    restored = ray.train.get_checkpoint()  # set when Ray Train restarted the group after a lost worker or node
+    if restored is None:
+        trainer.train()
+        return
+    with restored.as_directory() as d:
+        _say(c, f"resuming from the checkpoint of step {_step_of(Path(d) / 'checkpoint')} after a lost worker")
+        trainer.train(resume_from_checkpoint=str(Path(d) / "checkpoint"))
+
+
+def _step_of(checkpoint: Path) -> int:
+    import json
+
+    state = checkpoint / "trainer_state.json"
+    return json.loads(state.read_text()).get("global_step", 0) if state.is_file() else 0
+
+
+def _say(c: dict[str, Any], message: str) -> None:
+    """A line the driver shows among the progress lines (rank 0 only)."""
+    import json
+
+    import ray.train
+
+    if c.get("progress_file") and ray.train.get_context().get_world_rank() == 0:
+        with open(c["progress_file"], "a") as f:
+            f.write(json.dumps({"event": message}) + "\n")
 
 
 def _progress_callback(path: str):
@@ -73,6 +98,9 @@ def _follow(path: Path, stop, emit, label: str) -> None:
         lines = path.read_text().splitlines() if path.is_file() else []
         for line in lines[seen:]:
             p = json.loads(line)
+            if "event" in p:
+                emit(f"[{label}] {p['event']}")
+                continue
             rate = p["elapsed"] / p["step"] if p["step"] else 0.0
             eta = rate * (p["max_steps"] - p["step"])
             tok_s = p["tokens"] / p["elapsed"] if p["elapsed"] else 0.0
@@ -90,8 +118,8 @@ def fit(builder: str, loop_cfg: dict[str, Any], settings, out_dir: str | Path, n
     lines (step, loss, tokens/s, ETA) are shown while it trains."""
     import threading
 
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
-    from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     out_dir = Path(out_dir).resolve()
@@ -106,7 +134,9 @@ def fit(builder: str, loop_cfg: dict[str, Any], settings, out_dir: str | Path, n
                                      resources_per_worker={"CPU": settings.cpus_per_worker},
                                      placement_strategy=settings.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
-        run_config=TrainRunConfig(name=name, storage_path=str(out_dir.parent / "ray-train")),
+        run_config=TrainRunConfig(name=name, storage_path=str(out_dir.parent / "ray-train"),
+                                  failure_config=FailureConfig(max_failures=settings.max_failures),
+                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     stop = threading.Event()
     follower = threading.Thread(target=_follow, args=(progress, stop, emit, label), daemon=True) if emit else None
@@ -139,13 +169,22 @@ def export_adapter(src: Path, out_dir: Path) -> None:
     os.replace(tmp, out_dir)
 
 
+def _saving(c: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoints: every `checkpoint_every_steps` with the optimizer and scheduler state (a restarted worker group
+    resumes from them); otherwise the model only, once at the end."""
+    every = c.get("checkpoint_every_steps")
+    if every:
+        return {"save_strategy": "steps", "save_steps": every, "save_only_model": False}
+    return {"save_strategy": "steps" if c["max_steps"] > 0 else "epoch", "save_steps": max(1, c["max_steps"]),
+            "save_only_model": True}
+
+
 def hf_args(c: dict[str, Any]) -> dict[str, Any]:
     """TrainingArguments both TRL configs take, from the loop config."""
     return dict(
         output_dir=c["scratch"], per_device_train_batch_size=c["batch_size"], gradient_accumulation_steps=c["grad_accum"],
         learning_rate=c["lr"], num_train_epochs=c["epochs"], max_steps=c["max_steps"], logging_steps=1,
-        save_strategy="steps" if c["max_steps"] > 0 else "epoch", save_steps=max(1, c["max_steps"]),
-        save_only_model=True, report_to="none", use_cpu=not c["use_gpu"], seed=c["seed"], bf16=c["bf16"],
+        **_saving(c), report_to="none", use_cpu=not c["use_gpu"], seed=c["seed"], bf16=c["bf16"],
         dataloader_num_workers=0, disable_tqdm=True, ddp_find_unused_parameters=False,
         # the trainer then logs num_input_tokens_seen and, at the end, train_tokens_per_second
         include_num_input_tokens_seen="non_padding",
