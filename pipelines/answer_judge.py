@@ -125,7 +125,7 @@ def judge_answers(items: list[Item], endpoint: PolicyEndpoint, judge: AnswerJudg
     rows = [{"query_id": i, "prompt_ids": prompts(q, a)} for i, q, a in pending]
     g = cfg.generation
     run_through_policy(rows, target, _Pre(model), _Post(judge, ids, baseline), store, stage,
-                       batch_size=g.batch_size, concurrency=g.concurrency, chunk_rows=g.chunk_rows * 2, total=len(items))
+                       batch_size=g.batch_size, concurrency=g.concurrency, fanout=g.fanout, chunk_rows=g.chunk_rows * 2, total=len(items))
     return store.read()
 
 

@@ -99,7 +99,7 @@ def run_generate(
     run_through_policy(
         rows, endpoint, ChatRequest(cfg, model, {"temperature": g.temperature, "top_p": g.top_p}, g.seed),
         _Post(reasoning_rule(cfg, endpoint.model_path), endpoint.model_id, adapter), store,
-        "generate", batch_size=g.batch_size, concurrency=g.concurrency, chunk_rows=g.chunk_rows, total=len(queries),
+        "generate", batch_size=g.batch_size, concurrency=g.concurrency, fanout=g.fanout, chunk_rows=g.chunk_rows, total=len(queries),
         slow_tokens_per_s=g.slow_tokens_per_s,
     )
     return store.read()

@@ -144,6 +144,6 @@ def run_judge(
     post = _Post(unsafe_id, safe_id, baseline, cfg.judge.threshold, endpoint.model_id)
     run_through_policy(
         rows, endpoint, _Pre(model), post, store,
-        "judge", batch_size=g.batch_size, concurrency=g.concurrency, chunk_rows=g.chunk_rows, total=len(trajectories),
+        "judge", batch_size=g.batch_size, concurrency=g.concurrency, fanout=g.fanout, chunk_rows=g.chunk_rows, total=len(trajectories),
     )
     return store.read()

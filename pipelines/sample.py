@@ -45,6 +45,6 @@ def run_sample(queries: list[Query], endpoint: PolicyEndpoint, cfg: RunConfig, s
                       d.seed, salt="dpo-sample")
     run_through_policy(rows, endpoint, pre, _Post(d.num_samples, adapter),
                        store, "dpo-sample", batch_size=max(1, g.batch_size // cfg.dpo.num_samples),
-                       concurrency=g.concurrency, chunk_rows=g.chunk_rows, total=len(queries),
+                       concurrency=g.concurrency, fanout=g.fanout, chunk_rows=g.chunk_rows, total=len(queries),
                        slow_tokens_per_s=g.slow_tokens_per_s)
     return store.read()

@@ -123,6 +123,14 @@ def test_generate_judge_and_resume(stack):
         assert j["verdict_unsafe"] == (j["margin"] > 0)
     assert sum(j["resolved"] for j in judged) >= len(judged) * 0.9
     assert len({j["baseline"] for j in judged}) == 1 and judged[0]["baseline"] != 0.0
+    # the two ways to the replicas give the same rows: these 24 went by handle (fanout auto); again through a
+    # ray.data.llm processor
+    by_data = cfg.model_copy(update={"generation": cfg.generation.model_copy(update={"fanout": "ray_data"})})
+    again = {j["query_id"]: j for j in run_judge(rows, ep, by_data, StageStore(tmp / "judge-ray-data"))}
+    assert set(again) == {j["query_id"] for j in judged}
+    for j in judged:
+        assert again[j["query_id"]]["margin"] == pytest.approx(j["margin"], abs=1e-2)
+        assert abs(j["margin"]) < 1e-2 or again[j["query_id"]]["verdict_unsafe"] == j["verdict_unsafe"]
 
     # the free review mode (one completion per block and answer: what the GPU configs use), after the prefilled tag
     from pipelines.chat import load_tokenizer
@@ -134,11 +142,14 @@ def test_generate_judge_and_resume(stack):
     assert all(load_tokenizer(ep.model_path).decode(r["prompt_ids"]).endswith("<|im_start|>assistant\n<safe>\n")
                for r in plan_review_rows(todo, free, ep.model_path))
     reviews = run_review(rows, ep, free, StageStore(tmp / "review-free"))
-    assert {r["query_id"] for r in reviews} == {t["query_id"] for t in todo} and todo
+    # two candidates per query (cfg.review.candidates), each its own row with its own sampling seed
+    assert {r["query_id"] for r in reviews} == {f"{t['query_id']}#{i}" for t in todo for i in (0, 1)} and todo
     assert all(r["completion_tokens"] > 0 and r["finish_reason"] in ("stop", "length") for r in reviews)
     assert all(json.loads(r["sampling"])["max_tokens"] == 40 and "stop" not in json.loads(r["sampling"]) for r in reviews)
+    seeds = {r["query_id"]: json.loads(r["sampling"])["seed"] for r in reviews}
+    assert all(seeds[f"{t['query_id']}#0"] != seeds[f"{t['query_id']}#1"] for t in todo)
     by_id = {t["query_id"]: t for t in todo}
-    targets = [unsafe_target(by_id[r["query_id"]]["reasoning"], r["review"], False) for r in reviews]
+    targets = [unsafe_target(by_id[r["query_id"].rsplit("#", 1)[0]]["reasoning"], r["review"], False) for r in reviews]
     for r, target in zip(reviews, targets):  # a cut-off block is dropped with its reason, never trained on
         assert (target.drop is Drop.UNCLOSED_SAFE) == ("</safe>" not in r["review"].lower())
 
