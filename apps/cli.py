@@ -67,6 +67,15 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the policy and the gateway on this Ray cluster")
     serve.add_argument("config", help="run config: the policy to serve (model, serving)")
     serve.add_argument("gateway", help="gateway config (keys, limits, artifact roots)")
+    for name, help in (("runs", "main-job runs in the tracking store, with headline metrics"),
+                       ("compare", "two runs' metrics side by side, with intervals and B - A")):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db"),
+                       help="tracking store (default: the embedded runs' own, runs/mlflow.db)")
+        p.add_argument("--experiment", default="safe-trigger")
+        if name == "compare":
+            p.add_argument("a", help="run id (or its start) or run name")
+            p.add_argument("b")
     keygen = sub.add_parser("keygen", help="make an API key: prints the key once and its keys-file entry")
     keygen.add_argument("id")
     keygen.add_argument("--scopes", default="inference", help="comma-separated: inference,jobs")
@@ -86,6 +95,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         return _serve(args)
+    if args.command in ("runs", "compare"):
+        from .runs import compare_table, runs_table
+
+        try:
+            print(runs_table(args.uri, args.experiment) if args.command == "runs"
+                  else compare_table(args.uri, args.experiment, args.a, args.b))
+        except LookupError as e:
+            print(f"safe-trigger: {e}", file=sys.stderr)
+            return 1
+        return 0
     from clients.client import SafeTriggerError
 
     try:

@@ -83,6 +83,7 @@ class Job:
     emit: Callable[[str], None] = print
     timings: dict[str, float] = field(default_factory=dict)
     stage_times: list[dict[str, Any]] = field(default_factory=list)  # every store's own time, also earlier ones
+    tracker: Any = None  # pipelines.tracking.Tracker: a nested run per stage, adapters registered
 
 
 def compute_keys(stages: list[Stage], cfg: RunConfig, given: dict[str, str]) -> dict[str, str]:
@@ -123,6 +124,8 @@ def _run_rows(s: Stage, job: Job, key: str, results: dict[str, Any]) -> list[dic
         tokens = sum(r.get("completion_tokens", 0) for r in rows)
         store.finish(stage=s.name, key=key, completion_tokens=tokens, elapsed_s=elapsed)
         job.emit(f"[{s.name}] {len(rows)} rows, {tokens} new tokens in {elapsed:.0f}s")
+        if job.tracker is not None:
+            job.tracker.stage(s.name, key, {"seconds": elapsed, "rows": len(rows), "completion_tokens": tokens})
     meta = json.loads((store.root / DONE).read_text())
     if meta.get("elapsed_s"):
         job.stage_times.append({"stage": s.name, "rows": meta["rows"], "seconds": meta["elapsed_s"],
@@ -150,8 +153,13 @@ def _run_adapter(s: Stage, job: Job, key: str, results: dict[str, Any]) -> dict[
         m = result.get("metrics", {})
         job.emit(f"[{s.publish or s.name}] loss {m.get('train_loss', m.get('loss'))}, "
                  f"{m.get('train_tokens_per_second', 0):.0f} tokens/s, {elapsed:.0f}s")
+        if job.tracker is not None:
+            job.tracker.stage(s.name, key, {"seconds": elapsed, **{k: v for k, v in m.items() if isinstance(v, (int, float))}},
+                              adapter_dir)
     if s.publish:
         result["version"] = _publish(job, s.publish, adapter_dir)
+        if job.tracker is not None and not meta.is_file():
+            job.tracker.register(s.publish, result["version"], s.name, key, adapter_dir)
     meta.write_text(json.dumps(result, indent=2, default=str))
     return {**result, "dir": str(adapter_dir)}
 

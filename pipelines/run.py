@@ -1,6 +1,6 @@
 """The main job: load queries, then run the declared stages (`pipelines/stages.py`) — self-generate, self-judge,
 self-review, SFT data, ST-S, DPO sampling/judging/pairs, ST-D, evaluation judges — then the tables, the
-evaluation report and the promotion gate, and the summary.
+evaluation report and the promotion gate, and the summary; all of it tracked in MLflow (`pipelines/tracking.py`).
 
 Each stage writes under a key derived from its inputs and config; a re-run skips finished stages and resumes a
 stage that was killed halfway (`pipelines/graph.py`).
@@ -24,6 +24,7 @@ from .runtime import (emit_precision, init_ray, precision_report, set_threads, w
 from .progress_log import recording, say, teed
 from .stage_store import stage_key
 from .stages import EVALUATED, QUERIES, main_graph
+from .tracking import Tracker, model_card
 
 
 def _write_queries(out: Path, queries) -> Path:
@@ -76,9 +77,7 @@ def load_queries(cfg: RunConfig, out: Path, emit) -> tuple[list, Any]:
 
     queries, audit = load_all_audited(cfg.data)
     _write_queries(out, queries)
-    counts: dict[str, int] = {}
-    for q in queries:
-        counts[f"{q.kind}/{q.split}"] = counts.get(f"{q.kind}/{q.split}", 0) + 1
+    counts = _split_counts(queries)
     emit(f"[data] {len(queries)} queries: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     emit(f"[data] {audit.line()}")
     return queries, audit
@@ -110,10 +109,16 @@ def _run(cfg: RunConfig, out: Path, emit, endpoint) -> dict[str, Any]:
     model_path = resolve_model(cfg.model.source)
     timings: dict[str, float] = {}
     policy = LazyPolicy(cfg, model_path, endpoint, emit, timings)
-    job = Job(cfg, out, queries, model_path, policy, emit, timings)
+    tracker = Tracker(cfg, out, emit)
+    tracker.params(_split_counts(queries))
+    job = Job(cfg, out, queries, model_path, policy, emit, timings, tracker=tracker)
     stages = main_graph(cfg)
     keys = compute_keys(stages, cfg, {QUERIES: queries_key(queries)})
-    results = run_stages(stages, job, keys, {QUERIES: queries})
+    try:
+        results = run_stages(stages, job, keys, {QUERIES: queries})
+    except BaseException:
+        tracker.finish(ok=False)
+        raise
 
     tables = _tables(job, results, f"Data: {audit.line()}.")
     report = _evaluate_and_report(job, results, tables["markdown"]) if cfg.eval.enabled else {}
@@ -136,10 +141,38 @@ def _run(cfg: RunConfig, out: Path, emit, endpoint) -> dict[str, Any]:
         "stage_times": job.stage_times,  # every stage store's own time, also of stages an earlier invocation finished
     }
     write_summary(out, summary)
+    _track_outcome(tracker, cfg, out, keys, summary, report)
     emit(f"[done] {out / SUMMARY} ({summary['timings']['total_s']:.0f}s)")
     if report:
         emit(f"[report] {report['html']}\n[report] {report['markdown']}")
     return summary
+
+
+def _split_counts(queries) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for q in queries:
+        counts[f"{q.kind}/{q.split}"] = counts.get(f"{q.kind}/{q.split}", 0) + 1
+    return counts
+
+
+def _track_outcome(tracker: Tracker, cfg: RunConfig, out: Path, keys: dict[str, str], summary: dict[str, Any],
+                   report: dict[str, Any]) -> None:
+    """The evaluation, a model card per trained adapter (beside it and on its registered version), the run's
+    files; then the tracking run ends."""
+    cards: dict[str, str] = {}
+    if report:
+        data = json.loads(Path(report["metrics"]).read_text())
+        decisions = {d["candidate"]: d for d in report.get("decisions", [])}
+        for adapter, stage in (("st-s", "sft-adapter"), ("st-d", "dpo-adapter")):
+            if summary["sft" if adapter == "st-s" else "dpo"]:
+                cards[adapter] = model_card(adapter, cfg, keys[stage], data, summary, decisions.get(adapter))
+                (out / f"{stage}-{keys[stage]}.card.md").write_text(cards[adapter])
+        tracker.evaluation(Path(report["metrics"]), Path(report["html"]).parent, report.get("decisions", []),
+                           report.get("promoted"), cards)
+    for name in (SUMMARY, "awareness.md"):
+        if (out / name).is_file():
+            tracker.artifact(out / name)
+    tracker.finish(ok=True)
 
 
 def _value(results: dict[str, Any], stage: str, field: str | None = None) -> dict[str, Any]:

@@ -66,7 +66,7 @@ def _train_st_s(job: Job, r: Results, adapter_dir: Path) -> dict[str, Any] | Ski
     init_ray(job.cfg)
     job.emit(f"[st-s] SFT on {data['examples']} examples, {job.cfg.sft.num_workers} Ray Train worker(s)")
     return train_sft(data["path"], job.model_path, adapter_dir, job.cfg, name=adapter_dir.name.replace("-adapter", ""),
-                     emit=job.emit)
+                     emit=job.emit, on_step=_steps(job, "sft-adapter"))
 
 
 def _eval_answers(adapter: str):
@@ -115,7 +115,12 @@ def _train_st_d(job: Job, r: Results, adapter_dir: Path) -> dict[str, Any] | Ski
     init_ray(job.cfg)
     job.emit(f"[st-d] DPO on {pairs['pairs']} pairs, {job.cfg.dpo.num_workers} Ray Train worker(s)")
     return train_dpo(pairs["path"], job.model_path, r["sft-adapter"]["dir"], adapter_dir, job.cfg,
-                     name=adapter_dir.name.replace("-adapter", ""), emit=job.emit)
+                     name=adapter_dir.name.replace("-adapter", ""), emit=job.emit, on_step=_steps(job, "dpo-adapter"))
+
+
+def _steps(job: Job, stage: str):
+    """Each training step's logged numbers (rank 0) into the stage's tracking run."""
+    return None if job.tracker is None else job.tracker.step_logger(stage)
 
 
 def _weights(c: RunConfig) -> tuple[str, ...]:

@@ -433,6 +433,31 @@ class DPOConfig(TrainSettings):
         return self
 
 
+class TrackingConfig(_Strict):
+    """MLflow experiment tracking and model registry (pipelines/tracking.py)."""
+
+    enabled: bool = True
+    # None: a local store beside the run (`sqlite:///<output_dir>/../mlflow.db`, artifacts in `../mlruns`): nothing
+    # to start. On a cluster: the tracking server's URI (gateway jobs always get the operator's).
+    uri: str | None = None
+    experiment: str = Field("safe-trigger", min_length=1, max_length=200)
+    log_adapters: bool = True  # adapters as run artifacts (the registered versions' source); off for 8B-size LoRAs
+    tags: dict[str, str] = Field(default_factory=dict, max_length=20)
+    # set by the gateway for a submitted job (whatever the job's own config says): tags `safe_trigger.key/job`
+    key: str | None = None
+    job: str | None = None
+
+    @field_validator("tags")
+    @classmethod
+    def _own_tags(cls, v: dict[str, str]) -> dict[str, str]:
+        """MLflow's own tags (`mlflow.parentRunId`, `mlflow.user`, ...) and ours stay ours to set."""
+        for k, value in v.items():
+            if k.startswith(("mlflow.", "safe_trigger.")) or not 0 < len(k) <= 250 or len(value) > 5000:
+                raise ValueError(f"tracking.tags: {k[:60]!r} is reserved or too long (names 1-250 chars, not "
+                                 "`mlflow.*` or `safe_trigger.*`; values up to 5000)")
+        return v
+
+
 class RunConfig(_Strict):
     name: str = "embedded"
     output_dir: str = "runs/embedded"
@@ -448,6 +473,7 @@ class RunConfig(_Strict):
     sft: SFTTrainConfig = SFTTrainConfig()
     dpo: DPOConfig = DPOConfig()
     eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _dpo_needs_sft_and_pool(self) -> "RunConfig":

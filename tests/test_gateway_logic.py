@@ -569,3 +569,18 @@ def test_engine_fields_that_echo_the_prompt_never_reach_a_client():
                                    "choices": [{"index": 0, "delta": {"content": "Hi"}}]}))
     sent += shaper.feed(json.dumps({"object": "chat.completion.chunk", "prompt_text": "<safe>weapon", "choices": []}))
     assert "weapon" not in sent + shaper.finish()
+
+
+def test_a_jobs_tracking_goes_to_the_operators_store_tagged_with_its_key(tmp_path, data_root):
+    """A tenant's tracking URI would be a write anywhere (`sqlite:////etc/...`) or a send anywhere: refused; the
+    job logs to the operator's store (or one store beside all jobs) with its key and job id, whatever it says."""
+    gw = GatewayConfig(artifact_root=str(tmp_path), allowed_data_roots=[str(data_root)])
+    with pytest.raises(RequestError, match="tracking.uri: jobs log to the operator's tracking store"):
+        confine(_job(data_root, tracking={"uri": "sqlite:////etc/evil.db"}), gw, "st-0123456789ab", "k1")
+    run = confine(_job(data_root, tracking={"key": "someone-else", "tags": {"team": "red"}}), gw, "st-0123456789ab", "k1")
+    assert run.tracking.uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert (run.tracking.key, run.tracking.job, run.tracking.tags) == ("k1", "st-0123456789ab", {"team": "red"})
+    server = gw.model_copy(update={"jobs": gw.jobs.model_copy(update={"tracking_uri": "http://mlflow:5000"})})
+    assert confine(_job(data_root), server, "st-0123456789ab", "k1").tracking.uri == "http://mlflow:5000"
+    with pytest.raises(RequestError, match="reserved"):
+        confine(_job(data_root, tracking={"tags": {"mlflow.parentRunId": "x"}}), gw, "st-0123456789ab", "k1")

@@ -400,6 +400,27 @@ def test_main_job_on_the_running_policy(stack, capsys):
     chosen = registry.promoted(cfg.serving.adapter_root)
     first_pass = next((d["candidate"] for d in report["decisions"] if d["promote"]), None)
     assert (chosen or {}).get("name") == first_pass and (report["promoted"] or {}).get("name") == first_pass
+    # experiment tracking (beside the run: <output>/../mlflow.db): the run with its config, a nested run per stage,
+    # rank 0's training steps, the report, and each adapter version registered with its gate decision
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("safe-trigger").experiment_id],
+                              order_by=["attributes.start_time ASC"])
+    parent = next(r for r in runs if r.info.run_name == "test" and "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status == "FINISHED" and parent.data.params["review.candidates"] == "2"
+    nested = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert {"generate", "judge", "review", "review-judge", "sft-adapter", "dpo-adapter", "eval-st-d"} <= set(nested)
+    assert nested["generate"].data.metrics["rows"] == summary["queries"]
+    assert [m.step for m in client.get_metric_history(nested["sft-adapter"].info.run_id, "loss")] == [1, 2]
+    assert client.get_metric_history(nested["dpo-adapter"].info.run_id, "rewards/margins")
+    assert "report/report.html" in {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
+    assert any(k.startswith("ST-D/harmful/asr/") for k in parent.data.metrics)
+    for adapter, decision in ((d["candidate"], d) for d in report["decisions"]):
+        [version] = client.search_model_versions(f"name='policy-{adapter}'")
+        assert version.tags["safe_trigger.gate"] == ("pass" if decision["promote"] else "rejected")
+        assert version.tags["safe_trigger.registry_version"] == str(summary["sft" if adapter == "st-s" else "dpo"]["version"])
     again = run(cfg, endpoint=ep)  # finished stages are skipped
     assert "finished earlier" in capsys.readouterr().out
     assert again["awareness"] == summary["awareness"]

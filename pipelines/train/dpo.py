@@ -36,6 +36,7 @@ def dpo_loop_config(data_path: str | Path, model_path: str, sft_adapter: str | P
                        loss_type=d.loss_type)
 
 
-def train_dpo(data_path, model_path: str, sft_adapter, out_dir, cfg, name: str = "dpo", emit=None) -> dict[str, Any]:
+def train_dpo(data_path, model_path: str, sft_adapter, out_dir, cfg, name: str = "dpo", emit=None,
+              on_step=None) -> dict[str, Any]:
     return fit(f"{__name__}:build_dpo_trainer", dpo_loop_config(data_path, model_path, sft_adapter, cfg), cfg.dpo,
-               out_dir, name, emit=emit, label="st-d")
+               out_dir, name, emit=emit, label="st-d", on_step=on_step)

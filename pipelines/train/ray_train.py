@@ -80,16 +80,18 @@ def _progress_callback(path: str):
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
+                numbers = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
                 with open(path, "a") as f:
                     f.write(json.dumps({"step": state.global_step, "max_steps": state.max_steps, "loss": logs["loss"],
                                         "elapsed": time.monotonic() - self.t0,
-                                        "tokens": state.num_input_tokens_seen}) + "\n")
+                                        "tokens": state.num_input_tokens_seen, "logs": numbers}) + "\n")
 
     return Progress()
 
 
-def _follow(path: Path, stop, emit, label: str) -> None:
-    """Driver side: turn the rank-0 progress lines into `[label] step i/n, loss, tokens/s, ETA` lines."""
+def _follow(path: Path, stop, emit, label: str, on_step=None) -> None:
+    """Driver side: turn the rank-0 progress lines into `[label] step i/n, loss, tokens/s, ETA` lines, and hand
+    each step's logged numbers to `on_step` (experiment tracking)."""
     import json
 
     seen = 0
@@ -106,13 +108,15 @@ def _follow(path: Path, stop, emit, label: str) -> None:
             tok_s = p["tokens"] / p["elapsed"] if p["elapsed"] else 0.0
             emit(f"[{label}] step {p['step']}/{p['max_steps']}, loss {p['loss']:.3f}, {tok_s:.0f} tokens/s "
                  f"(all workers), ETA {eta:.0f}s")
+            if on_step is not None:
+                on_step(p["step"], {**p.get("logs", {}), "tokens_per_s": tok_s})
         seen = len(lines)
         if finished:
             return
 
 
 def fit(builder: str, loop_cfg: dict[str, Any], settings, out_dir: str | Path, name: str, emit=None,
-        label: str = "train") -> dict[str, Any]:
+        label: str = "train", on_step=None) -> dict[str, Any]:
     """Train with `settings.num_workers` workers; `builder` ("module:function") makes the TRL trainer from the
     loop config. Returns the final metrics and the adapter directory, written atomically. With `emit`, progress
     lines (step, loss, tokens/s, ETA) are shown while it trains."""
@@ -139,7 +143,7 @@ def fit(builder: str, loop_cfg: dict[str, Any], settings, out_dir: str | Path, n
                                   checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     stop = threading.Event()
-    follower = threading.Thread(target=_follow, args=(progress, stop, emit, label), daemon=True) if emit else None
+    follower = threading.Thread(target=_follow, args=(progress, stop, emit, label, on_step), daemon=True) if emit else None
     if follower:
         follower.start()
     try:

@@ -38,7 +38,8 @@ def sft_loop_config(data_path: str | Path, model_path: str, cfg) -> dict[str, An
                        max_length=cfg.sft_data.max_length, lora=cfg.sft.lora.model_dump())
 
 
-def train_sft(data_path: str | Path, model_path: str, out_dir: str | Path, cfg, name: str = "sft", emit=None) -> dict[str, Any]:
+def train_sft(data_path: str | Path, model_path: str, out_dir: str | Path, cfg, name: str = "sft", emit=None,
+              on_step=None) -> dict[str, Any]:
     """Run SFT; returns the final metrics and the adapter directory. `cfg` is the whole RunConfig."""
     return fit(f"{__name__}:build_sft_trainer", sft_loop_config(data_path, model_path, cfg), cfg.sft, out_dir, name,
-               emit=emit, label="st-s")
+               emit=emit, label="st-s", on_step=on_step)

@@ -67,6 +67,8 @@ class JobPolicy(_Strict):
     judges: list[JudgeDeployment] = Field(default_factory=list)  # the only deployment judges a job may name
     hf_datasets: list[str] = Field(default_factory=list)  # the only hub datasets a `type: hf` source may name
     repo_data: str = "data"  # `repo:` paths must lie under this folder of the checkout
+    # where every job's MLflow run goes (a job cannot name its own store); None: one sqlite store beside the jobs
+    tracking_uri: str | None = None
 
 
 class GatewayConfig(_Strict):

@@ -38,7 +38,7 @@ def _inside(path: Path, roots: list[Path]) -> bool:
     return any(real == r or r in real.parents for r in roots)
 
 
-def confine(raw: Any, cfg: GatewayConfig, job_id: str) -> RunConfig:
+def confine(raw: Any, cfg: GatewayConfig, job_id: str, key_id: str = "") -> RunConfig:
     """The job's RunConfig, or RequestError(422) naming what is not allowed."""
     if not isinstance(raw, dict):
         raise RequestError(422, "config must be a JSON object (a RunConfig)")
@@ -77,10 +77,15 @@ def confine(raw: Any, cfg: GatewayConfig, job_id: str) -> RunConfig:
                                     "generates with, trains and serves adapters for the policy it is attached to")
         source = served
     within_policy(run, cfg.jobs)
+    if run.tracking.uri is not None:  # a tenant's URI would be a write anywhere (sqlite path) or a send anywhere
+        raise RequestError(422, "tracking.uri: jobs log to the operator's tracking store (gateway jobs.tracking_uri)")
+    shared = f"sqlite:///{Path(cfg.artifact_root).resolve() / 'mlflow.db'}"  # every job's run in one store
+    tracking = run.tracking.model_copy(update={"uri": cfg.jobs.tracking_uri or shared, "key": key_id, "job": job_id})
     job_dir = Path(cfg.artifact_root).resolve() / job_id
     url = urlparse(cfg.policy_base_url)  # where the attached policy answers: the job calls it for judge baselines
     prefix = url.path.rstrip("/").removesuffix("/v1") or "/"
     return run.model_copy(update={
+        "tracking": tracking,
         "model": run.model.model_copy(update={"served_name": cfg.served_name, "source": source}),
         "output_dir": str(job_dir / out),
         "ray": run.ray.model_copy(update={"address": "auto"}),
@@ -165,7 +170,7 @@ class JobsService:
         if not isinstance(body, dict) or "config" not in body:
             raise RequestError(422, "body must be an object with a 'config' (a RunConfig)")
         job_id = f"st-{uuid.uuid4().hex[:12]}"
-        run = confine(body["config"], self.cfg, job_id)
+        run = confine(body["config"], self.cfg, job_id, key_id)
         async with self._submitting:  # two submissions of one key cannot both pass the quota
             await self.within_quota(key_id)
             return await self._submit(key_id, job_id, run, body)
