@@ -81,11 +81,16 @@ def model_card(adapter: str, cfg: RunConfig, key: str, data: dict[str, Any], sum
              "- gate: " + ("not decided" if decision is None else ("**promoted**" if decision.get("promote") else "rejected")
                            + "".join(f"\n  - {r}" for r in decision.get("reasons", []))),
              "", "| suite | metric | judge | base | this | change [95% CI] |", "|---|---|---|---:|---:|---|"]
-    for c in changes:
+    for c in changes:  # metrics.json writes an unmeasured number (no examples) as null
         d = c["delta"]
-        lines.append(f"| {c['suite']} | {c['metric']} | {c['judge']} | {100 * c['base']:.1f}% | {100 * c['candidate']:.1f}% "
-                     f"| {100 * d['value']:+.1f} pp [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] |")
+        lines.append(f"| {c['suite']} | {c['metric']} | {c['judge']} | {_pct(c['base'])} | {_pct(c['candidate'])} | "
+                     + ("–" if None in (d["value"], d["lo"], d["hi"]) else
+                        f"{100 * d['value']:+.1f} pp [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]") + " |")
     return "\n".join(lines) + "\n"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
 
 
 class Tracker:

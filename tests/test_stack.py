@@ -7,6 +7,7 @@ import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -417,6 +418,7 @@ def test_main_job_on_the_running_policy(stack, capsys):
     assert client.get_metric_history(nested["dpo-adapter"].info.run_id, "rewards/margins")
     assert "report/report.html" in {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
     assert any(k.startswith("ST-D/harmful/asr/") for k in parent.data.metrics)
+    assert (tmp / "run" / f"{Path(summary['stages']['dpo_adapter']).name}.card.md").read_text().startswith("# policy-st-d")
     for adapter, decision in ((d["candidate"], d) for d in report["decisions"]):
         [version] = client.search_model_versions(f"name='policy-{adapter}'")
         assert version.tags["safe_trigger.gate"] == ("pass" if decision["promote"] else "rejected")

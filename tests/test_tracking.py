@@ -84,6 +84,15 @@ def test_a_store_that_fails_costs_the_run_nothing(tmp_path, monkeypatch):
     assert len([ln for ln in lines if ln.startswith("[tracking] stopped")]) == 1
 
 
+def test_a_model_card_shows_an_unmeasured_number_as_a_dash():
+    """metrics.json writes a suite with no examples as null: the card (and so the run) must not fail on it."""
+    cfg = load_config(REPO / "configs" / "embedded.yaml")
+    unmeasured = {"comparisons": {"ST-S": [{"suite": "general", "metric": "accuracy", "judge": "exact_match", "base": None,
+                                            "candidate": None, "delta": {"value": None, "lo": None, "hi": None, "n": 0}}]}}
+    card = model_card("st-s", cfg, "k", unmeasured, {}, None)
+    assert "| general | accuracy | exact_match | – | – | – |" in card and "gate: not decided" in card
+
+
 def test_params_and_metrics_flatten_the_config_and_the_report():
     assert flat_params({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": "1", "a.c": "[1, 2]", "d": "x"}
     m = report_metrics(METRICS)
