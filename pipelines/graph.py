@@ -154,8 +154,9 @@ def _run_adapter(s: Stage, job: Job, key: str, results: dict[str, Any]) -> dict[
         job.emit(f"[{s.publish or s.name}] loss {m.get('train_loss', m.get('loss'))}, "
                  f"{m.get('train_tokens_per_second', 0):.0f} tokens/s, {elapsed:.0f}s")
         if job.tracker is not None:
-            job.tracker.stage(s.name, key, {"seconds": elapsed, **{k: v for k, v in m.items() if isinstance(v, (int, float))}},
-                              adapter_dir)
+            # the trainer's end-of-run numbers apart from its per-step series of the same names (loss, ...)
+            job.tracker.stage(s.name, key, {"seconds": elapsed, **{f"final/{k}": v for k, v in m.items()
+                                                                    if isinstance(v, (int, float))}}, adapter_dir)
     if s.publish:
         result["version"] = _publish(job, s.publish, adapter_dir)
         if job.tracker is not None and not meta.is_file():
