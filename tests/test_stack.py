@@ -415,7 +415,7 @@ def test_main_job_on_the_running_policy(stack, capsys):
     assert {"generate", "judge", "review", "review-judge", "sft-adapter", "dpo-adapter", "eval-st-d"} <= set(nested)
     assert nested["generate"].data.metrics["rows"] == summary["queries"]
     assert [m.step for m in client.get_metric_history(nested["sft-adapter"].info.run_id, "loss")] == [1, 2]
-    assert nested["sft-adapter"].data.metrics["final/train_loss"] > 0
+    assert nested["sft-adapter"].data.metrics["final/loss"] > 0
     assert client.get_metric_history(nested["dpo-adapter"].info.run_id, "rewards/margins")
     assert "report/report.html" in {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
     assert any(k.startswith("ST-D/harmful/asr/") for k in parent.data.metrics)
