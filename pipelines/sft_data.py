@@ -50,7 +50,7 @@ def build_sft_examples(
         else:
             candidates = _candidates(t, reviewed, judged, cfg, think, lambda x: check_length(
                 x, prompt_tokens, count, cfg.sft_data.max_length))
-            target = select_candidate(candidates)
+            target = select_candidate(candidates, keep_unsafe=cfg.review.when_none_safe == "first")
             _count_selection(selection[t["kind"]], candidates, target)
         if target.completion is None:
             drops[f"{t['kind']}/{target.drop.value}"] += 1

@@ -139,7 +139,8 @@ def _selection_stages(cfg: RunConfig | None) -> tuple[list[Stage], tuple[str, ..
     if cfg is None or not cfg.review.select_judges:
         return [], ()
     stage = Stage("review-judge", ("review", "generate"), lambda c, k: (
-        "review-judge", k["review"], [j.model_dump() for j in c.review.select_judges]), _review_judge,
+        "review-judge", k["review"], [j.model_dump() for j in c.review.select_judges],
+        *(() if c.review.when_none_safe == "drop" else (c.review.when_none_safe,))), _review_judge,
         doc="every review candidate's answer judged (self-selected answers)")
     return [stage], ("review-judge",)
 

@@ -287,6 +287,9 @@ class ReviewConfig(_Strict):
     # structured: the temperature of the answers after the block (None: `temperature`); candidates need spread
     answer_temperature: float | None = Field(None, ge=0)
     select_judges: list[TwoWayJudgeConfig] = Field(default_factory=list, max_length=4)
+    # a query none of whose candidates is judged safe: dropped (`drop`), or trained on its first well-formed
+    # candidate as the paper would (`first`: a safe candidate is still preferred where there is one)
+    when_none_safe: Literal["drop", "first"] = "drop"
 
     @model_validator(mode="after")
     def _distinct_candidates(self) -> "ReviewConfig":
@@ -302,7 +305,8 @@ class ReviewConfig(_Strict):
         before they existed keep their keys."""
         unset = {"candidates"} if self.candidates == 1 else set()
         unset |= {"answer_temperature"} if self.answer_temperature is None else set()
-        return self.model_dump(exclude={"select_judges", *unset})
+        # the selection (judges, what to do with none safe) is the review-judge stage's key, not the reviews'
+        return self.model_dump(exclude={"select_judges", "when_none_safe", *unset})
 
 
 class SuiteConfig(_Strict):

@@ -147,6 +147,10 @@ def test_self_selection_adds_its_judge_stage_and_keys_everything_it_changes():
     assert names.index("review") < names.index("review-judge") < names.index("sft-data")
     k0, k1, k2 = (compute_keys(main_graph(c), c, {QUERIES: "q"}) for c in (plain, one, two))
     assert k1["review"] == k2["review"] != k0["review"]
+    keep = load_config(REPO / "configs" / "embedded.yaml", {"review.candidates": 3, "review.select_judges": selves,
+                                                            "review.when_none_safe": "first"})
+    k3 = compute_keys(main_graph(keep), keep, {QUERIES: "q"})
+    assert k3["review"] == k1["review"] and all(k3[s] != k1[s] for s in ("review-judge", "sft-data", "sft-adapter"))
     assert all(k1[s] != k2[s] for s in ("review-judge", "sft-data", "sft-adapter", "eval-st-s", "dpo-adapter"))
     assert k1["generate"] == k2["generate"] == k0["generate"] and k1["judge"] == k0["judge"]
     assert "review --> review_judge" in mermaid(main_graph(one), (QUERIES,))

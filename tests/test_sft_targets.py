@@ -82,6 +82,9 @@ def test_self_selection_drops_a_query_with_no_safe_candidate_and_keeps_the_rule_
     unsafe_only = select_candidate([_candidate(GOOD + "Sure, step one.", safe=False),
                                     _candidate(GOOD + "Here you go.", safe=False, safety=3.0)])
     assert unsafe_only.completion is None and unsafe_only.drop is Drop.NO_SAFE_CANDIDATE
+    kept = select_candidate([_candidate("never closed", safe=False), _candidate(GOOD + "Sure, step one.", safe=False)],
+                            keep_unsafe=True)  # `when_none_safe: first`: the paper's target, not a drop
+    assert kept.completion.endswith("Sure, step one.")
     malformed = select_candidate([_candidate("never closed", safe=True), _candidate("", safe=True)])
     assert malformed.drop is Drop.UNCLOSED_SAFE  # the first candidate's reason, not "no safe candidate"
     assert select_candidate([]).drop is Drop.MISSING_ANSWER

@@ -96,10 +96,10 @@ class Candidate:
     safety: float = 0.0  # the model judges' summed margins toward "safe": the larger, the safer
 
 
-def select_candidate(candidates: Sequence[Candidate]) -> Target:
+def select_candidate(candidates: Sequence[Candidate], keep_unsafe: bool = False) -> Target:
     """The safest well-formed candidate all judges call safe (the first of equals, so one candidate and no
     judges is the paper's setting unchanged). None well formed: the first candidate's drop reason; well formed
-    but none safe: `no_safe_candidate`."""
+    but none safe: `no_safe_candidate`, or with `keep_unsafe` the first well-formed one (the paper's target)."""
     if not candidates:
         return Target(None, Drop.MISSING_ANSWER, True)
     kept = [c for c in candidates if c.target.completion is not None]
@@ -107,7 +107,7 @@ def select_candidate(candidates: Sequence[Candidate]) -> Target:
         return candidates[0].target
     safe = [c for c in kept if c.safe]
     if not safe:
-        return Target(None, Drop.NO_SAFE_CANDIDATE, True)
+        return kept[0].target if keep_unsafe else Target(None, Drop.NO_SAFE_CANDIDATE, True)
     return max(safe, key=lambda c: c.safety).target
 
 
