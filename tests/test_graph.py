@@ -125,8 +125,8 @@ def test_the_main_graph_declares_every_stage_once_and_draws_it():
     stages = main_graph(_cfg())
     names = [s.name for s in stages]
     assert len(names) == len(set(names))
-    assert names[:12] == ["generate", "judge", "review", "review-judge", "sft-data", "sft-adapter", "eval-st-s",
-                          "dpo-sample", "dpo-judge", "dpo-pairs", "dpo-adapter", "eval-st-d"]
+    assert names[:11] == ["generate", "judge", "review", "sft-data", "sft-adapter", "eval-st-s", "dpo-sample",
+                          "dpo-judge", "dpo-pairs", "dpo-adapter", "eval-st-d"]
     assert {s.publish for s in stages if s.output == "adapter"} == {"st-s", "st-d"}
     drawing = mermaid(stages, (QUERIES,))
     assert all(f"{s.name}<br/>" in drawing for s in stages) and "sft_adapter --> eval_st_s" in drawing

@@ -52,7 +52,7 @@ def test_a_main_jobs_tracking_run_holds_what_people_compare(tmp_path):
     runs = client.search_runs([exp.experiment_id])
     parent = next(r for r in runs if r.info.run_name == "demo")
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["review.candidates"] == "4" and parent.data.params["data.count.harmful/train"] == "46"
+    assert parent.data.params["review.mode"] == "structured" and parent.data.params["data.count.harmful/train"] == "46"
     assert parent.data.metrics["ST-D/harmful/asr/refusal"] == 0.3
     assert parent.data.metrics["change/ST-D/harmful/asr/refusal/ci_hi"] == -0.3
     assert parent.data.metrics["trigger/ST-D/false_alarm"] == 0.05
