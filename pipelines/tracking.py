@@ -160,9 +160,7 @@ class Tracker:
         def log() -> None:
             run_id = self._stage_run(stage)
             self.client.set_tag(run_id, "safe_trigger.stage_key", key)
-            for name, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.client.log_metric(run_id, name, float(value))
+            self._log_metrics(run_id, metrics)
             if adapter_dir is not None and self.cfg.tracking.log_adapters:
                 self.client.log_artifacts(run_id, str(adapter_dir), "adapter")
             self.client.set_terminated(run_id)
@@ -172,18 +170,22 @@ class Tracker:
     def step_logger(self, stage: str) -> Callable[[int, dict[str, float]], None]:
         """Per-step training metrics into the stage's nested run."""
         def log(step: int, metrics: dict[str, float]) -> None:
-            def write() -> None:
-                from mlflow.entities import Metric
-                import time
-
-                now = int(time.time() * 1000)
-                items = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()
-                         if isinstance(v, (int, float)) and math.isfinite(v)]
-                self.client.log_batch(self._stage_run(stage), metrics=items)
-
-            self._guard(write)
+            self._guard(lambda: self._log_metrics(self._stage_run(stage), {metric_name(k): v for k, v in metrics.items()},
+                                                  step))
 
         return log
+
+    def _log_metrics(self, run_id: str, values: dict[str, Any], step: int = 0) -> None:
+        """The finite numbers of `values`, in batches (MLflow takes at most 1000 metrics per call)."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in values.items()
+                 if isinstance(v, (int, float)) and math.isfinite(v)]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i:i + 1000])
 
     def register(self, adapter: str, version: int, stage: str, key: str, adapter_dir: Path) -> None:
         """A file-registry version of `adapter` as a version of the registered model `<served_name>-<adapter>`."""
@@ -215,13 +217,7 @@ class Tracker:
         """Every report metric with its interval, the report as artifacts, and each adapter version's decision,
         model card and (when promoted) the `production` alias."""
         def log() -> None:
-            from mlflow.entities import Metric
-            import time
-
-            now = int(time.time() * 1000)
-            items = [Metric(k, v, now, 0) for k, v in report_metrics(json.loads(metrics_json.read_text())).items()]
-            for i in range(0, len(items), 1000):
-                self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+            self._log_metrics(self.run_id, report_metrics(json.loads(metrics_json.read_text())))
             self.client.log_artifacts(self.run_id, str(report_dir), "report")
             by_adapter = {d["candidate"]: d for d in decisions}
             for adapter, (name, version) in self.versions.items():
