@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
         if name == "report":
             p.add_argument("--format", choices=("markdown", "json", "html"), default="markdown")
             p.add_argument("--out", help="write to this file instead of standard output")
+    promote = remote("promote", "operators (an admin key): serve a job's adapter, if the gateway's gate passes it")
+    promote.add_argument("job_id")
+    promote.add_argument("adapter", help="e.g. st-d")
+    promote.add_argument("--version", type=int, help="the job's version (default: its current one)")
     serve = sub.add_parser("serve", help="serve the policy and the gateway on this Ray cluster")
     serve.add_argument("config", help="run config: the policy to serve (model, serving)")
     serve.add_argument("gateway", help="gateway config (keys, limits, artifact roots)")
@@ -176,6 +180,10 @@ def _remote(args) -> int:
             print(c.logs(args.job_id), end="")
     elif args.command == "cancel":
         print("stopped" if c.cancel(args.job_id) else "already finished")
+    elif args.command == "promote":
+        done = c.promote(args.job_id, args.adapter, args.version)
+        print(f"promoted: {done['promoted']['model']} (job {args.job_id} v{done['promoted']['job_version']})")
+        print("\n".join(f"  - {r}" for r in done["decision"]["reasons"]))
     elif args.command == "report":
         out = c.report(args.job_id, args.format)
         text = json.dumps(out, indent=2) if args.format == "json" else out
@@ -229,9 +237,14 @@ def _serve(args) -> int:
     from safetrigger.config import load_config
     from services.gateway.config import load_gateway_config
     from services.gateway.deploy import pointed_at, start_gateway
-    from services.policy import start_policy
+    from services.policy import PolicyServiceError, refuse_public_route, start_policy
 
     cfg = with_adapter_root(load_config(args.config))
+    try:
+        refuse_public_route(cfg)
+    except PolicyServiceError as e:
+        print(f"safe-trigger: {e}", file=sys.stderr)
+        return 2
     gw = load_gateway_config(args.gateway)
     set_threads(cfg.torch_threads)
     emit_precision(precision_report(cfg), print)
@@ -241,7 +254,8 @@ def _serve(args) -> int:
                                               "policy_model_source": cfg.model.source})
     prefix = start_gateway(gw)
     signum = wait_for_stop(on_ready=lambda: print(
-        f"gateway ready at http://{cfg.serving.http_host}:{cfg.serving.http_port}{prefix} (policy at {ep.base_url})",
+        f"gateway ready at http://{cfg.serving.http_host}:{cfg.serving.http_port}{prefix} (the policy app "
+        f"{ep.app_name!r} answers by handle only)",
         flush=True))
     print(f"signal {signum}: stopping the gateway, the policy and the local Ray (again to force)", flush=True)
     _stop_serving()

@@ -105,7 +105,8 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs/embedded.yaml",
-                      {"serving.http_port": args.port, "serving.adapter_root": str(tmp / "adapters"), "output_dir": str(tmp)})
+                      {"serving.http_port": args.port, "serving.adapter_root": str(tmp / "adapters"), "output_dir": str(tmp),
+                       "serving.route_prefix": "/"})  # the direct path: the policy's own app, opened for the bench
     set_threads(1)
     init_ray(cfg)
     ep = start_policy(cfg)

@@ -187,6 +187,12 @@ class Client:
         r = self._req("GET", f"/v1/jobs/{job_id}/report", params={"format": format})
         return r.json() if format == "json" else r.text
 
+    def promote(self, job_id: str, adapter: str, version: int | None = None) -> dict[str, Any]:
+        """Operators (an `admin` key): serve a job's adapter as the promoted model, if the gateway's gate passes it
+        on the job's report. Returns the promotion and the decision; a refusal raises with its reasons."""
+        body: dict[str, Any] = {"job": job_id, "adapter": adapter, **({"version": version} if version else {})}
+        return self._req("POST", "/v1/admin/promote", json=body).json()
+
 
 class AsyncClient:
     """The same calls for asyncio code."""

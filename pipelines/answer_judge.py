@@ -31,8 +31,7 @@ def sample_id(query_id: str, index: int) -> str:
 
 def judge_target(endpoint: PolicyEndpoint, judge: AnswerJudgeConfig) -> PolicyEndpoint:
     if judge.type == "deployment":
-        return PolicyEndpoint(app_name=judge.app_name, model_id=judge.model_id, model_path=judge.tokenizer,
-                              base_url=judge.base_url)
+        return PolicyEndpoint(app_name=judge.app_name, model_id=judge.model_id, model_path=judge.tokenizer)
     return endpoint
 
 
@@ -121,7 +120,7 @@ def judge_answers(items: list[Item], endpoint: PolicyEndpoint, judge: AnswerJudg
     model = target.served_model("")  # base weights: one fixed judge for base and candidates alike
     baseline = [0.0] * len(ids)
     if judge.calibration == "content_free":
-        baseline = content_free_baselines(target.base_url, model, [prompts(q, a) for q, a in CONTENT_FREE_ANSWERS], ids)
+        baseline = content_free_baselines(target, model, [prompts(q, a) for q, a in CONTENT_FREE_ANSWERS], ids)
     rows = [{"query_id": i, "prompt_ids": prompts(q, a)} for i, q, a in pending]
     g = cfg.generation
     run_through_policy(rows, target, _Pre(model), _Post(judge, ids, baseline), store, stage,

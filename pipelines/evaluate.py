@@ -37,6 +37,7 @@ class EvalResult:
     averages: dict[str, list[GroupAverage]] = field(default_factory=dict)  # candidate -> benchmark-group ASR means
     decisions: list[Decision] = field(default_factory=list)
     promoted: dict[str, Any] | None = None
+    adapters: dict[str, str] = field(default_factory=dict)  # candidate display name -> its adapter (ST-S -> st-s)
 
 
 def base_record(model: str, adapter: str, t: dict[str, Any], q: Query | None, rule) -> dict[str, Any]:
@@ -107,7 +108,8 @@ def evaluate(models: list[Model], verdicts: dict[str, list[dict[str, Any]]], que
     categories = category_breakdown(records, suites, e.gate.judge)
     health = [h for judge, vs in seen.items() for h in judge_health(judge, vs)]
     averages = {m[0]: group_averages(metrics, suites, base, m[0], e.bootstrap_samples) for m in models[1:]}
-    return EvalResult(records, metrics, comparisons, categories, health, averages=averages)
+    return EvalResult(records, metrics, comparisons, categories, health, averages=averages,
+                      adapters={name: adapter for name, adapter, _ in models if adapter})
 
 
 def _verdict(kind: str, v: dict[str, Any]) -> Verdict:
@@ -117,10 +119,13 @@ def _verdict(kind: str, v: dict[str, Any]) -> Verdict:
 
 def gate_and_promote(result: EvalResult, models: list[Model], cfg: RunConfig, versions: dict[str, int], report_path: str) -> None:
     """Decide every candidate in preference order; promote the first that passes. Decisions are recorded, promoted
-    or not; a candidate that fails leaves the earlier promotion (or the base) in place."""
-    from services import registry
+    or not; a candidate that fails leaves the earlier promotion (or the base) in place. A run with its own registry
+    (`serving.adapter_scope`, every gateway job) records its decisions there and promotes nothing: promotion into
+    the served registry is an operator's action (`services/promotion.py`)."""
+    from services import adapters, registry
 
-    root = cfg.serving.adapter_root
+    s = cfg.serving
+    root = adapters.registry_root(s.adapter_root, s.adapter_scope) if s.adapter_root else None
     by_adapter = {adapter: name for name, adapter, _ in models if adapter}
     rules = cfg.eval.gate.rules()
     for adapter in cfg.eval.candidates:
@@ -129,10 +134,11 @@ def gate_and_promote(result: EvalResult, models: list[Model], cfg: RunConfig, ve
             continue
         d = decide(adapter, result.comparisons[name], rules, result.health)
         result.decisions.append(d)
+        promotes = d.promote and result.promoted is None and root is not None and s.adapter_scope is None
         entry = {**d.to_dict(), "run": cfg.name, "version": versions.get(adapter), "report": report_path,
-                 "promoted": d.promote and result.promoted is None}
+                 "promoted": promotes}
         if root:
             registry.record_decision(root, entry)
-        if d.promote and result.promoted is None and root and versions.get(adapter):
+        if promotes and versions.get(adapter):
             result.promoted = registry.promote(root, adapter, versions[adapter], cfg.model.served_name, run=cfg.name,
                                                report=report_path, reasons=d.reasons)

@@ -170,8 +170,10 @@ def _publish(job: Job, name: str, adapter_dir: Path) -> int:
     registry holds another version (e.g. a later run's)."""
     from services import adapters
 
-    version = adapters.ensure_published(job.cfg.serving.adapter_root, name, adapter_dir, job.model_path)
-    job.emit(f"[{name}] serving {name} v{version}")
+    s = job.cfg.serving
+    version = adapters.ensure_published(adapters.registry_root(s.adapter_root, s.adapter_scope), name, adapter_dir,
+                                        job.model_path)
+    job.emit(f"[{name}] serving {name} v{version}" + (f" from job registry {s.adapter_scope}" if s.adapter_scope else ""))
     return version
 
 

@@ -13,14 +13,12 @@ import math
 import statistics
 from typing import Any
 
-import httpx
-
 from safetrigger.config import RunConfig
 from safetrigger.method import CONTENT_FREE_INPUTS, Judgement, VerdictOptions, final_answer, is_refusal, judge_messages, to_row
 from services.policy import PolicyEndpoint
 
 from .chat import first_token_id, load_tokenizer, truncate_tokens, verdict_prompt_ids
-from .serve_batch import first_choice, run_through_policy
+from .serve_batch import complete_by_handle, first_choice, run_through_policy
 from .stage_store import StageStore
 
 TOP_K = 20  # vLLM's default max_logprobs
@@ -86,14 +84,10 @@ def _logsumexp(xs: list[float]) -> float:
     return m + math.log(sum(math.exp(x - m) for x in xs))
 
 
-def content_free_baselines(base_url: str, model: str, prompts: list[list[int]], ids: list[int]) -> list[float]:
-    """Mean option log-probabilities on content-free prompts, asked over HTTP of the same OpenAI endpoint."""
-    per_prompt = []
-    with httpx.Client(base_url=base_url, timeout=300) as client:
-        for p in prompts:
-            r = client.post("/completions", json=verdict_request(model, p))
-            r.raise_for_status()
-            per_prompt.append(options_logprobs(r.json()["choices"][0]["logprobs"]["top_logprobs"][0], ids)[0])
+def content_free_baselines(endpoint: PolicyEndpoint, model: str, prompts: list[list[int]], ids: list[int]) -> list[float]:
+    """Mean option log-probabilities on content-free prompts, asked of the same deployment the rows go to."""
+    answers = complete_by_handle(endpoint, [verdict_request(model, p) for p in prompts])
+    per_prompt = [options_logprobs(first_choice(a)["logprobs"]["top_logprobs"][0], ids)[0] for a in answers]
     return [statistics.fmean(col) for col in zip(*per_prompt)]
 
 
@@ -138,7 +132,7 @@ def run_judge(
     baseline = 0.0
     if cfg.judge.calibration == "content_free":
         free = [judge_prompt_ids(tok, cfg, q, r) for q, r in CONTENT_FREE_INPUTS]
-        mean_unsafe, mean_safe = content_free_baselines(endpoint.base_url, model, free, [unsafe_id, safe_id])
+        mean_unsafe, mean_safe = content_free_baselines(endpoint, model, free, [unsafe_id, safe_id])
         baseline = mean_unsafe - mean_safe
     g = cfg.generation
     post = _Post(unsafe_id, safe_id, baseline, cfg.judge.threshold, endpoint.model_id)

@@ -301,6 +301,7 @@ def write_report(out_dir: Path, result: EvalResult, models: list[str], cfg, thro
     _write_atomic(paths["records_jsonl"], "".join(json.dumps(r, default=str) + "\n" for r in result.records))
     metrics = {
         "models": models,
+        "adapters": result.adapters,
         "suites": [{"model": m.model, "suite": m.suite, "metric": m.metric, "judge": m.judge, "k": m.rate.k, "n": m.rate.n,
                     "rate": m.rate.value, "ci95": m.rate.interval} for m in result.metrics],
         "comparisons": {c: [{"suite": x.suite, "metric": x.metric, "judge": x.judge, "base": x.base.value,

@@ -54,14 +54,15 @@ class LazyPolicy:
         init_ray(self.cfg)
         if self.cfg.serving.attach:
             self.endpoint = attach_policy(self.cfg, self.model_path)
-            self.emit(f"[serve] attached to the running policy app {self.endpoint.app_name!r} at {self.endpoint.base_url}")
+            self.emit(f"[serve] attached to the running policy app {self.endpoint.app_name!r}")
             return self.endpoint
         t = time.monotonic()
         self.emit(f"[serve] starting policy {self.cfg.model.source} ({self.cfg.serving.num_replicas} replica(s), "
                   f"{self.cfg.serving.accelerator}, {self.cfg.model.dtype})")
         self.endpoint = start_policy(self.cfg, self.model_path)
         self.timings["serve_start_s"] = time.monotonic() - t
-        self.emit(f"[serve] ready in {self.timings['serve_start_s']:.0f}s at {self.endpoint.base_url}")
+        self.emit(f"[serve] ready in {self.timings['serve_start_s']:.0f}s" +
+                  (f" at {self.endpoint.base_url}" if self.endpoint.base_url else " (by handle; no HTTP route)"))
         return self.endpoint
 
     def stop_if_owned(self) -> None:
@@ -232,7 +233,11 @@ def _evaluate_and_report(job: Job, results: dict[str, Any], awareness_md: str) -
     gate_and_promote(result, models, cfg, {k: v for k, v in versions.items() if v}, str((report_dir / REPORT_HTML).resolve()))
     for d in result.decisions:
         job.emit(f"[gate] {d.candidate}: {'PASS' if d.promote else 'rejected'}" + "".join(f"\n  - {r}" for r in d.reasons))
-    job.emit(f"[gate] promoted: {result.promoted['model'] if result.promoted else 'nothing (the base keeps serving)'}")
+    if cfg.serving.adapter_scope:
+        job.emit(f"[gate] decided in this job's own registry: an operator promotes a passing adapter into the served "
+                 f"one (safe-trigger promote {cfg.serving.adapter_scope} <adapter>)")
+    else:
+        job.emit(f"[gate] promoted: {result.promoted['model'] if result.promoted else 'nothing (the base keeps serving)'}")
     paths = write_report(report_dir, result, [m[0] for m in models], cfg, job.stage_times, awareness_md)
     return {**{k: str(v) for k, v in paths.items()}, "promoted": result.promoted,
             "decisions": [d.to_dict() for d in result.decisions]}

@@ -81,6 +81,13 @@ def run_through_policy(
     return committed
 
 
+def complete_by_handle(endpoint: PolicyEndpoint, requests: list[dict[str, Any]]) -> list[Row]:
+    """A few completion requests (e.g. a judge's calibration prompts) by deployment handle, answers in order: the
+    policy app has no HTTP route by default (`serving.route_prefix`)."""
+    rows = [{"method": "completions", "dtype": "CompletionRequest", "request_kwargs": r} for r in requests]
+    return list(_by_handle(rows, endpoint, dict, lambda row: row, in_flight=max(1, len(rows))))
+
+
 def _by_ray_data(rows: list[Row], endpoint: PolicyEndpoint, preprocess, postprocess, batch_size: int,
                  concurrency: int) -> Iterator[Row]:
     config = ServeDeploymentProcessorConfig(deployment_name=endpoint.deployment_name, app_name=endpoint.app_name,

@@ -139,7 +139,7 @@ def _selection_stages(cfg: RunConfig | None) -> tuple[list[Stage], tuple[str, ..
     if cfg is None or not cfg.review.select_judges:
         return [], ()
     stage = Stage("review-judge", ("review", "generate"), lambda c, k: (
-        "review-judge", k["review"], [j.model_dump() for j in c.review.select_judges],
+        "review-judge", k["review"], [j.key_fields() for j in c.review.select_judges],
         *(() if c.review.when_none_safe == "drop" else (c.review.when_none_safe,))), _review_judge,
         doc="every review candidate's answer judged (self-selected answers)")
     return [stage], ("review-judge",)
@@ -172,7 +172,7 @@ def pipeline_stages(cfg: RunConfig | None = None) -> list[Stage]:
         Stage("dpo-sample", ("sft-adapter", QUERIES), lambda c, k: (
             "dpo-sample", k["sft-adapter"], k[QUERIES], d(c).num_samples, d(c).temperature, d(c).top_p,
             d(c).max_tokens, d(c).seed), _dpo_sample, doc="ST-S samples k answers per held-apart query"),
-        Stage("dpo-judge", ("dpo-sample",), lambda c, k: ("dpo-judge", k["dpo-sample"], d(c).judge.model_dump()),
+        Stage("dpo-judge", ("dpo-sample",), lambda c, k: ("dpo-judge", k["dpo-sample"], d(c).judge.key_fields()),
               _dpo_judge, doc="F_safe of every sample"),
         Stage("dpo-pairs", ("dpo-sample", "dpo-judge"), lambda c, k: (
             "dpo-pairs", k["dpo-judge"], d(c).w_a, d(c).w_b, d(c).w_c, d(c).delta, d(c).max_length,
@@ -214,12 +214,12 @@ def eval_judge_stages(cfg: RunConfig) -> list[Stage]:
     for model, adapter, answers in EVALUATED:
         for j in [j for j in cfg.eval.judges if j.type != "refusal"]:
             stages.append(Stage(judge_stage_name(j, adapter), (answers, QUERIES), lambda c, k, a=answers, j=j: (
-                "eval-judge", k[a], j.model_dump(), c.model.max_model_len), _judge_run(model, adapter, answers, j, False),
+                "eval-judge", k[a], j.key_fields(), c.model.max_model_len), _judge_run(model, adapter, answers, j, False),
                 doc=f"judge {j.name} on {model}'s answers"))
         if cfg.eval.xstest_judge is not None:
             j = cfg.eval.xstest_judge
             stages.append(Stage(judge_stage_name(j, adapter), (answers, QUERIES), lambda c, k, a=answers, j=j: (
-                "eval-xstest", k[a], j.model_dump(), c.model.max_model_len), _judge_run(model, adapter, answers, j, True),
+                "eval-xstest", k[a], j.key_fields(), c.model.max_model_len), _judge_run(model, adapter, answers, j, True),
                 doc=f"XSTest classes of {model}'s over-refusal answers"))
     return stages
 

@@ -65,13 +65,20 @@ class ServingConfig(_Strict):
     max_lora_rank: int = Field(64, ge=1)
     max_ongoing_requests: int = Field(128, ge=1)
     adapter_root: str | None = None  # LoRA registry the replicas load `<model>:<name>` adapters from
+    # A job's own registry under adapter_root (`<root>/jobs/<scope>/`): the run publishes and records its gate
+    # decisions there and asks for `<model>:<scope>/<name>`, so it never changes what anyone else is served; an
+    # operator promotes from it. The gateway sets it to the job's id; None: the served registry itself.
+    adapter_scope: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
     # Use the running Serve app `app_name` (a RayService's, another job's) instead of deploying one; it must have
     # been started with the same model and adapter_root. The run then leaves it running.
     attach: bool = False
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     env_vars: dict[str, str] = Field(default_factory=dict)  # extra environment of every replica (over our defaults)
     app_name: str = "policy"
-    route_prefix: str = "/"
+    # The policy's own OpenAI app has no keys, limits or `<safe>` hiding, so by default it gets no HTTP route at
+    # all: the gateway, the pipeline and jobs reach it by deployment handle. "/" (or another prefix) opens it on
+    # Serve's proxy for a single user's local work; `safe-trigger serve` and the RayService refuse that.
+    route_prefix: str | None = Field(None, pattern=r"^/[A-Za-z0-9/_-]*$")
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)
     startup_timeout_s: float = Field(600, gt=0)
@@ -236,7 +243,6 @@ class AnswerJudgeConfig(_Strict):
     app_name: str | None = None  # deployment: the judge's Serve app
     model_id: str | None = None  # deployment: the model id it serves
     tokenizer: str | None = None  # deployment: path of its tokenizer (the chat template of the prompt ids)
-    base_url: str | None = None  # deployment: its OpenAI base URL, for the content-free calibration
     unsafe_option: str = "Yes"  # yes_no format only
     safe_option: str = "No"
     calibration: Literal["content_free", "none"] = "content_free"
@@ -245,12 +251,17 @@ class AnswerJudgeConfig(_Strict):
 
     @model_validator(mode="after")
     def _deployment_fields(self) -> "AnswerJudgeConfig":
-        if self.type == "deployment" and not (self.app_name and self.model_id and self.tokenizer and self.base_url):
-            raise ValueError("a deployment judge needs app_name, model_id, tokenizer and base_url")
+        if self.type == "deployment" and not (self.app_name and self.model_id and self.tokenizer):
+            raise ValueError("a deployment judge needs app_name, model_id and tokenizer")
         return self
 
     def options(self) -> VerdictOptions:
         return VerdictOptions(self.unsafe_option, self.safe_option)
+
+    def key_fields(self) -> dict[str, Any]:
+        """What a judge stage's key hashes: every field, and `base_url` as earlier runs had it (None: a judge was
+        reached over HTTP until the policy app lost its route), so their finished stages are reused."""
+        return {**self.model_dump(), "base_url": None}
 
     def judge_format(self):
         from .evaluation.judge_formats import judge_format

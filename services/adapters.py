@@ -2,6 +2,8 @@
 
     <root>/<name>/v0001/adapter_config.json, adapter_model.safetensors
     <root>/<name>/CURRENT        -> "1"
+    <root>/jobs/<job id>/<name>/…  a job's own registry (`registry_root`): served to that job only, as
+                                   `<model>:<job id>/<name>`, a name the gateway's grammar never accepts
 
 Publishing checks the files (whole, LoRA, shapes of the base), copies them into a fresh version directory and then replaces CURRENT atomically, so a reader sees either
 the old or the new version, never a half-written one. Versions are never rewritten in place: serving loads
@@ -22,6 +24,8 @@ from .adapter_files import AdapterFileError, verify_adapter
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SCOPE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+JOBS_DIR = "jobs"  # under the served root: every job's own registry; never an adapter's name
 
 
 class AdapterError(ValueError):
@@ -31,6 +35,23 @@ class AdapterError(ValueError):
 def _check_name(name: str) -> None:
     if not _NAME.match(name) or ".." in name:
         raise AdapterError(f"invalid adapter name {name!r}: letters, digits, '.', '_' and '-' only")
+    if name == JOBS_DIR:
+        raise AdapterError(f"{JOBS_DIR!r} is reserved: it holds the jobs' own registries")
+
+
+def registry_root(root: str | os.PathLike[str], scope: str | None = None) -> Path:
+    """The served registry, or job `scope`'s own one beneath it (what a job publishes to and decides in)."""
+    if scope is None:
+        return Path(root)
+    if not _SCOPE.match(scope):
+        raise AdapterError(f"invalid registry scope {scope!r}: lowercase letters, digits and '-' only")
+    return Path(root) / JOBS_DIR / scope
+
+
+def locate(root: str | os.PathLike[str], ref: str) -> tuple[Path, str]:
+    """`<name>` in the served registry, or `<scope>/<name>` in a job's own: (its registry root, its name)."""
+    scope, _, name = ref.rpartition("/")
+    return registry_root(root, scope or None), name
 
 
 def publish(root: str | os.PathLike[str], name: str, src: str | os.PathLike[str], base_model: str | None = None) -> int:

@@ -35,15 +35,19 @@ class PolicyEndpoint:
     app_name: str
     model_id: str
     model_path: str
-    base_url: str  # http://host:port/v1
+    base_url: str | None = None  # http://host:port/v1 where the app has an HTTP route; None: by handle only
+    adapter_scope: str | None = None  # this run's own registry (`serving.adapter_scope`): its adapters are asked for there
 
     @property
     def deployment_name(self) -> str:
         return f"{PolicyServer.__name__}:{self.model_id}"
 
     def served_model(self, adapter: str = "") -> str:
-        """The `model` a request names: the base, or `<model>:<adapter>` for an adapter from the registry."""
-        return f"{self.model_id}:{adapter}" if adapter else self.model_id
+        """The `model` a request names: the base, `<model>:<adapter>` for an adapter from the served registry, or
+        `<model>:<scope>/<adapter>` from this run's own."""
+        if not adapter:
+            return self.model_id
+        return f"{self.model_id}:{self.adapter_scope}/{adapter}" if self.adapter_scope else f"{self.model_id}:{adapter}"
 
     def loaded_adapters(self) -> dict[str, str]:
         """Adapters one replica currently serves, with their versions (asks one replica)."""
@@ -177,8 +181,7 @@ def start_policy(cfg: RunConfig, model_path: str | None = None) -> PolicyEndpoin
     started = time.monotonic()
     serve.run(build_policy_app(cfg, model_path), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
     _wait_ready(s.app_name, s.startup_timeout_s, started)
-    prefix = s.route_prefix.rstrip("/")
-    return PolicyEndpoint(s.app_name, cfg.model.served_name, model_path, f"http://{s.http_host}:{s.http_port}{prefix}/v1")
+    return PolicyEndpoint(s.app_name, cfg.model.served_name, model_path, http_url(cfg), s.adapter_scope)
 
 
 def attach_policy(cfg: RunConfig, model_path: str | None = None) -> PolicyEndpoint:
@@ -190,9 +193,25 @@ def attach_policy(cfg: RunConfig, model_path: str | None = None) -> PolicyEndpoi
             f"serving.attach is set but no running Serve app {s.app_name!r} was found "
             f"(state {getattr(status, 'status', 'absent')}); start the policy first or unset serving.attach"
         )
-    prefix = s.route_prefix.rstrip("/")
-    return PolicyEndpoint(s.app_name, cfg.model.served_name, model_path or resolve_model(cfg.model.source),
-                          f"http://{s.http_host}:{s.http_port}{prefix}/v1")
+    return PolicyEndpoint(s.app_name, cfg.model.served_name, model_path or resolve_model(cfg.model.source), http_url(cfg),
+                          s.adapter_scope)
+
+
+def refuse_public_route(cfg: RunConfig) -> None:
+    """A shared deployment's policy app answers by handle only: on a route it would serve every caller of Serve's
+    proxy without keys, limits or `<safe>` hiding."""
+    if cfg.serving.route_prefix is not None:
+        raise PolicyServiceError(
+            f"serving.route_prefix is {cfg.serving.route_prefix!r}: behind the gateway the policy app must have no HTTP "
+            "route (it would answer without keys, limits or <safe> hiding); remove it, the gateway reaches the policy by handle")
+
+
+def http_url(cfg: RunConfig) -> str | None:
+    """The policy app's OpenAI base URL on Serve's proxy, when its config gives it a route."""
+    s = cfg.serving
+    if s.route_prefix is None:
+        return None
+    return f"http://{s.http_host}:{s.http_port}{s.route_prefix.rstrip('/')}/v1"
 
 
 def _wait_ready(app_name: str, timeout_s: float, started: float) -> None:

@@ -56,13 +56,13 @@ class PolicyServer(LLMServer):
         root = os.environ.get(ADAPTER_ROOT_ENV)
         if not root:
             raise ValueError(f"adapter {requested!r} requested but no adapter registry is configured")
-        name = requested.split(":", 1)[1]
-        if "@v" in name:  # pinned, e.g. the promoted version while a newer one is CURRENT
-            name, pinned = name.rsplit("@v", 1)
+        ref = requested.split(":", 1)[1]
+        if "@v" in ref:  # pinned, e.g. the promoted version while a newer one is CURRENT
+            ref, pinned = ref.rsplit("@v", 1)
             requested = requested.rsplit("@v", 1)[0]
-            version, path = adapters.version(root, name, int(pinned))
-        else:
-            version, path = adapters.current(root, name)
+            version, path = adapters.version(*adapters.locate(root, ref), int(pinned))
+        else:  # `<name>`, or `<job>/<name>` from a job's own registry (jobs reach it by handle only)
+            version, path = adapters.current(*adapters.locate(root, ref))
         versioned = f"{requested}@v{version}"
         if not hasattr(self, "_adapter_lock"):
             self._adapter_lock, self._loaded = asyncio.Lock(), {}

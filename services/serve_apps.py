@@ -18,9 +18,12 @@ def _run_config(args: dict[str, Any]):
 
 
 def policy_app(args: dict[str, Any]):
-    from .policy import build_policy_app
+    """The policy app of a shared deployment: it must have no HTTP route (give the app `route_prefix: null`)."""
+    from .policy import build_policy_app, refuse_public_route
 
-    return build_policy_app(_run_config(args))
+    cfg = _run_config(args)
+    refuse_public_route(cfg)
+    return build_policy_app(cfg)
 
 
 def gateway_app(args: dict[str, Any]):
@@ -37,6 +40,4 @@ def gateway_app(args: dict[str, Any]):
               "policy_think_opened": template_opens_think(resolve_model(cfg.model.source), cfg.model.chat_template_kwargs)}
     if "policy_app_name" not in gw.model_fields_set:
         update["policy_app_name"] = s.app_name
-    if "policy_base_url" not in gw.model_fields_set:  # the policy app behind the same Serve proxy
-        update["policy_base_url"] = f"http://127.0.0.1:{s.http_port}{s.route_prefix.rstrip('/')}/v1"
     return build_gateway_deployment(gw.model_copy(update=update), num_replicas=int(args.get("num_replicas", 1)))

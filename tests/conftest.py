@@ -67,3 +67,21 @@ def tiny_adapter(out, tag: str = "a", rank: int = 2, shapes=(("model.layers.0.se
     save_file(tensors, str(out / "adapter_model.safetensors"))
     (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 16, "tag": tag}))
     return out
+
+
+def stream_text(base, path, body, key):
+    """The text a client sees from a gateway stream, and the last chunk's choice."""
+    import json
+
+    import httpx
+
+    chunks = []
+    with httpx.stream("POST", base + path, json={**body, "stream": True}, headers={"Authorization": f"Bearer {key}"},
+                      timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data:") and line != "data: [DONE]":
+                chunks.append(json.loads(line[5:]))
+    choices = [c["choices"][0] for c in chunks if c.get("choices")]
+    text = "".join(ch.get("text") or (ch.get("delta") or {}).get("content") or "" for ch in choices)
+    return text, choices[-1]

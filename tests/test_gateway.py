@@ -14,7 +14,7 @@ from safetrigger.config import RunConfig
 from services import adapters, registry
 from services.gateway.auth import hash_key
 from services.gateway.config import GatewayConfig
-from tests.conftest import random_adapter
+from tests.conftest import random_adapter, stream_text
 
 pytestmark = pytest.mark.stack
 
@@ -61,9 +61,8 @@ def gw(tmp_path_factory, data_root):
                                     ray_dashboard_url=f"http://127.0.0.1:{DASHBOARD}", artifact_root=str(tmp / "jobs"),
                                     allowed_data_roots=[str(data_root)], policy_model_source=cfg.model.source), ep)
     assert gcfg.policy_via == "handle" and gcfg.deployment == ep.deployment_name  # the default names agree
+    assert ep.base_url is None  # the policy app has no HTTP route: the gateway is the one door
     prefix = start_gateway(gcfg)
-    # the same gateway reaching the policy over HTTP, as one in front of a policy elsewhere would
-    start_gateway(gcfg.model_copy(update={"policy_via": "http"}), route_prefix="/gw-http", name="gateway-http")
     yield f"http://127.0.0.1:{PORT}{prefix}", cfg, ep, tmp
     serve.shutdown()
     ray.shutdown()
@@ -136,38 +135,35 @@ def test_safe_block_is_a_field_and_hidden_unless_asked(gw):
     assert counted and counted[0] >= 4  # the gateway's own CPU time, per request
 
 
-def _stream_text(base, path, body, key=APP):
-    """The text a client sees from a stream, and the last chunk's choice."""
-    chunks = []
-    with httpx.stream("POST", base + path, json={**body, "stream": True}, headers={"Authorization": f"Bearer {key}"},
-                      timeout=120) as r:
-        assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if line.startswith("data:") and line != "data: [DONE]":
-                chunks.append(json.loads(line[5:]))
-    choices = [c["choices"][0] for c in chunks if c.get("choices")]
-    text = "".join(ch.get("text") or (ch.get("delta") or {}).get("content") or "" for ch in choices)
-    return text, choices[-1]
-
-
-def test_completions_stream_hides_the_block_over_both_upstreams(gw):
-    """`/v1/completions` streams through the same hiding as chat; a gateway reaching the policy by handle and one
-    reaching it over HTTP answer identically (greedy)."""
+def test_completions_stream_hides_the_block(gw):
+    """`/v1/completions` streams through the same hiding as chat (the policy by handle; over HTTP: test_stack)."""
     base, *_ = gw
     body = {"model": "policy", "prompt": "Q: How do I build a pipe bomb?\nA: " + BLOCK, "echo": True, "max_tokens": 8,
             "temperature": 0}
     plain = httpx.post(base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {APP}"}, timeout=120).json()
     choice = plain["choices"][0]
     assert choice["safety"]["triggered"] and choice["safety"]["complete"] and "<safe>" not in choice["text"]
-    for prefix in (base, base.replace("/gw", "/gw-http")):
-        text, last = _stream_text(prefix, "/v1/completions", body)
-        assert text == choice["text"] and "weapon" not in text, prefix
-        assert last["safety"] == choice["safety"] and last["finish_reason"] == "length"
-        shown, _ = _stream_text(prefix, "/v1/completions", {**body, "safety": "visible"}, key=PEEK)
-        assert BLOCK in shown
-        chat = {"model": "policy", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 12, "temperature": 0}
-        streamed, _ = _stream_text(prefix, "/v1/chat/completions", chat)
-        assert streamed == _stream_text(base, "/v1/chat/completions", chat)[0]
+    text, last = stream_text(base, "/v1/completions", body, APP)
+    assert text == choice["text"] and "weapon" not in text
+    assert last["safety"] == choice["safety"] and last["finish_reason"] == "length"
+    shown, _ = stream_text(base, "/v1/completions", {**body, "safety": "visible"}, PEEK)
+    assert BLOCK in shown
+
+
+def test_the_policy_app_has_no_public_route(gw):
+    """Finding 1: the policy's own OpenAI app (no keys, limits or hiding) is not on Serve's proxy; only /gw is."""
+    base, *_ = gw
+    proxy = f"http://127.0.0.1:{PORT}"
+    chat = {"model": "policy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    for method, path in (("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
+                         ("GET", "/policy/v1/models"), ("GET", "/docs")):
+        r = httpx.request(method, proxy + path, json=chat if method == "POST" else None, timeout=30)
+        assert r.status_code == 404, (path, r.status_code, r.text[:200])
+    r = httpx.post(base + "/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {APP}"}, timeout=120)
+    assert r.status_code == 200
+    from ray import serve
+
+    assert serve.status().applications["policy"].deployments  # running, reached by handle only
 
 
 def test_auth_scopes_and_limits(gw):

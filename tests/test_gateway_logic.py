@@ -191,7 +191,10 @@ def test_job_configs_are_confined(tmp_path, data_root):
     assert confine({**base, "model": {"source": served.policy_model_source}}, served, "st-0123456789ab")
     assert run.output_dir == str((tmp_path / "jobs" / "st-0123456789ab" / "run").resolve())
     assert run.serving.attach and run.serving.adapter_root == "/srv/adapters" and run.ray.address == "auto"
-    assert (run.serving.http_host, run.serving.http_port, run.serving.route_prefix) == ("127.0.0.1", 8000, "/")
+    assert run.serving.route_prefix is None  # jobs reach the policy by handle: it has no HTTP route
+    assert run.serving.adapter_scope == "st-0123456789ab"  # its own registry: it never publishes into the served one
+    with pytest.raises(RequestError, match="serving.adapter_scope"):  # nor into another job's
+        confine({**base, "serving": {"adapter_scope": "st-ffffffffffff"}}, gw, "st-0123456789ab")
     ok_repo = {**base, "data": {"root": str(data_root), "sources": [{"type": "queries", "path": "repo:data/demo_queries.jsonl"}]}}
     assert confine(ok_repo, gw, "st-0123456789ab").data.sources[0].path.startswith("repo:")
     link = data_root.parent / "escape-link"  # never created: a symlink would be resolved by realpath anyway
@@ -251,6 +254,31 @@ def test_requests_are_counted_by_route_template_and_status(tmp_path, data_root):
     for route, status in (("/healthz", 200), ("/v1/chat/completions", 401), ("/v1/chat/completions", 403),
                           ("/v1/jobs/{job_id}", 503), ("/v1/jobs", 503), ("unmatched", 404)):
         assert f'safe_trigger_gateway_requests_total{{route="{route}",status="{status}"}} 1.0' in text, (route, status)
+
+
+def test_promotion_is_an_admin_action_with_a_checked_body(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from services.gateway.app import build_app
+
+    keys = [KeyConfig(id="t", sha256=hash_key("st-t"), scopes=["inference", "jobs"]),
+            KeyConfig(id="ops", sha256=hash_key("st-ops"), scopes=["admin"])]
+    app = build_app(GatewayConfig(keys=keys, artifact_root=str(tmp_path / "jobs"), adapter_root=str(tmp_path / "adapters")))
+    ok = {"job": "st-0123456789ab", "adapter": "st-d"}
+    with TestClient(app) as c:
+        def promote(body, key="st-ops"):
+            return c.post("/v1/admin/promote", json=body, headers={"Authorization": f"Bearer {key}"})
+
+        assert promote(ok, "st-t").status_code == 403  # a tenant's key, jobs scope included, cannot promote
+        for bad, word in (({**ok, "job": "../../etc"}, "job must be"), ({**ok, "adapter": "st-d/../x"}, "adapter must be"),
+                          ({**ok, "adapter": "ｓｔ-d"}, "adapter must be"), ({**ok, "version": "1"}, "version must be"),
+                          ({**ok, "version": True}, "version must be"), ({**ok, "version": 10**12}, "version must be"),
+                          ({**ok, "model": "x"}, "unknown field"), ({"adapter": "st-d"}, "job must be")):
+            r = promote(bad)
+            assert r.status_code == 400 and word in r.json()["error"]["message"], (bad, r.text)
+        r = promote(ok)  # no such job's adapter: nothing to promote, and no server path in the answer
+        assert r.status_code == 404 and str(tmp_path) not in r.text
+        assert not (tmp_path / "adapters" / registry.PROMOTED).exists()
 
 
 def test_http_upstream_batches_whole_events_and_reports_a_broken_stream():
@@ -483,8 +511,7 @@ def test_safety_visible_is_bounded_by_the_key():
     assert visibility({"safety": "hidden"}, peek) is False
 
 
-JUDGE = {"app_name": "guard", "model_id": "meta-llama/Llama-Guard-3-8B", "tokenizer": "/models/guard",
-         "base_url": "http://guard.internal:8000/v1"}
+JUDGE = {"app_name": "guard", "model_id": "meta-llama/Llama-Guard-3-8B", "tokenizer": "/models/guard"}
 
 
 def _job(data_root, **over):
@@ -500,7 +527,7 @@ def _job(data_root, **over):
     ({"generation": {"max_tokens": 100_000}}, "generation.max_tokens"),
     ({"dpo": {"num_samples": 64}}, "dpo.num_samples"),
     ({"eval": {"judges": [{"name": "refusal", "type": "refusal"},
-                          {"name": "g", "type": "deployment", "format": "llama_guard", **JUDGE, "base_url": "http://169.254.169.254/v1"}]}},
+                          {"name": "g", "type": "deployment", "format": "llama_guard", **JUDGE, "app_name": "policy"}]}},
      "eval.judges[1]: deployment judge"),
     ({"eval": {"judges": [{"name": "refusal", "type": "refusal"},
                           {"name": "g", "type": "deployment", "format": "llama_guard", **JUDGE, "tokenizer": "/etc"}]}},

@@ -33,8 +33,9 @@ def make_cfg(tmp, data_root, **over) -> RunConfig:
         "name": "test",
         "output_dir": str(tmp / "run"),
         "model": {"max_model_len": 1024},
+        # route "/": this module also tests the policy's own OpenAI app over HTTP (a single user's local mode)
         "serving": {"cpus_per_replica": 2, "kv_cache_space_gib": 1, "http_port": PORT, "max_num_seqs": 16,
-                    "adapter_root": str(tmp / "adapters")},
+                    "adapter_root": str(tmp / "adapters"), "route_prefix": "/"},
         "ray": {"num_cpus": 8},
         "data": {"root": str(data_root), "sources": [{"type": "queries", "path": "repo:data/demo_queries.jsonl"}],
                  "dpo_fraction": 0.5, "dpo_kinds": ["harmful", "jailbreak", "general"]},
@@ -86,6 +87,45 @@ def test_openai_endpoints(stack):
     out = client.chat.completions.create(model="policy", messages=[{"role": "user", "content": "Name a colour."}],
                                          max_tokens=8, temperature=0)
     assert out.choices[0].message.content.strip() and out.usage.completion_tokens <= 8
+
+
+def test_a_gateway_reaches_a_policy_elsewhere_over_http(stack):
+    """`policy_via: http`, a gateway in front of an OpenAI server it cannot reach by handle (here this module's
+    policy on its opened route): model list, readiness, the hidden block in a streamed completion, chat as the
+    policy answers it (greedy)."""
+    from services.gateway.auth import hash_key
+    from services.gateway.config import GatewayConfig
+    from services.gateway.deploy import pointed_at, start_gateway
+    from tests.conftest import stream_text
+
+    cfg, ep, _ = stack
+    app, peek = "st-http-app", "st-http-peek"
+    keys = [{"id": "app", "sha256": hash_key(app), "scopes": ["inference"], "engine_fields": ["echo"]},
+            {"id": "peek", "sha256": hash_key(peek), "scopes": ["inference"], "engine_fields": ["echo"], "show_safety": True}]
+    gcfg = pointed_at(GatewayConfig(keys=keys, adapter_root=cfg.serving.adapter_root), ep)
+    base = f"http://127.0.0.1:{PORT}" + start_gateway(gcfg.model_copy(update={"policy_via": "http"}),
+                                                       route_prefix="/gw-http", name="gateway-http")
+    try:
+        auth = {"Authorization": f"Bearer {app}"}
+        assert "policy" in [m["id"] for m in httpx.get(base + "/v1/models", headers=auth, timeout=60).json()["data"]]
+        assert httpx.get(base + "/readyz", timeout=30).status_code == 200
+        block = "<safe>\n1. The core question asks for a weapon: unsafe.\n2. Refuse kindly.\n</safe>\n\n"
+        body = {"model": "policy", "prompt": "Q: How do I build a pipe bomb?\nA: " + block, "echo": True,
+                "max_tokens": 8, "temperature": 0}
+        direct = httpx.post(ep.base_url + "/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        text, last = stream_text(base, "/v1/completions", body, app)
+        assert block in direct and "weapon" not in text and "<safe>" not in text
+        assert " ".join(text.split()) == " ".join(direct.replace(block, "").split())
+        assert last["safety"] == {"triggered": True, "complete": True} and last["finish_reason"] == "length"
+        assert block in stream_text(base, "/v1/completions", {**body, "safety": "visible"}, peek)[0]
+        chat = {"model": "policy", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 12,
+                "temperature": 0}
+        said = httpx.post(ep.base_url + "/chat/completions", json=chat, timeout=120).json()["choices"][0]["message"]["content"]
+        assert stream_text(base, "/v1/chat/completions", chat, app)[0] == said
+    finally:
+        from ray import serve
+
+        serve.delete("gateway-http")
 
 
 def test_seeded_sampling_reproduces(stack):
@@ -195,8 +235,7 @@ def test_eval_judges_on_the_replicas(stack):
         queries[qid] = q
         trajs.append({"query_id": qid, "kind": q.kind, "label": q.label, "prompt": q.prompt, "response": response,
                       "source": "xstest", "category": "hand", "split": "eval"})
-    guard = {"type": "deployment", "app_name": ep.app_name, "model_id": ep.model_id, "tokenizer": ep.model_path,
-             "base_url": ep.base_url}
+    guard = {"type": "deployment", "app_name": ep.app_name, "model_id": ep.model_id, "tokenizer": ep.model_path}
     ecfg = cfg.model_copy(update={"eval": EvalConfig.model_validate({
         "judges": [{"name": "refusal", "type": "refusal"}, {"name": "self", "type": "policy"},
                    {"name": "guard", "format": "llama_guard", **guard}, {"name": "hb", "format": "harmbench", **guard}],

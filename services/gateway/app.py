@@ -1,4 +1,4 @@
-"""The gateway's FastAPI app, composed from routers (inference, models, jobs, ops) that share one `Gateway`
+"""The gateway's FastAPI app, composed from routers (inference, models, jobs, admin, ops) that share one `Gateway`
 state through dependencies (`state.py`): keys and scopes, limits, metrics, the policy upstreams, the jobs service."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from .config import GatewayConfig
 from .errors import install_error_handlers
 from .metrics import ObserveRequests
-from .routers import inference, jobs, models, ops
+from .routers import admin, inference, jobs, models, ops
 from .state import Gateway
 
 
@@ -18,6 +18,6 @@ def build_app(cfg: GatewayConfig) -> FastAPI:
     app.state.gateway = gw = Gateway.of(cfg)
     install_error_handlers(app)
     app.add_middleware(ObserveRequests, metrics=gw.metrics)
-    for router in (inference.router, models.router, jobs.router, ops.router):
+    for router in (inference.router, models.router, jobs.router, admin.router, ops.router):
         app.include_router(router)
     return app

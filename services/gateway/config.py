@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from safetrigger.config import GateConfig
 
 
 class _Strict(BaseModel):
@@ -24,7 +26,8 @@ class KeyConfig(_Strict):
 
     id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # what logs and metrics name; never the key itself
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    scopes: list[Literal["inference", "jobs"]] = Field(min_length=1)
+    # inference: chat and completions; jobs: pipeline jobs of its own; admin: promote a job's adapter (operators)
+    scopes: list[Literal["inference", "jobs", "admin"]] = Field(min_length=1)
     requests_per_minute: float = Field(600, gt=0)
     burst: int = Field(20, ge=1)
     max_concurrent: int = Field(8, ge=1)
@@ -45,12 +48,11 @@ class LimitsConfig(_Strict):
 
 class JudgeDeployment(_Strict):
     """A judge model deployed in the cluster that jobs may use, exactly as listed (a job naming any other app,
-    model, tokenizer or URL is refused: those fields would reach any Serve app, path or address)."""
+    model or tokenizer is refused: those fields would reach any Serve app or path). Jobs reach it by handle."""
 
     app_name: str
     model_id: str
     tokenizer: str
-    base_url: str
 
 
 class JobPolicy(_Strict):
@@ -71,12 +73,20 @@ class JobPolicy(_Strict):
     tracking_uri: str | None = None
 
 
+class PromotionPolicy(_Strict):
+    """The operator's gate, decided again on a job's report when its adapter is promoted (`services/promotion.py`);
+    a job's own gate is its tenant's config and decides only in the job's registry."""
+
+    gate: GateConfig = GateConfig()  # its ASR and over-refusal suite lists cannot be empty
+    min_suite_examples: int = Field(20, ge=1)  # paired examples every gated ASR and over-refusal suite must hold
+
+
 class GatewayConfig(_Strict):
-    policy_base_url: str = "http://127.0.0.1:8000/v1"  # the policy's OpenAI app (ray.serve.llm ingress)
     served_name: str = "policy"  # the policy's base model id
-    # generation goes to the policy's LLMServer deployment by handle (same Serve cluster), or over HTTP to
-    # policy_base_url (a policy elsewhere); model lists and readiness always ask policy_base_url
+    # requests, model lists and readiness go to the policy's deployments by handle (same Serve cluster: the policy
+    # app has no HTTP route), or over HTTP to policy_base_url (an OpenAI server elsewhere)
     policy_via: Literal["handle", "http"] = "handle"
+    policy_base_url: str | None = None  # policy_via http only, e.g. http://vllm.other:8000/v1
     policy_deployment: str | None = None  # default: ray.serve.llm's name for it, "PolicyServer:<served_name>"
     adapter_root: str | None = None  # the adapter registry; PROMOTED.json there picks the default model
     keys: list[KeyConfig] = Field(default_factory=list)
@@ -86,6 +96,7 @@ class GatewayConfig(_Strict):
     artifact_root: str = "runs/jobs"
     allowed_data_roots: list[str] = Field(default_factory=list)
     jobs: JobPolicy = JobPolicy()
+    promotion: PromotionPolicy = PromotionPolicy()
     policy_app_name: str = "policy"  # jobs attach to this running policy app instead of starting their own
     # the served policy's model.source: a job that names none gets it, one that names another is refused
     policy_model_source: str | None = None
@@ -93,6 +104,12 @@ class GatewayConfig(_Strict):
     # reasoning. Set from the template wherever the gateway is put in front of a policy (deploy.pointed_at).
     policy_think_opened: bool = False
     request_timeout_s: float = Field(600, gt=0)
+
+    @model_validator(mode="after")
+    def _http_needs_a_url(self) -> "GatewayConfig":
+        if self.policy_via == "http" and not self.policy_base_url:
+            raise ValueError("policy_via http needs policy_base_url (the OpenAI server's /v1 URL)")
+        return self
 
     @property
     def deployment(self) -> str:

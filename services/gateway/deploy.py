@@ -38,8 +38,9 @@ def template_opens_think(model_path: str | None, template_kwargs: dict[str, Any]
 
 
 def pointed_at(cfg: GatewayConfig, policy: Any) -> GatewayConfig:
-    """`cfg` in front of a running policy (a `services.policy.PolicyEndpoint`): its app, deployment and URL."""
-    return cfg.model_copy(update={"policy_base_url": policy.base_url, "policy_app_name": policy.app_name,
+    """`cfg` in front of a running policy (a `services.policy.PolicyEndpoint`): its app and deployment (and its URL,
+    where its app has an HTTP route)."""
+    return cfg.model_copy(update={"policy_base_url": policy.base_url or cfg.policy_base_url, "policy_app_name": policy.app_name,
                                   "policy_deployment": policy.deployment_name, "served_name": policy.model_id,
                                   "policy_think_opened": template_opens_think(policy.model_path)})
 

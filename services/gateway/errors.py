@@ -10,9 +10,10 @@ from .inference import RequestError
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error",
-                   retry_after: float | None = None) -> JSONResponse:
+                   retry_after: float | None = None, **detail: object) -> JSONResponse:
     headers = {"Retry-After": str(int(retry_after))} if retry_after is not None else None
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers)
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status, **detail}}, status_code=status,
+                        headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -1,8 +1,9 @@
 """The jobs API: a pipeline config in, a Ray Job out (`JobSubmissionClient`), status, logs, cancel and report.
 
 A config is validated before anything runs, and confined: it writes only under `<artifact_root>/<job id>/`, reads
-data only under the allowed roots, and attaches to the running policy app (its adapters land in the registry the
-gateway serves from) instead of starting its own. Keys see only their own jobs.
+data only under the allowed roots, attaches to the running policy app instead of starting its own, and publishes
+its adapters into its own registry (`<adapter_root>/jobs/<job id>/`), never the served one: promotion is an
+operator's action (`routers/admin.py`). Keys see only their own jobs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import sys
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import yaml
 from fastapi.concurrency import run_in_threadpool
@@ -77,21 +77,21 @@ def confine(raw: Any, cfg: GatewayConfig, job_id: str, key_id: str = "") -> RunC
                                     "generates with, trains and serves adapters for the policy it is attached to")
         source = served
     within_policy(run, cfg.jobs)
+    if run.serving.adapter_scope is not None:  # another job's id would publish into that job's registry
+        raise RequestError(422, "serving.adapter_scope: every job publishes into its own registry (set by the gateway)")
     if run.tracking.uri is not None:  # a tenant's URI would be a write anywhere (sqlite path) or a send anywhere
         raise RequestError(422, "tracking.uri: jobs log to the operator's tracking store (gateway jobs.tracking_uri)")
     shared = f"sqlite:///{Path(cfg.artifact_root).resolve() / 'mlflow.db'}"  # every job's run in one store
     tracking = run.tracking.model_copy(update={"uri": cfg.jobs.tracking_uri or shared, "key": key_id, "job": job_id})
     job_dir = Path(cfg.artifact_root).resolve() / job_id
-    url = urlparse(cfg.policy_base_url)  # where the attached policy answers: the job calls it for judge baselines
-    prefix = url.path.rstrip("/").removesuffix("/v1") or "/"
     return run.model_copy(update={
         "tracking": tracking,
         "model": run.model.model_copy(update={"served_name": cfg.served_name, "source": source}),
         "output_dir": str(job_dir / out),
         "ray": run.ray.model_copy(update={"address": "auto"}),
         "serving": run.serving.model_copy(update={"attach": True, "app_name": cfg.policy_app_name,
-                                                  "adapter_root": cfg.adapter_root, "http_host": url.hostname or "127.0.0.1",
-                                                  "http_port": url.port or 80, "route_prefix": prefix}),
+                                                  "adapter_root": cfg.adapter_root, "adapter_scope": job_id,
+                                                  "route_prefix": None}),
     })
 
 
@@ -114,11 +114,11 @@ def within_policy(run: RunConfig, policy: JobPolicy) -> None:
     judges += [(f"review.select_judges[{i}]", j) for i, j in enumerate(run.review.select_judges)]
     if run.eval.xstest_judge is not None:
         judges.append(("eval.xstest_judge", run.eval.xstest_judge))
-    allowed = {(d.app_name, d.model_id, d.tokenizer, d.base_url) for d in policy.judges}
+    allowed = {(d.app_name, d.model_id, d.tokenizer) for d in policy.judges}
     for where, j in judges:
-        if j.type == "deployment" and (j.app_name, j.model_id, j.tokenizer, j.base_url) not in allowed:
+        if j.type == "deployment" and (j.app_name, j.model_id, j.tokenizer) not in allowed:
             raise RequestError(422, f"{where}: deployment judge {j.model_id!r} of app {j.app_name!r} is not one the "
-                                    "operator allows (gateway jobs.judges); app_name, model_id, tokenizer and base_url "
+                                    "operator allows (gateway jobs.judges); app_name, model_id and tokenizer "
                                     "must match one exactly")
 
 

@@ -46,6 +46,11 @@ JOB = {"type": "object", "required": ["config"],
        "properties": {"config": {"type": "object", "description": "a RunConfig (see configs/embedded.yaml)"},
                       "name": {"type": "string"}}}
 
+PROMOTE = {"type": "object", "required": ["job", "adapter"], "additionalProperties": False,
+           "properties": {"job": {"type": "string", "pattern": "^st-[0-9a-f]{12}$"},
+                          "adapter": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+                          "version": {"type": "integer", "minimum": 1, "maximum": 999999999}}}
+
 
 def body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}

@@ -30,19 +30,13 @@ class Gateway:
     def of(cls, cfg: GatewayConfig) -> "Gateway":
         return cls(cfg, KeyRing(list(cfg.keys)), Metrics(), JobsService(cfg))
 
-    def metadata(self) -> HttpUpstream:
-        """The policy's OpenAI app over HTTP: model lists and readiness."""
-        if "http" not in self._upstreams:
-            self._upstreams["http"] = HttpUpstream(self.cfg.policy_base_url, self.cfg.request_timeout_s)
-        return self._upstreams["http"]
-
     def upstream(self) -> Upstream:
-        """Where generation goes: the policy's LLMServer by deployment handle, or over HTTP (`policy_via`)."""
-        if self.cfg.policy_via == "http":
-            return self.metadata()
-        if "handle" not in self._upstreams:
-            self._upstreams["handle"] = HandleUpstream(self.cfg.policy_app_name, self.cfg.deployment)
-        return self._upstreams["handle"]
+        """Where requests go: the policy's deployments by handle, or an OpenAI server over HTTP (`policy_via`)."""
+        if self.cfg.policy_via not in self._upstreams:
+            self._upstreams[self.cfg.policy_via] = (
+                HttpUpstream(self.cfg.policy_base_url, self.cfg.request_timeout_s) if self.cfg.policy_via == "http"
+                else HandleUpstream(self.cfg.policy_app_name, self.cfg.deployment))
+        return self._upstreams[self.cfg.policy_via]
 
     async def read_json(self, request: Request) -> dict[str, Any]:
         """The body as a JSON object within the body limit, or a RequestError naming what is wrong."""
@@ -95,3 +89,4 @@ def _key_with(scope: str):
 GatewayDep = Annotated[Gateway, Depends(gateway)]
 InferenceKey = Annotated[KeyConfig, Depends(_key_with("inference"))]
 JobsKey = Annotated[KeyConfig, Depends(_key_with("jobs"))]
+AdminKey = Annotated[KeyConfig, Depends(_key_with("admin"))]

@@ -42,6 +42,10 @@ class Upstream(ABC):
         """Batches of SSE `data:` payloads (JSON text, `[DONE]` left out). Fails with UpstreamError before the
         first batch is handed over, so an upstream error still becomes an HTTP status."""
 
+    @abstractmethod
+    async def models(self, timeout_s: float) -> dict[str, Any]:
+        """The policy's OpenAI model list (base and registry adapters); UpstreamError(503) when it does not answer."""
+
     async def aclose(self) -> None:
         return None
 
@@ -145,6 +149,19 @@ class HandleUpstream(Upstream):
 
         return await _peeked(batches())
 
+    async def models(self, timeout_s: float) -> dict[str, Any]:
+        # the policy app's ingress by application handle: it has no HTTP route (`serving.route_prefix`)
+        import asyncio
+
+        from ray import serve
+
+        try:
+            async with asyncio.timeout(timeout_s):
+                listed = await serve.get_app_handle(self._app).models.remote()
+        except Exception as e:  # not deployed yet, replicas restarting, or too slow: not ready
+            raise UpstreamError(503, f"the policy service is unreachable ({type(e).__name__}); retry later", 5) from None
+        return listed.model_dump() if hasattr(listed, "model_dump") else listed
+
 
 class HttpUpstream(Upstream):
     def __init__(self, base_url: str, timeout_s: float, transport: httpx.AsyncBaseTransport | None = None) -> None:
@@ -192,12 +209,15 @@ class HttpUpstream(Upstream):
 
         return await _peeked(batches())
 
-    async def get_json(self, path: str, timeout: float | None = None) -> tuple[int, Any]:
-        r = await self._client.get(path, **({"timeout": timeout} if timeout else {}))
+    async def models(self, timeout_s: float) -> dict[str, Any]:
         try:
-            return r.status_code, r.json()
-        except json.JSONDecodeError:
-            return r.status_code, {"error": r.text[:2000]}
+            r = await self._client.get("/models", timeout=timeout_s)
+            listed = r.json()
+        except (httpx.HTTPError, json.JSONDecodeError) as e:
+            raise UpstreamError(503, f"the policy service is unreachable ({type(e).__name__}); retry later", 5) from None
+        if r.status_code != 200 or not isinstance(listed, dict):
+            raise UpstreamError(503, f"the policy's model list answered {r.status_code}; retry later", 5)
+        return listed
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import httpx
 from fastapi import APIRouter
 
 from services import registry
 
 from ..errors import error_response
+from ..upstream import UpstreamError
 from ..state import GatewayDep, InferenceKey
 
 router = APIRouter(tags=["models"])
@@ -16,9 +16,9 @@ router = APIRouter(tags=["models"])
 @router.get("/v1/models")
 async def models(gw: GatewayDep, key: InferenceKey):
     try:
-        _, listed = await gw.metadata().get_json("/models")
-    except httpx.HTTPError:
-        return error_response(503, "the policy service is unreachable; retry later", "upstream_error", 5)
+        listed = await gw.upstream().models(timeout_s=30)
+    except UpstreamError as e:
+        return error_response(e.status, e.message, "upstream_error", e.retry_after)
     chosen = registry.promoted(gw.cfg.adapter_root)
     listed["promoted"] = chosen["model"] if chosen else gw.cfg.served_name
     return listed

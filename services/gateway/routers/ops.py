@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import httpx
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..upstream import UpstreamError
 from ..state import GatewayDep
 
 router = APIRouter(tags=["ops"])
@@ -20,9 +20,9 @@ async def healthz():
 @router.get("/readyz")
 async def readyz(gw: GatewayDep):
     try:
-        status, _ = await gw.metadata().get_json("/models", timeout=5)
-        ok = status == 200
-    except httpx.HTTPError:
+        await gw.upstream().models(timeout_s=5)
+        ok = True
+    except UpstreamError:
         ok = False
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
