@@ -19,7 +19,8 @@ from tests.conftest import random_adapter, stream_text
 pytestmark = pytest.mark.stack
 
 PORT, DASHBOARD = 8432, 8275
-APP, JOBS, SLOW, PEEK = "st-app-key", "st-jobs-key", "st-slow-key", "st-peek-key"
+APP, JOBS, SLOW, PEEK, LOAD = "st-app-key", "st-jobs-key", "st-slow-key", "st-peek-key", "st-load-key"
+LOAD_CONCURRENCY = 2
 BLOCK = "<safe>\n1. The core question asks for a weapon: unsafe.\n2. My thoughts were unsafe.\n3. Refuse kindly.\n</safe>\n\n"
 
 
@@ -55,6 +56,8 @@ def gw(tmp_path_factory, data_root):
         {"id": "peek", "sha256": hash_key(PEEK), "scopes": ["inference", "jobs"], "show_safety": True,
          "engine_fields": PREFILL_FIELDS},
         {"id": "slow", "sha256": hash_key(SLOW), "scopes": ["inference"], "requests_per_minute": 1, "burst": 2},
+        {"id": "load", "sha256": hash_key(LOAD), "scopes": ["inference"], "requests_per_minute": 6000, "burst": 500,
+         "max_concurrent": LOAD_CONCURRENCY},
     ]
     gcfg = pointed_at(GatewayConfig(adapter_root=cfg.serving.adapter_root, keys=keys,
                                     limits={"max_tokens": 64, "max_prompt_chars": 4000, "max_body_bytes": 20_000},
@@ -161,6 +164,10 @@ def test_the_policy_app_has_no_public_route(gw):
         assert r.status_code == 404, (path, r.status_code, r.text[:200])
     r = httpx.post(base + "/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {APP}"}, timeout=120)
     assert r.status_code == 200
+    # a job's adapters are served to that job by handle only: their scoped names never pass the gateway (finding 3)
+    r = httpx.post(base + "/v1/chat/completions", json={**chat, "model": "policy:st-0123456789ab/st-s"},
+                   headers={"Authorization": f"Bearer {APP}"}, timeout=30)
+    assert r.status_code == 400 and "adapter must be" in r.json()["error"]["message"]
     from ray import serve
 
     assert serve.status().applications["policy"].deployments  # running, reached by handle only
@@ -263,12 +270,56 @@ def test_job_runs_to_a_report_and_another_is_cancelled(gw, data_root):
         with Client(base, PEEK) as other:  # nor list it
             assert job not in [j.id for j in other.jobs()]
 
+        # a bounded load while a job drives the same replicas: 4x the key's concurrency in streams, three times
+        idle = _p50_latency(base)
         victim = c.submit(_job_config(data_root, name="victim"))
         deadline = time.monotonic() + 300
-        while c.status(victim).status == "PENDING" and time.monotonic() < deadline:
+        while (st := c.status(victim)).status in ("PENDING", "RUNNING") and st.stage is None and time.monotonic() < deadline:
             time.sleep(0.5)
+        assert st.status == "RUNNING" and st.stage, st  # the job is at work on the policy
+        storms = [code for _ in range(3) for code, _ in _streams(base, LOAD, 4 * LOAD_CONCURRENCY)]
+        busy = _p50_latency(base)
+        assert set(storms) <= {200, 429} and storms.count(429) > 0, storms  # refused or served, never a 5xx
+        assert storms.count(200) >= 3 * LOAD_CONCURRENCY
+        held = [line for line in httpx.get(base + "/metrics", timeout=30).text.splitlines()
+                if line.startswith('safe_trigger_gateway_in_flight{key="load"}')]
+        assert held == ['safe_trigger_gateway_in_flight{key="load"} 0.0']  # every slot was given back
+        print(f"[load] {len(storms)} streams at 4x a limit of {LOAD_CONCURRENCY}: {storms.count(200)} served, "
+              f"{storms.count(429)} refused (429), 0 errors; p50 of a 16-token stream {idle:.2f}s idle, "
+              f"{busy:.2f}s while job {st.stage} runs")
+        assert c.status(victim).status == "RUNNING"  # the load ran beside a running job
         assert c.cancel(victim) is True
         assert c.wait(victim, timeout=120, poll_s=1).status == "STOPPED"
+
+
+def _streams(base, key, n, max_tokens=16):
+    """`n` concurrent streamed chats of one key: (status, seconds to the end of the stream) each."""
+    import asyncio
+
+    body = {"model": "policy", "messages": [{"role": "user", "content": "Tell me about rivers."}], "max_tokens": max_tokens,
+            "stream": True, "temperature": 0}
+
+    async def one(client):
+        t = time.monotonic()
+        async with client.stream("POST", base + "/v1/chat/completions", json=body,
+                                 headers={"Authorization": f"Bearer {key}"}) as r:
+            async for _ in r.aiter_bytes():
+                pass
+            return r.status_code, time.monotonic() - t
+
+    async def all_of():
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*(one(client) for _ in range(n)))
+
+    return asyncio.run(all_of())
+
+
+def _p50_latency(base, n=5):
+    import statistics
+
+    times = [_streams(base, LOAD, 1)[0] for _ in range(n)]
+    assert all(code == 200 for code, _ in times), times
+    return statistics.median(t for _, t in times)
 
 
 def test_fuzzed_requests_never_get_a_server_error(gw):

@@ -317,6 +317,19 @@ def test_adapters_hot_load_and_never_serve_stale_weights(stack):
     r = httpx.post(ep.base_url + "/chat/completions", timeout=60,
                    json={"model": "policy:missing", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     assert r.status_code >= 400 and "missing" in r.text
+    # a job's own registry (issue 17): its adapter is served to the job alone, by handle under the scoped name
+    from dataclasses import replace
+
+    from pipelines.serve_batch import complete_by_handle, first_choice
+
+    job_ep = replace(ep, adapter_scope="st-0123456789ab")
+    adapters.publish(adapters.registry_root(cfg.serving.adapter_root, "st-0123456789ab"), "st",
+                     random_adapter(ep.model_path, tmp / "a1", 1))  # the weights of the served st v1
+    req = [{"model": m, "prompt": "Name three fruits:", "max_tokens": 8, "temperature": 0}
+           for m in (job_ep.served_model("st"), "policy:st@v1", "policy")]
+    job_text, served_v1, plain = [first_choice(a)["text"] for a in complete_by_handle(job_ep, req)]
+    assert job_ep.served_model("st") == "policy:st-0123456789ab/st" and job_text == served_v1 != plain
+    assert adapters.list_current(cfg.serving.adapter_root) == {"st": 2}  # the served registry did not change
 
 
 def test_overlong_prompt_is_a_clear_error(stack):

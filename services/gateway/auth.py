@@ -72,6 +72,10 @@ class KeyRing:
         b.tokens -= 1.0
         b.in_flight += 1
 
+    def in_flight(self) -> dict[str, int]:
+        """Concurrency slots held now, by key id (the `in_flight` gauge: a slot that is never released shows)."""
+        return {key_id: b.in_flight for key_id, b in self._state.items()}
+
     def release(self, key: KeyConfig) -> None:
         b = self._state.get(key.id)
         if b and b.in_flight > 0:

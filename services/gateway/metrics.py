@@ -6,9 +6,27 @@ import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+
+class _SlotsHeld:
+    """`safe_trigger_gateway_in_flight{key}`, read from the key ring at scrape time."""
+
+    def __init__(self, in_flight) -> None:
+        self._in_flight = in_flight
+
+    def collect(self):
+        gauge = GaugeMetricFamily("safe_trigger_gateway_in_flight", "Concurrency slots held, by key", labels=["key"])
+        for key_id, n in sorted(self._in_flight().items()):
+            gauge.add_metric([key_id], n)
+        yield gauge
 
 
 class Metrics:
+    def watch_slots(self, in_flight) -> None:
+        """Export the slots each key holds (`KeyRing.in_flight`): a slot never released would show here."""
+        self.registry.register(_SlotsHeld(in_flight))
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("safe_trigger_gateway_requests", "Requests by route and status", ["route", "status"], registry=self.registry)

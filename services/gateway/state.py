@@ -28,7 +28,9 @@ class Gateway:
 
     @classmethod
     def of(cls, cfg: GatewayConfig) -> "Gateway":
-        return cls(cfg, KeyRing(list(cfg.keys)), Metrics(), JobsService(cfg))
+        ring, metrics = KeyRing(list(cfg.keys)), Metrics()
+        metrics.watch_slots(ring.in_flight)
+        return cls(cfg, ring, metrics, JobsService(cfg))
 
     def upstream(self) -> Upstream:
         """Where requests go: the policy's deployments by handle, or an OpenAI server over HTTP (`policy_via`)."""
