@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="run the pipeline locally (or on the Ray cluster in ray.address)")
     run_p.add_argument("config", help="YAML run config, e.g. configs/embedded.yaml")
+    run_p.add_argument("--until", metavar="STAGE", help="run only this stage and the stages it reads, e.g. generate")
     run_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value by dotted key, e.g. --set generation.max_tokens=64")
 
@@ -71,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the policy and the gateway on this Ray cluster")
     serve.add_argument("config", help="run config: the policy to serve (model, serving)")
     serve.add_argument("gateway", help="gateway config (keys, limits, artifact roots)")
+    serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a run config value")
     for name, help in (("runs", "main-job runs in the tracking store, with headline metrics"),
                        ("compare", "two runs' metrics side by side, with intervals and B - A")):
         p = sub.add_parser(name, help=help)
@@ -127,11 +129,15 @@ def _run(args) -> int:
         print(f"safe-trigger: {e}", file=sys.stderr)
         return 2
     from pipelines.datasets import DatasetError
+    from pipelines.graph import UnknownStageError
     from pipelines.run import run
     from pipelines.stage_store import StageWriteError
 
     try:
-        run(cfg)
+        run(cfg, until=args.until)
+    except UnknownStageError as e:
+        print(f"safe-trigger: --until: {e}", file=sys.stderr)
+        return 2
     except DatasetError as e:
         print(f"safe-trigger: bad input data: {e}", file=sys.stderr)
         return 2
@@ -232,6 +238,17 @@ def _stop_serving() -> None:
         ray.shutdown()
 
 
+def with_job_server(cfg, dashboard_url: str):
+    """A local Ray started by `serve` hosts the job server the gateway's jobs API submits to, on the port its
+    `ray_dashboard_url` names (bound to 127.0.0.1); a cluster's (`ray.address`) is left as it is."""
+    from urllib.parse import urlparse
+
+    if cfg.ray.address:
+        return cfg
+    port = urlparse(dashboard_url).port or 8265
+    return cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"dashboard": True, "dashboard_port": port})})
+
+
 def _serve(args) -> int:
     from pipelines.runtime import emit_precision, init_ray, precision_report, set_threads, with_adapter_root
     from safetrigger.config import load_config
@@ -239,13 +256,14 @@ def _serve(args) -> int:
     from services.gateway.deploy import pointed_at, start_gateway
     from services.policy import PolicyServiceError, refuse_public_route, start_policy
 
-    cfg = with_adapter_root(load_config(args.config))
+    cfg = with_adapter_root(load_config(args.config, _overrides_or_exit(args.set)))
     try:
         refuse_public_route(cfg)
     except PolicyServiceError as e:
         print(f"safe-trigger: {e}", file=sys.stderr)
         return 2
     gw = load_gateway_config(args.gateway)
+    cfg = with_job_server(cfg, gw.ray_dashboard_url)
     set_threads(cfg.torch_threads)
     emit_precision(precision_report(cfg), print)
     init_ray(cfg)

@@ -97,6 +97,24 @@ def compute_keys(stages: list[Stage], cfg: RunConfig, given: dict[str, str]) -> 
     return keys
 
 
+class UnknownStageError(ValueError):
+    pass
+
+
+def upstream_of(stages: list[Stage], target: str) -> list[Stage]:
+    """`target` and every stage it reads, transitively, in declaration order (`safe-trigger run --until`)."""
+    by_name = {s.name: s for s in stages}
+    if target not in by_name:
+        raise UnknownStageError(f"no stage {target!r} in this run's graph; its stages: {', '.join(by_name)}")
+    needed, todo = set(), [target]
+    while todo:
+        name = todo.pop()
+        if name in by_name and name not in needed:
+            needed.add(name)
+            todo += by_name[name].inputs
+    return [s for s in stages if s.name in needed]
+
+
 def run_stages(stages: list[Stage], job: Job, keys: dict[str, str], results: dict[str, Any]) -> dict[str, Any]:
     """Run (or reuse) every stage in order; `results` maps a stage name to its result, or to a `Skip`."""
     for s in stages:

@@ -18,7 +18,7 @@ from typing import Any
 from safetrigger.artifacts import PREVIOUS_SUMMARY, PROGRESS, REPORT_DIR, REPORT_HTML, SUMMARY
 from safetrigger.config import RunConfig
 
-from .graph import Job, Skip, compute_keys, run_stages, stage_paths
+from .graph import Job, Skip, compute_keys, run_stages, stage_paths, upstream_of
 from .runtime import (emit_precision, init_ray, precision_report, set_threads, with_adapter_root,
                       with_serving_dtype)
 from .progress_log import recording, say, teed
@@ -88,16 +88,17 @@ def queries_key(queries) -> str:
     return stage_key(sorted((q.id, q.split) for q in queries))
 
 
-def run(cfg: RunConfig, emit=say, endpoint=None) -> dict[str, Any]:
+def run(cfg: RunConfig, emit=say, endpoint=None, until: str | None = None) -> dict[str, Any]:
     """Run the pipeline; with `endpoint` (a running policy service) it is used as is and left running. Progress
-    lines go to `emit` and, as JSON lines, to `<output_dir>/progress.jsonl`."""
+    lines go to `emit` and, as JSON lines, to `<output_dir>/progress.jsonl`. `until`: only that stage and the
+    stages it reads (no tables or report unless their stages ran)."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with recording(out / PROGRESS):
-        return _run(cfg, out, teed(emit), endpoint)
+        return _run(cfg, out, teed(emit), endpoint, until)
 
 
-def _run(cfg: RunConfig, out: Path, emit, endpoint) -> dict[str, Any]:
+def _run(cfg: RunConfig, out: Path, emit, endpoint, until: str | None = None) -> dict[str, Any]:
     from safetrigger.model_cache import resolve_model
 
     t0 = time.monotonic()
@@ -106,6 +107,7 @@ def _run(cfg: RunConfig, out: Path, emit, endpoint) -> dict[str, Any]:
     precision = precision_report(cfg)
     emit_precision(precision, emit)
     cfg = with_serving_dtype(cfg, precision["serving"]["dtype"])
+    stages = main_graph(cfg) if until is None else upstream_of(main_graph(cfg), until)  # a bad name fails first
     queries, audit = load_queries(cfg, out, emit)
     model_path = resolve_model(cfg.model.source)
     timings: dict[str, float] = {}
@@ -113,7 +115,6 @@ def _run(cfg: RunConfig, out: Path, emit, endpoint) -> dict[str, Any]:
     tracker = Tracker(cfg, out, emit)
     tracker.params(_split_counts(queries))
     job = Job(cfg, out, queries, model_path, policy, emit, timings, tracker=tracker)
-    stages = main_graph(cfg)
     keys = compute_keys(stages, cfg, {QUERIES: queries_key(queries)})
     try:
         results = run_stages(stages, job, keys, {QUERIES: queries})
@@ -121,8 +122,9 @@ def _run(cfg: RunConfig, out: Path, emit, endpoint) -> dict[str, Any]:
         tracker.finish(ok=False)
         raise
 
-    tables = _tables(job, results, f"Data: {audit.line()}.")
-    report = _evaluate_and_report(job, results, tables["markdown"]) if cfg.eval.enabled else {}
+    whole = until is None
+    tables = _tables(job, results, f"Data: {audit.line()}.") if "judge" in results else _NO_TABLES
+    report = _evaluate_and_report(job, results, tables["markdown"]) if cfg.eval.enabled and whole else {}
     policy.stop_if_owned()
     summary = {
         "name": cfg.name,
@@ -147,6 +149,9 @@ def _run(cfg: RunConfig, out: Path, emit, endpoint) -> dict[str, Any]:
     if report:
         emit(f"[report] {report['html']}\n[report] {report['markdown']}")
     return summary
+
+
+_NO_TABLES = {"awareness": [], "trigger": [], "markdown": ""}
 
 
 def _split_counts(queries) -> dict[str, int]:

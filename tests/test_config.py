@@ -100,3 +100,20 @@ def test_serve_stops_on_ctrl_c_and_a_second_one_forces_it(tmp_path):
         t = time.monotonic()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=10) == 128 + signal.SIGINT and time.monotonic() - t < 5
+
+
+def test_serve_refuses_a_routed_policy_and_hosts_a_job_server(tmp_path):
+    """Issue 17: `safe-trigger serve` never gives the policy's own app (no keys, no hiding) an HTTP route, and the
+    local Ray it starts hosts the job server its gateway submits jobs to (every job call was a 503)."""
+    from apps.cli import with_job_server
+
+    out = subprocess.run([sys.executable, "-m", "apps.cli", "serve", str(REPO / "configs/embedded.yaml"),
+                          str(REPO / "configs/gateway.yaml"), "--set", "serving.route_prefix=/"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "serving.route_prefix is '/'" in out.stderr and "Traceback" not in out.stderr
+    local = load_config(REPO / "configs/embedded.yaml")
+    served = with_job_server(local, "http://127.0.0.1:8299")
+    assert served.ray.dashboard and served.ray.dashboard_port == 8299
+    cluster = load_config(REPO / "configs/embedded.yaml", {"ray.address": "auto"})
+    assert with_job_server(cluster, "http://127.0.0.1:8299") == cluster

@@ -154,3 +154,18 @@ def test_self_selection_adds_its_judge_stage_and_keys_everything_it_changes():
     assert all(k1[s] != k2[s] for s in ("review-judge", "sft-data", "sft-adapter", "eval-st-s", "dpo-adapter"))
     assert k1["generate"] == k2["generate"] == k0["generate"] and k1["judge"] == k0["judge"]
     assert "review --> review_judge" in mermaid(main_graph(one), (QUERIES,))
+
+
+def test_until_runs_a_stage_and_only_what_it_reads():
+    from pipelines.graph import UnknownStageError, upstream_of
+
+    cfg = load_config(REPO / "configs" / "embedded.yaml")
+    graph = main_graph(cfg)
+    assert [s.name for s in upstream_of(graph, "generate")] == ["generate"]
+    assert [s.name for s in upstream_of(graph, "sft-adapter")] == ["generate", "review", "sft-data", "sft-adapter"]
+    dpo = {s.name for s in upstream_of(graph, "dpo-adapter")}
+    assert {"dpo-sample", "dpo-judge", "dpo-pairs", "sft-adapter"} <= dpo and not any(n.startswith("eval") for n in dpo)
+    order = [s.name for s in graph]
+    assert [s.name for s in upstream_of(graph, "dpo-adapter")] == [n for n in order if n in dpo]  # declaration order
+    with pytest.raises(UnknownStageError, match="no stage 'sft'.*generate, judge"):
+        upstream_of(graph, "sft")

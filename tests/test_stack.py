@@ -482,7 +482,7 @@ def test_main_job_on_the_running_policy(stack, capsys):
 
 
 def test_killed_stage_resumes_without_losing_or_duplicating_rows(stack, tmp_path):
-    """`safe-trigger run` attached to the running policy, SIGKILLed mid-generation, then run again."""
+    """`safe-trigger run --until generate` attached to the running policy, SIGKILLed mid-generation, then run again."""
     import os
     import signal
     import subprocess
@@ -503,7 +503,7 @@ def test_killed_stage_resumes_without_losing_or_duplicating_rows(stack, tmp_path
     })
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run_cfg.model_dump(mode="json")))
-    cmd = [sys.executable, "-m", "apps.cli", "run", str(path)]
+    cmd = [sys.executable, "-m", "apps.cli", "run", str(path), "--until", "generate"]  # the stages after: the main job
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300

@@ -46,6 +46,17 @@ JOB = {"type": "object", "required": ["config"],
        "properties": {"config": {"type": "object", "description": "a RunConfig (see configs/embedded.yaml)"},
                       "name": {"type": "string"}}}
 
+# OpenAPI links: a listed job's id feeds every per-job operation (clients and schemathesis' stateful runs follow them)
+JOB_LIST_LINKS = {
+    "description": "this key's jobs, newest first",
+    "content": {"application/json": {"schema": {"type": "object", "required": ["jobs"], "properties": {"jobs": {
+        "type": "array", "items": {"type": "object", "required": ["id", "status"],
+                                   "properties": {"id": {"type": "string"}, "status": {"type": "string"}}}}}}}},
+    "links": {name: {"operationId": op, "parameters": {"job_id": "$response.body#/jobs/0/id"}}
+              for name, op in (("Status", "job_status"), ("Logs", "job_logs"), ("Report", "job_report"),
+                               ("Cancel", "cancel_job"))},
+}
+
 PROMOTE = {"type": "object", "required": ["job", "adapter"], "additionalProperties": False,
            "properties": {"job": {"type": "string", "pattern": "^st-[0-9a-f]{12}$"},
                           "adapter": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},

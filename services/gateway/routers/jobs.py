@@ -16,27 +16,27 @@ async def submit(request: Request, gw: GatewayDep, key: JobsKey):
     return await gw.jobs.submit(key.id, await gw.read_json(request))
 
 
-@router.get("/v1/jobs")
+@router.get("/v1/jobs", operation_id="list_jobs", responses={200: schemas.JOB_LIST_LINKS})
 async def list_jobs(gw: GatewayDep, key: JobsKey):
     """This key's jobs, newest first."""
     return await gw.jobs.list_own(key.id)
 
 
-@router.get("/v1/jobs/{job_id}")
+@router.get("/v1/jobs/{job_id}", operation_id="job_status")
 async def status(job_id: str, gw: GatewayDep, key: JobsKey):
     return await gw.jobs.status(job_id, key.id)
 
 
-@router.get("/v1/jobs/{job_id}/logs")
+@router.get("/v1/jobs/{job_id}/logs", operation_id="job_logs")
 async def logs(job_id: str, gw: GatewayDep, key: JobsKey, follow: bool = False):
     return await gw.jobs.logs(job_id, key.id, follow)
 
 
-@router.delete("/v1/jobs/{job_id}")
+@router.delete("/v1/jobs/{job_id}", operation_id="cancel_job")
 async def cancel(job_id: str, gw: GatewayDep, key: JobsKey):
     return await gw.jobs.cancel(job_id, key.id)
 
 
-@router.get("/v1/jobs/{job_id}/report")
+@router.get("/v1/jobs/{job_id}/report", operation_id="job_report")
 async def report(job_id: str, gw: GatewayDep, key: JobsKey, format: str = "json"):
     return await gw.jobs.report(job_id, key.id, format)
