@@ -202,6 +202,59 @@ def test_auth_scopes_and_limits(gw):
     assert httpx.get(base + "/healthz").status_code == 200 and httpx.get(base + "/readyz", timeout=30).status_code == 200
 
 
+def test_the_findings_of_the_security_review_on_the_live_gateway(gw, data_root):
+    """Issue 17's findings as an attacker sends them, against the real gateway and policy: each is refused with a
+    4xx naming what is wrong, the engine lives on, and no slot is left held."""
+    base, *_ = gw
+    app, jobs = {"Authorization": f"Bearer {APP}"}, {"Authorization": f"Bearer {JOBS}"}
+    chat = {"model": "policy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    completion = {"model": "policy", "prompt": "Hello", "max_tokens": 2}
+
+    def refused(path, body, word, headers=app, status=400, **kw):
+        r = httpx.post(base + path, json=body, headers=headers, timeout=60, **kw) if body is not None else \
+            httpx.post(base + path, headers=headers, timeout=60, **kw)
+        assert r.status_code == status and word in r.json()["error"]["message"], (path, body, r.status_code, r.text[:300])
+
+    # 0 and 7: engine fields the replica's paths are not proven on, list prompts and n
+    for extra, word in (({"prompt_logprobs": 1}, "prompt_logprobs"), ({"logprobs": 2}, "logprobs"),
+                        ({"best_of": 2}, "best_of"), ({"logit_bias": {"1": 5}}, "logit_bias"),
+                        ({"n": 2}, "n must be 1")):
+        refused("/v1/completions", {**completion, **extra}, word)
+    refused("/v1/completions", {**completion, "prompt": ["a", "b"]}, "one prompt per request")
+    refused("/v1/completions", {**completion, "prompt": [1, 2, 3]}, "no lists or token ids")
+    refused("/v1/chat/completions", {**chat, "tools": [{"type": "function"}]}, "tools")
+    refused("/v1/chat/completions", {**chat, "chat_template": "{{ 'x' }}"}, "chat_template")
+    # 6: malformed bodies and model ids
+    refused("/v1/chat/completions", None, "not valid UTF-8", content=b'{"messages": "\xff\xfe"}')
+    refused("/v1/chat/completions", None, "nested too deeply", content=b"[" * 9000 + b"]" * 9000)  # within the byte cap
+    for model in ("policy:st@v\u0661", "policy:st@v" + "9" * 5000, "policy:st@v01", "policy:../../etc"):
+        refused("/v1/chat/completions", {**chat, "model": model}, "adapter must be")
+    with httpx.stream("POST", base + "/v1/chat/completions", json={**chat, "model": "policy:st@v\u0662", "stream": True},
+                      headers=app, timeout=60) as r:
+        assert r.status_code == 400
+    # 8: a chunked body (no declared size) is refused once it passes the byte cap, never read whole
+    refused("/v1/chat/completions", None, "exceeds the limit", status=413,
+            content=(b'{"messages": [' + b" " * 1000 for _ in range(25)))  # 25 KB: within socket buffers
+    # 4 and 5: a job's config names nothing the operator did not allow and stays within bounds
+    job = _job_config(data_root)
+    for over, word in (({"sft": {"num_workers": 100000}}, "sft.num_workers"),
+                       ({"eval": {"bootstrap_samples": 10**9}}, "eval.bootstrap_samples"),
+                       ({"serving": {"adapter_scope": "st-0123456789ab"}}, "serving.adapter_scope"),
+                       ({"eval": {"judges": [{"name": "g", "type": "deployment", "app_name": "gateway", "model_id": "x",
+                                              "tokenizer": "/etc"}]}}, "not one the operator allows"),
+                       ({"tracking": {"uri": "sqlite:////etc/x.db"}}, "tracking.uri"),
+                       ({"data": {"root": str(data_root), "sources": [{"type": "queries", "path": "x\u0000y"}]}}, "NUL character")):
+        r = httpx.post(base + "/v1/jobs", json={"config": {**job, **over}}, headers=jobs, timeout=60)
+        assert r.status_code == 422 and word in r.text, (over, r.status_code, r.text[:300])
+    # 3: no tenant promotes; a job's adapters are not served to anyone else
+    refused("/v1/admin/promote", {"job": "st-0123456789ab", "adapter": "st-d"}, "may not use admin", headers=jobs, status=403)
+    # the engine lived through all of it, and every slot came back
+    assert httpx.post(base + "/v1/chat/completions", json=chat, headers=app, timeout=120).status_code == 200
+    held = [line for line in httpx.get(base + "/metrics", timeout=30).text.splitlines()
+            if line.startswith("safe_trigger_gateway_in_flight{")]
+    assert held and all(line.endswith(" 0.0") for line in held), held
+
+
 def test_promotion_switches_the_default_model_without_restart(gw):
     base, cfg, ep, tmp = gw
     headers = {"Authorization": f"Bearer {APP}"}

@@ -195,6 +195,14 @@ def test_job_configs_are_confined(tmp_path, data_root):
     assert run.serving.adapter_scope == "st-0123456789ab"  # its own registry: it never publishes into the served one
     with pytest.raises(RequestError, match="serving.adapter_scope"):  # nor into another job's
         confine({**base, "serving": {"adapter_scope": "st-ffffffffffff"}}, gw, "st-0123456789ab")
+    nul = {**base, "data": {"root": str(data_root), "sources": [{"type": "advbench", "path": "a\x00b"}]}}
+    with pytest.raises(RequestError, match=r"config.data.sources\[0\].path: a NUL character"):  # was a 500
+        confine(nul, gw, "st-0123456789ab")
+    deep: dict = {}
+    for _ in range(5000):
+        deep = {"x": deep}
+    with pytest.raises(RequestError, match="nested too deeply"):
+        confine({**base, "name": deep}, gw, "st-0123456789ab")
     ok_repo = {**base, "data": {"root": str(data_root), "sources": [{"type": "queries", "path": "repo:data/demo_queries.jsonl"}]}}
     assert confine(ok_repo, gw, "st-0123456789ab").data.sources[0].path.startswith("repo:")
     link = data_root.parent / "escape-link"  # never created: a symlink would be resolved by realpath anyway

@@ -43,6 +43,10 @@ def confine(raw: Any, cfg: GatewayConfig, job_id: str, key_id: str = "") -> RunC
     if not isinstance(raw, dict):
         raise RequestError(422, "config must be a JSON object (a RunConfig)")
     try:
+        _refuse_nul(raw, "config")
+    except RecursionError:
+        raise RequestError(422, "config is nested too deeply") from None
+    try:
         run = RunConfig.model_validate(raw)
     except ValidationError as e:
         raise RequestError(422, f"invalid config: {e}") from None
@@ -93,6 +97,19 @@ def confine(raw: Any, cfg: GatewayConfig, job_id: str, key_id: str = "") -> RunC
                                                   "adapter_root": cfg.adapter_root, "adapter_scope": job_id,
                                                   "route_prefix": None}),
     })
+
+
+def _refuse_nul(value: Any, where: str) -> None:
+    """A NUL reaches the file system as an error no check expects (`embedded null byte`): 422 naming the field."""
+    if isinstance(value, str) and "\x00" in value:
+        raise RequestError(422, f"{where}: a NUL character is not allowed")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_nul(k, where)
+            _refuse_nul(v, f"{where}.{k}" if isinstance(k, str) and "\x00" not in k else where)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _refuse_nul(v, f"{where}[{i}]")
 
 
 def within_policy(run: RunConfig, policy: JobPolicy) -> None:
