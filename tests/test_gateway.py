@@ -240,7 +240,8 @@ def test_the_findings_of_the_security_review_on_the_live_gateway(gw, data_root):
     for over, word in (({"sft": {"num_workers": 100000}}, "sft.num_workers"),
                        ({"eval": {"bootstrap_samples": 10**9}}, "eval.bootstrap_samples"),
                        ({"serving": {"adapter_scope": "st-0123456789ab"}}, "serving.adapter_scope"),
-                       ({"eval": {"judges": [{"name": "g", "type": "deployment", "app_name": "gateway", "model_id": "x",
+                       ({"eval": {"judges": [{"name": "refusal", "type": "refusal"},  # the gate's judge
+                                             {"name": "g", "type": "deployment", "app_name": "gateway", "model_id": "x",
                                               "tokenizer": "/etc"}]}}, "not one the operator allows"),
                        ({"tracking": {"uri": "sqlite:////etc/x.db"}}, "tracking.uri"),
                        ({"data": {"root": str(data_root), "sources": [{"type": "queries", "path": "x\u0000y"}]}}, "NUL character")):
