@@ -118,10 +118,13 @@ def test_a_worker_killed_mid_sft_resumes_from_its_checkpoint_to_the_same_adapter
     def kill_a_worker_after_step_3() -> None:
         # rank 0 appends a line per step to this file at once (the driver's progress lines lag by up to 2 s)
         steps = tmp_path / ".faulted.progress"
+        # Ray Train's controller writes this once it has registered a reported checkpoint; a worker killed before
+        # that restarts the group from scratch (measured: steps 1-3, then 1-6 again, no resume)
+        registered = tmp_path / "ray-train" / "faulted" / "checkpoint_manager_snapshot.json"
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             done = [json.loads(x).get("step", 0) for x in steps.read_text().splitlines()] if steps.is_file() else []
-            if max(done, default=0) >= 3:
+            if max(done, default=0) >= 3 and registered.is_file():
                 break
             time.sleep(0.05)
         # by process title (the state API needs the dashboard, which a plain run does not start)
