@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -102,6 +103,7 @@ class Tracker:
         self.run_id = ""
         self.stage_runs: dict[str, str] = {}
         self.versions: dict[str, tuple[str, str]] = {}  # adapter -> (registered model, version)
+        self.seconds = 0.0  # wall time spent in MLflow calls (the driver's and the training follower's)
         if cfg.tracking.enabled:
             self._guard(self._start)
 
@@ -112,12 +114,15 @@ class Tracker:
     def _guard(self, fn, *args, **kwargs) -> Any:
         if not self.cfg.tracking.enabled or (self.client is None and fn != self._start):
             return None
+        started = time.monotonic()
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # a tracking store that fails must not cost the run
             self.emit(f"[tracking] stopped: {type(e).__name__}: {e}")
             self.client = None
             return None
+        finally:
+            self.seconds += time.monotonic() - started
 
     def _start(self) -> None:
         from mlflow import MlflowClient
@@ -177,8 +182,6 @@ class Tracker:
 
     def _log_metrics(self, run_id: str, values: dict[str, Any], step: int = 0) -> None:
         """The finite numbers of `values`, in batches (MLflow takes at most 1000 metrics per call)."""
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

@@ -471,6 +471,9 @@ def test_main_job_on_the_running_policy(stack, capsys):
     assert client.get_metric_history(nested["dpo-adapter"].info.run_id, "rewards/margins")
     assert "report/report.html" in {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
     assert any(k.startswith("ST-D/harmful/asr/") for k in parent.data.metrics)
+    # what tracking costs the run: its MLflow calls, timed, in the summary and the last line (issue 19: < 3%)
+    assert 0 < summary["timings"]["tracking_s"] < summary["timings"]["total_s"]
+    assert "s in MLflow calls (" in out
     assert (tmp / "run" / f"{Path(summary['stages']['dpo_adapter']).name}.card.md").read_text().startswith("# policy-st-d")
     for adapter, decision in ((d["candidate"], d) for d in report["decisions"]):
         [version] = client.search_model_versions(f"name='policy-{adapter}'")
