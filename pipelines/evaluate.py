@@ -125,7 +125,7 @@ def gate_and_promote(result: EvalResult, models: list[Model], cfg: RunConfig, ve
     from services import adapters, registry
 
     s = cfg.serving
-    root = adapters.registry_root(s.adapter_root, s.adapter_scope) if s.adapter_root else None
+    root = adapters.run_registry(s)
     by_adapter = {adapter: name for name, adapter, _ in models if adapter}
     rules = cfg.eval.gate.rules()
     for adapter in cfg.eval.candidates:

@@ -189,8 +189,7 @@ def _publish(job: Job, name: str, adapter_dir: Path) -> int:
     from services import adapters
 
     s = job.cfg.serving
-    version = adapters.ensure_published(adapters.registry_root(s.adapter_root, s.adapter_scope), name, adapter_dir,
-                                        job.model_path)
+    version = adapters.ensure_published(adapters.run_registry(s), name, adapter_dir, job.model_path)
     job.emit(f"[{name}] serving {name} v{version}" + (f" from job registry {s.adapter_scope}" if s.adapter_scope else ""))
     return version
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from .adapter_files import AdapterFileError, verify_adapter
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # also the promotion request's (gateway schema and check)
+_NAME = re.compile(NAME_PATTERN)
 _SCOPE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 JOBS_DIR = "jobs"  # under the served root: every job's own registry; never an adapter's name
 
@@ -32,8 +33,12 @@ class AdapterError(ValueError):
     pass
 
 
+def valid_name(name: str) -> bool:
+    return bool(_NAME.fullmatch(name)) and ".." not in name and name != JOBS_DIR  # fullmatch: no trailing newline
+
+
 def _check_name(name: str) -> None:
-    if not _NAME.match(name) or ".." in name:
+    if not _NAME.fullmatch(name) or ".." in name:
         raise AdapterError(f"invalid adapter name {name!r}: letters, digits, '.', '_' and '-' only")
     if name == JOBS_DIR:
         raise AdapterError(f"{JOBS_DIR!r} is reserved: it holds the jobs' own registries")
@@ -46,6 +51,12 @@ def registry_root(root: str | os.PathLike[str], scope: str | None = None) -> Pat
     if not _SCOPE.match(scope):
         raise AdapterError(f"invalid registry scope {scope!r}: lowercase letters, digits and '-' only")
     return Path(root) / JOBS_DIR / scope
+
+
+def run_registry(serving) -> Path | None:
+    """Where a run (`serving`: its `ServingConfig`) publishes adapters and records gate decisions: the served
+    registry, or its own under it (`adapter_scope`); None without a registry."""
+    return registry_root(serving.adapter_root, serving.adapter_scope) if serving.adapter_root else None
 
 
 def locate(root: str | os.PathLike[str], ref: str) -> tuple[Path, str]:

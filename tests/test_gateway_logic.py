@@ -279,7 +279,8 @@ def test_promotion_is_an_admin_action_with_a_checked_body(tmp_path):
 
         assert promote(ok, "st-t").status_code == 403  # a tenant's key, jobs scope included, cannot promote
         for bad, word in (({**ok, "job": "../../etc"}, "job must be"), ({**ok, "adapter": "st-d/../x"}, "adapter must be"),
-                          ({**ok, "adapter": "ｓｔ-d"}, "adapter must be"), ({**ok, "version": "1"}, "version must be"),
+                          ({**ok, "adapter": "ｓｔ-d"}, "adapter must be"),
+                          ({**ok, "adapter": "st-d\n"}, "adapter must be"), ({**ok, "adapter": "jobs"}, "adapter must be"), ({**ok, "version": "1"}, "version must be"),
                           ({**ok, "version": True}, "version must be"), ({**ok, "version": 10**12}, "version must be"),
                           ({**ok, "model": "x"}, "unknown field"), ({"adapter": "st-d"}, "job must be")):
             r = promote(bad)

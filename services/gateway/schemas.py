@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from services import adapters
+
 _SAMPLING = {
     "model": {"type": "string", "description": "'policy' (the promoted model), 'policy:base' or 'policy:<adapter>'"},
     "max_tokens": {"type": "integer", "minimum": 1},
@@ -59,7 +61,7 @@ JOB_LIST_LINKS = {
 
 PROMOTE = {"type": "object", "required": ["job", "adapter"], "additionalProperties": False,
            "properties": {"job": {"type": "string", "pattern": "^st-[0-9a-f]{12}$"},
-                          "adapter": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+                          "adapter": {"type": "string", "pattern": adapters.NAME_PATTERN},
                           "version": {"type": "integer", "minimum": 1, "maximum": 999999999}}}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -24,7 +24,7 @@ class Gateway:
     ring: KeyRing
     metrics: Metrics
     jobs: JobsService
-    _upstreams: dict[str, Any] = field(default_factory=dict)
+    _upstream: Upstream | None = None
 
     @classmethod
     def of(cls, cfg: GatewayConfig) -> "Gateway":
@@ -34,11 +34,10 @@ class Gateway:
 
     def upstream(self) -> Upstream:
         """Where requests go: the policy's deployments by handle, or an OpenAI server over HTTP (`policy_via`)."""
-        if self.cfg.policy_via not in self._upstreams:
-            self._upstreams[self.cfg.policy_via] = (
-                HttpUpstream(self.cfg.policy_base_url, self.cfg.request_timeout_s) if self.cfg.policy_via == "http"
-                else HandleUpstream(self.cfg.policy_app_name, self.cfg.deployment))
-        return self._upstreams[self.cfg.policy_via]
+        if self._upstream is None:
+            self._upstream = (HttpUpstream(self.cfg.policy_base_url, self.cfg.request_timeout_s)
+                              if self.cfg.policy_via == "http" else HandleUpstream(self.cfg.policy_app_name, self.cfg.deployment))
+        return self._upstream
 
     async def read_json(self, request: Request) -> dict[str, Any]:
         """The body as a JSON object within the body limit, or a RequestError naming what is wrong."""

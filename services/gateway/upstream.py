@@ -79,6 +79,7 @@ class HandleUpstream(Upstream):
     def __init__(self, app_name: str, deployment: str) -> None:
         self._app, self._deployment = app_name, deployment
         self._handles: dict[str, Any] = {}
+        self._app_handle = None  # the policy app's ingress (model lists, readiness), looked up once
 
     def _handle(self, model: str):
         # Adapters route as Serve multiplexed models (replica affinity for loaded LoRA weights), as the OpenAI
@@ -157,7 +158,9 @@ class HandleUpstream(Upstream):
 
         try:
             async with asyncio.timeout(timeout_s):
-                listed = await serve.get_app_handle(self._app).models.remote()
+                if self._app_handle is None:
+                    self._app_handle = serve.get_app_handle(self._app)
+                listed = await self._app_handle.models.remote()
         except Exception as e:  # not deployed yet, replicas restarting, or too slow: not ready
             raise UpstreamError(503, f"the policy service is unreachable ({type(e).__name__}); retry later", 5) from None
         return listed.model_dump() if hasattr(listed, "model_dump") else listed

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from safetrigger.artifacts import REPORT_METRICS
+from services import adapters
 from services.promotion import PromotionRefused, promote_from_job
 
 from .. import schemas
@@ -18,7 +18,6 @@ from ..jobs import JOB_ID
 from ..state import AdminKey, Gateway, GatewayDep
 
 router = APIRouter(tags=["admin"])
-_ADAPTER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @router.post("/v1/admin/promote", openapi_extra=schemas.body(schemas.PROMOTE))
@@ -52,7 +51,7 @@ def _promotion_request(body: dict[str, Any]) -> tuple[str, str, int | None]:
     job, adapter, version = body.get("job"), body.get("adapter"), body.get("version")
     if not isinstance(job, str) or not JOB_ID.fullmatch(job):
         raise RequestError(400, "job must be a job id: 'st-' and 12 hex digits")
-    if not isinstance(adapter, str) or not _ADAPTER.fullmatch(adapter):
+    if not isinstance(adapter, str) or not adapters.valid_name(adapter):
         raise RequestError(400, "adapter must be an adapter name: ASCII letters, digits, '._-', at most 64")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 999_999_999):
         raise RequestError(400, "version must be an integer from 1 to 999999999")
