@@ -18,6 +18,7 @@ from services.policy import PolicyEndpoint
 
 from .chat import PromptTooLongError, load_tokenizer, reasoning_rule, truncate_tokens, verdict_prompt_ids
 from .judge import content_free_baselines, option_variants, options_logprobs, verdict_request
+from .policy_recovery import Recovery
 from .serve_batch import first_choice, run_through_policy
 from .stage_store import StageStore
 
@@ -124,7 +125,8 @@ def judge_answers(items: list[Item], endpoint: PolicyEndpoint, judge: AnswerJudg
     rows = [{"query_id": i, "prompt_ids": prompts(q, a)} for i, q, a in pending]
     g = cfg.generation
     run_through_policy(rows, target, _Pre(model), _Post(judge, ids, baseline), store, stage,
-                       batch_size=g.batch_size, concurrency=g.concurrency, fanout=g.fanout, chunk_rows=g.chunk_rows * 2, total=len(items))
+                       batch_size=g.batch_size, concurrency=g.concurrency, fanout=g.fanout,
+                       recovery=Recovery.of(g), chunk_rows=g.chunk_rows * 2, total=len(items))
     return store.read()
 
 

@@ -11,6 +11,7 @@ from safetrigger.method import Query, ReasoningRule, Trajectory, query_messages,
 from services.policy import PolicyEndpoint
 
 from .chat import PromptTooLongError, chat_prompt_ids, load_tokenizer, reasoning_rule
+from .policy_recovery import Recovery
 from .serve_batch import first_choice, run_through_policy
 from .stage_store import StageStore
 
@@ -99,7 +100,8 @@ def run_generate(
     run_through_policy(
         rows, endpoint, ChatRequest(cfg, model, {"temperature": g.temperature, "top_p": g.top_p}, g.seed),
         _Post(reasoning_rule(cfg, endpoint.model_path), endpoint.model_id, adapter), store,
-        "generate", batch_size=g.batch_size, concurrency=g.concurrency, fanout=g.fanout, chunk_rows=g.chunk_rows, total=len(queries),
+        "generate", batch_size=g.batch_size, concurrency=g.concurrency, fanout=g.fanout,
+        recovery=Recovery.of(g), chunk_rows=g.chunk_rows, total=len(queries),
         slow_tokens_per_s=g.slow_tokens_per_s,
     )
     return store.read()

@@ -18,6 +18,7 @@ from safetrigger.method import CONTENT_FREE_INPUTS, Judgement, VerdictOptions, f
 from services.policy import PolicyEndpoint
 
 from .chat import first_token_id, load_tokenizer, truncate_tokens, verdict_prompt_ids
+from .policy_recovery import Recovery
 from .serve_batch import complete_by_handle, first_choice, run_through_policy
 from .stage_store import StageStore
 
@@ -138,6 +139,7 @@ def run_judge(
     post = _Post(unsafe_id, safe_id, baseline, cfg.judge.threshold, endpoint.model_id)
     run_through_policy(
         rows, endpoint, _Pre(model), post, store,
-        "judge", batch_size=g.batch_size, concurrency=g.concurrency, fanout=g.fanout, chunk_rows=g.chunk_rows, total=len(trajectories),
+        "judge", batch_size=g.batch_size, concurrency=g.concurrency, fanout=g.fanout,
+        recovery=Recovery.of(g), chunk_rows=g.chunk_rows, total=len(trajectories),
     )
     return store.read()

@@ -25,6 +25,7 @@ from services.policy import PolicyEndpoint
 
 from .chat import chat_prompt_ids, convention, load_tokenizer, truncate_tokens
 from .generate import MIN_NEW_TOKENS
+from .policy_recovery import Recovery
 from .serve_batch import first_choice, run_through_policy
 from .stage_store import StageStore, chunked
 
@@ -93,7 +94,8 @@ def run_review(
     if cfg.review.mode == "free":
         rows = plan_review_rows(_as_candidates(pending, n, done), cfg, endpoint.model_path)
         run_through_policy(rows, endpoint, _Pre(model, cfg), _post, store, "review", batch_size=g.batch_size,
-                           concurrency=g.concurrency, fanout=g.fanout, chunk_rows=g.chunk_rows, total=len(todo) * n)
+                           concurrency=g.concurrency, fanout=g.fanout,
+                           recovery=Recovery.of(g), chunk_rows=g.chunk_rows, total=len(todo) * n)
         return store.read()
     _structured(pending, endpoint, cfg, store, model, done)
     return store.read()
@@ -126,7 +128,8 @@ def _structured(pending, endpoint: PolicyEndpoint, cfg: RunConfig, store: StageS
         rows = plan_review_rows(asked, cfg, endpoint.model_path, written,
                                 max_tokens=cfg.review.part_max_tokens if line else cfg.review.max_tokens)
         run_through_policy(rows, endpoint, _Pre(model, cfg, name, line), _post, rstore, f"review/{name}",
-                           batch_size=g.batch_size, concurrency=g.concurrency, fanout=g.fanout, chunk_rows=g.chunk_rows,
+                           batch_size=g.batch_size, concurrency=g.concurrency, fanout=g.fanout,
+                           recovery=Recovery.of(g), chunk_rows=g.chunk_rows,
                            total=len(live) * (1 if line else n))
         results = {r["query_id"]: r for r in rstore.read()}
         if line:

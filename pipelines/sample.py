@@ -11,6 +11,7 @@ from safetrigger.method import Query
 from services.policy import PolicyEndpoint
 
 from .generate import ChatRequest, plan_requests
+from .policy_recovery import Recovery
 from .serve_batch import PolicyRequestError, run_through_policy
 from .stage_store import StageStore
 
@@ -45,6 +46,7 @@ def run_sample(queries: list[Query], endpoint: PolicyEndpoint, cfg: RunConfig, s
                       d.seed, salt="dpo-sample")
     run_through_policy(rows, endpoint, pre, _Post(d.num_samples, adapter),
                        store, "dpo-sample", batch_size=max(1, g.batch_size // cfg.dpo.num_samples),
-                       concurrency=g.concurrency, fanout=g.fanout, chunk_rows=g.chunk_rows, total=len(queries),
+                       concurrency=g.concurrency, fanout=g.fanout,
+                       recovery=Recovery.of(g), chunk_rows=g.chunk_rows, total=len(queries),
                        slow_tokens_per_s=g.slow_tokens_per_s)
     return store.read()

@@ -8,7 +8,8 @@ the chunk in flight:
 - `handle`: the driver calls the deployment handle itself, as that processor's actors do, with at most
   batch_size x concurrency requests in flight. Measured on 2 cores (8 one-token requests): 17-25 s through a
   processor, almost all of it start-up, against 1.4 s by handle; a main job makes about 19 such calls.
-`auto` takes the handle up to `AUTO_HANDLE_MAX_ROWS` rows.
+`auto` takes the handle up to `AUTO_HANDLE_MAX_ROWS` rows. A replica lost mid-stage is survived here, for every
+stage alike (`policy_recovery`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionReq
 
 from services.policy import PolicyEndpoint
 
+from .policy_recovery import PolicyUnavailableError, Recovery, replica_loss, wait_for_policy
+from .progress_log import say
 from .stage_store import Progress, StageStore, chunked
 
 Row = dict[str, Any]
@@ -61,24 +64,50 @@ def run_through_policy(
     total: int | None = None,
     slow_tokens_per_s: float = 0.0,
     fanout: Fanout = "auto",
+    recovery: Recovery = Recovery(),
 ) -> int:
-    """Send `rows` (those not yet in the store) through the policy; returns how many rows were committed."""
+    """Send `rows` (those not yet in the store) through the policy; returns how many rows were committed.
+
+    A replica lost mid-stage (`policy_recovery`) costs only the rows not yet committed: after Serve has a replica
+    that answers again, those are sent again, at most `recovery.retries` times."""
     if not rows:
         return 0
     total = total if total is not None else len(rows)
     progress = Progress(stage, total, already=total - len(rows), slow_tokens_per_s=slow_tokens_per_s,
                         live=sys.stdout.isatty())
-    if fanout == "handle" or fanout == "auto" and len(rows) <= AUTO_HANDLE_MAX_ROWS:
-        results = _by_handle(rows, endpoint, preprocess, postprocess, in_flight=batch_size * concurrency)
-    else:
-        results = _by_ray_data(rows, endpoint, preprocess, postprocess, batch_size, concurrency)
-    committed = 0
+    pending, losses, committed = rows, 0, [0]
     with progress.heartbeat():
-        for chunk in chunked(_observed(results, progress), chunk_rows):
-            store.commit(chunk)
-            committed += len(chunk)
-            progress.line()
-    return committed
+        while True:
+            try:
+                by_handle = fanout == "handle" or fanout == "auto" and len(pending) <= AUTO_HANDLE_MAX_ROWS
+                results = (_by_handle(pending, endpoint, preprocess, postprocess, in_flight=batch_size * concurrency)
+                           if by_handle else _by_ray_data(pending, endpoint, preprocess, postprocess, batch_size, concurrency))
+                _commit_all(results, store, progress, chunk_rows, committed)
+                return committed[0]
+            except Exception as e:
+                lost = replica_loss(e)
+                if lost is None or any(store.id_column not in r for r in pending):
+                    raise
+                held = store.done_ids()
+                pending = [r for r in pending if r[store.id_column] not in held]
+                if losses >= recovery.retries:
+                    raise PolicyUnavailableError(
+                        f"[{stage}] a policy replica was lost ({lost}) {losses + 1} time(s), more than "
+                        f"generation.replica_retries={recovery.retries} allows; the {total - len(pending)} rows "
+                        "committed are kept and a re-run resumes after them") from e
+                losses += 1
+                say(f"[{stage}] a policy replica was lost ({lost}); {total - len(pending)}/{total} rows are committed, "
+                    f"{len(pending)} will be sent again once a replica answers (loss {losses} of at most {recovery.retries})")
+                back = wait_for_policy(endpoint, recovery.timeout_s)
+                progress.rewind(total - len(pending))
+                say(f"[{stage}] the policy answered again after {back:.0f}s; resending {len(pending)} rows")
+
+
+def _commit_all(results: Iterator[Row], store: StageStore, progress: Progress, chunk_rows: int, committed: list[int]) -> None:
+    for chunk in chunked(_observed(results, progress), chunk_rows):
+        store.commit(chunk)
+        committed[0] += len(chunk)
+        progress.line()
 
 
 def complete_by_handle(endpoint: PolicyEndpoint, requests: list[dict[str, Any]]) -> list[Row]:
@@ -121,16 +150,20 @@ def _by_handle(rows: list[Row], endpoint: PolicyEndpoint, preprocess, postproces
         window.append(send(row))
         if len(window) >= in_flight:
             break
-    while window:
-        pre, response = window.popleft()
-        items = list(response)  # a request that is not streamed answers with one object
-        if not items:
-            raise PolicyRequestError(f"the policy returned nothing for {pre.get('query_id', '?')}")
-        output = items[0]
-        yield postprocess({**pre, **(output.model_dump() if hasattr(output, "model_dump") else output)})
-        nxt = next(pending, None)
-        if nxt is not None:
-            window.append(send(nxt))
+    try:
+        while window:
+            pre, response = window.popleft()
+            items = list(response)  # a request that is not streamed answers with one object
+            if not items:
+                raise PolicyRequestError(f"the policy returned nothing for {pre.get('query_id', '?')}")
+            output = items[0]
+            yield postprocess({**pre, **(output.model_dump() if hasattr(output, "model_dump") else output)})
+            nxt = next(pending, None)
+            if nxt is not None:
+                window.append(send(nxt))
+    finally:  # abandoned (a lost replica, a failed commit): the requests still out must not run on for nothing
+        for _, response in window:
+            response.cancel()
 
 
 def _observed(rows, progress: Progress):

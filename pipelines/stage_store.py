@@ -175,6 +175,13 @@ class Progress:
                 self._bar.set_postfix_str(f"{self.tokens} tokens, {self.tokens / elapsed:.1f} tok/s", refresh=False)
                 self._bar.update(rows)
 
+    def rewind(self, done: int) -> None:
+        """Back to `done` rows: those that came back but were never committed (a lost replica) will come again."""
+        with self._lock:
+            if self._bar is not None:
+                self._bar.update(done - self.done)
+            self.done = done
+
     def advance(self, n: int, tokens: int = 0) -> None:
         self.observe(n, tokens)
         self.line()

@@ -152,7 +152,7 @@ def pipeline_stages(cfg: RunConfig | None = None) -> list[Stage]:
     return [
         Stage("generate", (QUERIES,), lambda c, k: (
             "generate", c.model.model_dump(),
-            c.generation.model_dump(exclude={"batch_size", "concurrency", "chunk_rows", "slow_tokens_per_s", "fanout"}), k[QUERIES],
+            c.generation.model_dump(exclude=set(c.generation.OPERATIONAL)), k[QUERIES],
             *_weights(c)),
             _generate, doc="the policy answers every query: think1, answer1"),
         Stage("judge", ("generate",), lambda c, k: ("judge", k["generate"], c.judge.model_dump()), _judge,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -169,6 +169,15 @@ class GenerationConfig(_Strict):
     # Warn once when a generating stage's new tokens/s (after its first minute) are below this; 0: never. Set it
     # to about a third of what the machine measured (bench/generation.py) so a slow engine is noticed early.
     slow_tokens_per_s: float = Field(0.0, ge=0)
+    # A policy replica lost mid-stage (engine OOM or crash, node gone): the stage waits for Serve to bring one
+    # back (up to replica_recovery_s; the embedded engine took 70-100 s on 2 cores, an 8B model on a GPU loads
+    # for minutes) and resends only the rows no committed part holds, at most replica_retries times.
+    replica_retries: int = Field(2, ge=0, le=10)
+    replica_recovery_s: float = Field(900.0, gt=0, le=3600)
+
+    # How the stages reach the policy, not what they ask of it: never part of a stage's key.
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset(
+        {"batch_size", "concurrency", "chunk_rows", "slow_tokens_per_s", "fanout", "replica_retries", "replica_recovery_s"})
 
 
 class JudgeConfig(_Strict):

@@ -24,10 +24,12 @@ class PolicyIngress(OpenAiIngress):
         if not self._adapter_root:
             return {}
         base = self._model_cards[base_model_id]
+        server = self._default_serve_handles[base_model_id]
         try:
-            loaded = await self._default_serve_handles[base_model_id].loaded_adapters.remote()
+            loaded = await server.loaded_adapters.remote()
+            failed = await server.failed_adapters.remote()
         except Exception:  # a replica still starting: the registry alone still answers
-            loaded = {}
+            loaded, failed = {}, {}
         cards = {}
         chosen = registry.promoted(self._adapter_root) or {}
         for name, version in adapters.list_current(self._adapter_root).items():
@@ -36,7 +38,10 @@ class PolicyIngress(OpenAiIngress):
                 id=model_id, object="model", owned_by=base.owned_by, permission=list(base.permission),
                 metadata={**base.metadata, "adapter": name, "base_model": base_model_id, "current_version": version,
                           "loaded_version": _version_of(loaded.get(model_id)),
-                          "promoted_version": chosen.get("version") if chosen.get("name") == name else None},
+                          "promoted_version": chosen.get("version") if chosen.get("name") == name else None,
+                          # versions a replica could not load (it keeps serving loaded_version): the reason
+                          "load_errors": {str(_version_of(v)): why for v, why in failed.items()
+                                          if v.rsplit("@v", 1)[0] == model_id}},
             )
         return cards
 

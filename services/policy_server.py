@@ -16,6 +16,7 @@ through `LLMConfig.server_cls`, the library's own extension point.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 
 from ray import serve
@@ -25,6 +26,11 @@ from . import adapters
 from .private_apis import DiskMultiplexConfig, VLLMEngine
 
 ADAPTER_ROOT_ENV = "SAFE_TRIGGER_ADAPTER_ROOT"
+log = logging.getLogger("ray.serve")
+
+
+class AdapterLoadError(RuntimeError):
+    """A published adapter this replica's engine could not load, and no earlier version of it to keep serving."""
 
 
 class PolicyEngine(VLLMEngine):
@@ -57,7 +63,8 @@ class PolicyServer(LLMServer):
         if not root:
             raise ValueError(f"adapter {requested!r} requested but no adapter registry is configured")
         ref = requested.split(":", 1)[1]
-        if "@v" in ref:  # pinned, e.g. the promoted version while a newer one is CURRENT
+        pinned_request = "@v" in ref
+        if pinned_request:  # pinned, e.g. the promoted version while a newer one is CURRENT
             ref, pinned = ref.rsplit("@v", 1)
             requested = requested.rsplit("@v", 1)[0]
             version, path = adapters.version(*adapters.locate(root, ref), int(pinned))
@@ -65,18 +72,30 @@ class PolicyServer(LLMServer):
             version, path = adapters.current(*adapters.locate(root, ref))
         versioned = f"{requested}@v{version}"
         if not hasattr(self, "_adapter_lock"):
-            self._adapter_lock, self._loaded = asyncio.Lock(), {}
+            self._adapter_lock, self._loaded, self._failed = asyncio.Lock(), {}, {}
         async with self._adapter_lock:
-            if self._loaded.get(requested) != versioned:
-                await self.engine.resolve_lora(
-                    DiskMultiplexConfig(model_id=versioned, max_total_tokens=None, local_path=str(path),
-                                        lora_assigned_int_id=0)
-                )
-                old = self._loaded.get(requested)
-                self._loaded[requested] = versioned
-                if old:
-                    await self._unload(old)
-        return versioned
+            old = self._loaded.get(requested)
+            if old == versioned:
+                return versioned
+            if versioned not in self._failed:
+                try:
+                    await self.engine.resolve_lora(
+                        DiskMultiplexConfig(model_id=versioned, max_total_tokens=None, local_path=str(path),
+                                            lora_assigned_int_id=0))
+                except Exception as e:  # noqa: BLE001 - any load failure: the engine itself lives on
+                    self._failed[versioned] = f"{type(e).__name__}: {e}"[:500]
+                    log.error("adapter %s could not be loaded: %s", versioned, self._failed[versioned])
+                else:
+                    self._loaded[requested] = versioned
+                    if old:
+                        await self._unload(old)
+                    return versioned
+            # The publish check passed but this engine cannot take the files (e.g. a rank above its
+            # max_lora_rank): keep answering with the version it holds, unless this one was pinned.
+            if old and not pinned_request:
+                return old
+            raise AdapterLoadError(f"adapter {versioned} could not be loaded by this replica "
+                                   f"({self._failed[versioned]})" + (f"; it serves {old}" if old else ""))
 
     async def _unload(self, lora_name: str) -> None:
         from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
@@ -90,3 +109,7 @@ class PolicyServer(LLMServer):
     async def loaded_adapters(self) -> dict[str, str]:
         """`<model>:<name>` -> the versioned name this replica serves it with."""
         return dict(getattr(self, "_loaded", {}))
+
+    async def failed_adapters(self) -> dict[str, str]:
+        """Versioned names this replica could not load -> why (it is not tried again)."""
+        return dict(getattr(self, "_failed", {}))

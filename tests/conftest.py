@@ -39,14 +39,14 @@ def think_model_path() -> str:
     return resolve_model("embedded:smollm2-135m-think")
 
 
-def random_adapter(model_path, out, seed):
+def random_adapter(model_path, out, seed, rank=8):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    lora = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    lora = LoraConfig(r=rank, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
     get_peft_model(model, lora).save_pretrained(out)
     return out
 

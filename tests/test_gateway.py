@@ -14,7 +14,7 @@ from safetrigger.config import RunConfig
 from services import adapters, registry
 from services.gateway.auth import hash_key
 from services.gateway.config import GatewayConfig
-from tests.conftest import random_adapter, stream_text
+from tests.conftest import REPO, random_adapter, stream_text
 
 pytestmark = pytest.mark.stack
 
@@ -420,3 +420,83 @@ def test_stateful_job_sequences_never_get_a_server_error(gw):
                                suppress_health_check=list(HealthCheck)))
     chained = {(m, p) for m, p, code in seen if "{job_id}" in p and code in (200, 202)}
     assert len(seen) >= 16 and len(chained) >= 2, seen  # links followed to real jobs, not only 404s
+
+
+def test_a_replica_killed_under_a_running_job_is_replaced_and_nothing_is_lost(gw, data_root):
+    """SIGKILL of the policy replica's process (what the OOM killer does to an engine) while a job generates and
+    a client streams. The stream ends with an error event; until Serve's new replica answers, every request gets
+    a prompt 503 with Retry-After (no hang, no other 5xx) and readiness says 503; no slot leaks; the job's
+    generate stage resends only the rows no part held, and holds every query exactly once."""
+    import os
+    import signal
+    import threading
+
+    import pyarrow.parquet as pq
+    from ray.util.state import list_actors
+
+    base, _, ep, tmp = gw
+    queries = sum(1 for line in (REPO / "data" / "demo_queries.jsonl").read_text().splitlines() if line.strip())
+    with Client(base, JOBS) as c:
+        job = c.submit(_job_config(data_root, name="survivor",
+                                   generation={"max_tokens": 96, "batch_size": 4, "chunk_rows": 4}))
+        parts = lambda: sorted((tmp / "jobs" / job / "run").glob("generate-*/part-*.parquet"))  # noqa: E731
+        deadline = time.monotonic() + 300
+        while not parts() and c.status(job).status in ("PENDING", "RUNNING") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert parts() and c.status(job).status == "RUNNING", c.logs(job)[-2000:]
+
+        streamed, started = [], threading.Event()
+
+        def stream():
+            body = {"model": "policy", "messages": [{"role": "user", "content": "Tell me about rivers."}],
+                    "max_tokens": 64, "stream": True, "temperature": 0}
+            with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120,
+                              headers={"Authorization": f"Bearer {APP}"}) as r:
+                for line in r.iter_lines():
+                    started.set()
+                    streamed.append(line)
+
+        streamer = threading.Thread(target=stream)
+        streamer.start()
+        assert started.wait(120)
+        [replica] = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                     if a.class_name.startswith(f"ServeReplica:{ep.app_name}:{ep.deployment_name}")]
+        os.kill(replica.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        streamer.join(120)
+        assert not streamer.is_alive()
+        events = [json.loads(line[5:]) for line in streamed if line.startswith("data:") and line != "data: [DONE]"]
+        assert "error" in events[-1] and events[-1]["error"]["code"] == 503, streamed[-3:]
+
+        answers, ready = [], []
+        body = {"model": "policy", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        while time.monotonic() - killed < 600:
+            t = time.monotonic()
+            r = httpx.post(base + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {APP}"},
+                           timeout=60)
+            answers.append((r.status_code, r.headers.get("retry-after"), time.monotonic() - t))
+            ready.append(httpx.get(base + "/readyz", timeout=30).status_code)
+            if r.status_code == 200:
+                break
+            time.sleep(1)
+        back = time.monotonic() - killed
+        refused = [a for a in answers if a[0] != 200]
+        assert answers[-1][0] == 200, answers[-5:]
+        assert refused and all(code == 503 and after for code, after, _ in refused), refused
+        assert max(s for *_, s in refused) < 15, refused  # refused promptly, not held until a replica is back
+        assert 503 in ready and httpx.get(base + "/readyz", timeout=30).status_code == 200
+        gauges = [line for line in httpx.get(base + "/metrics", timeout=30).text.splitlines()
+                  if line.startswith("safe_trigger_gateway_in_flight{")]
+        assert gauges and all(line.endswith(" 0.0") for line in gauges), gauges
+
+        final = c.wait(job, timeout=900, poll_s=2)
+        logs = c.logs(job)
+        assert final.status == "SUCCEEDED", logs[-3000:]
+        lost = [line for line in logs.splitlines() if "a policy replica was lost" in line or "answered again" in line]
+        assert len(lost) == 2 and "resending" in lost[1], lost
+        ids = [i for p in parts() for i in pq.read_table(p, columns=["query_id"]).column("query_id").to_pylist()]
+        assert len(ids) == len(set(ids)) == queries
+        print(f"[replica-kill] {len(refused)} requests refused with 503 + Retry-After (slowest "
+              f"{max(s for *_, s in refused):.2f}s), a replica answered again {back:.0f}s after the kill; "
+              f"job: {lost[0].split('] ', 1)[1]}; {lost[1].split('] ', 1)[1]}; generate holds {len(ids)} rows, "
+              f"each once")

@@ -61,6 +61,20 @@ def test_token_bucket_and_concurrency():
     ring2.acquire(tight, now=0)
 
 
+def test_a_request_the_policy_could_not_serve_gives_its_rate_token_back():
+    key = _key(requests_per_minute=1, burst=1, max_concurrent=5)
+    ring = KeyRing([key])
+    ring.acquire(key, now=0.0)
+    ring.refund(key)  # answered 503: the replica was restarting
+    ring.release(key)
+    ring.acquire(key, now=0.0)  # the same minute: the token is back
+    ring.refund(key)
+    ring.refund(key)  # never above the burst
+    ring.acquire(key, now=0.0)
+    with pytest.raises(AuthError, match="rate limit"):
+        ring.acquire(key, now=0.0)
+
+
 def test_model_routing_follows_the_promotion(tmp_path):
     assert resolve_model(None, "policy", str(tmp_path)) == "policy"
     v = adapters.publish(tmp_path, "st-d", tiny_adapter(tmp_path / "src"))

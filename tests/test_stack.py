@@ -330,6 +330,17 @@ def test_adapters_hot_load_and_never_serve_stale_weights(stack):
     job_text, served_v1, plain = [first_choice(a)["text"] for a in complete_by_handle(job_ep, req)]
     assert job_ep.served_model("st") == "policy:st-0123456789ab/st" and job_text == served_v1 != plain
     assert adapters.list_current(cfg.serving.adapter_root) == {"st": 2}  # the served registry did not change
+    # a version whose files pass the publish check but that this engine cannot load (rank 128 above its
+    # max_lora_rank of 64): the replica keeps serving v2 and says why in the model list
+    assert cfg.serving.max_lora_rank < 128
+    assert adapters.publish(cfg.serving.adapter_root, "st", random_adapter(ep.model_path, tmp / "a3", 3, rank=128)) == 3
+    assert ask("policy:st") == v2 and ask("policy:st") == v2  # tried once, not on every request
+    assert listed("policy:st") == (3, 2)
+    errors = httpx.get(f"{ep.base_url}/models/policy:st", timeout=60).json()["metadata"]["load_errors"]
+    assert list(errors) == ["3"] and "max_lora_rank" in errors["3"], errors
+    with pytest.raises(Exception, match="could not be loaded by this replica"):  # a pin is never served by another version
+        complete_by_handle(ep, [{"model": "policy:st@v3", "prompt": "Hi", "max_tokens": 2}])
+    assert ask("policy") == base
 
 
 def test_overlong_prompt_is_a_clear_error(stack):

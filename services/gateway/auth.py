@@ -76,6 +76,13 @@ class KeyRing:
         """Concurrency slots held now, by key id (the `in_flight` gauge: a slot that is never released shows)."""
         return {key_id: b.in_flight for key_id, b in self._state.items()}
 
+    def refund(self, key: KeyConfig) -> None:
+        """Give back the rate token of a request the policy could not serve (503): a client that retries through
+        a replica restart as Retry-After asks must not find its budget spent when the replica is back."""
+        b = self._state.get(key.id)
+        if b:
+            b.tokens = min(float(key.burst), b.tokens + 1.0)
+
     def release(self, key: KeyConfig) -> None:
         b = self._state.get(key.id)
         if b and b.in_flight > 0:

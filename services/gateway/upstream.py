@@ -12,11 +12,15 @@ Both hand streams over in batches of SSE payloads as they arrive, so the gateway
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from abc import ABC, abstractmethod
 from typing import Any, AsyncIterator, Literal
 
 import httpx
+
+from services.replicas import running_replicas
 
 Kind = Literal["chat", "completions"]
 
@@ -76,10 +80,33 @@ def _payloads(text: str) -> list[str]:
 
 
 class HandleUpstream(Upstream):
+    """The policy by deployment handle. While Serve has no running replica of it (a replica restarting after its
+    engine died: 70-100 s measured for the embedded model), requests are refused at once with 503 and
+    Retry-After: Serve's router would hold each one, and the client's concurrency slot, until a replica is back."""
+
+    STATUS_TTL_S = 1.0  # how long one read of serve.status() stands for all requests
+    RESTART_RETRY_AFTER_S = 10
+
     def __init__(self, app_name: str, deployment: str) -> None:
         self._app, self._deployment = app_name, deployment
         self._handles: dict[str, Any] = {}
         self._app_handle = None  # the policy app's ingress (model lists, readiness), looked up once
+        self._status_at, self._running, self._state = float("-inf"), None, ""
+
+    async def _check_running(self) -> None:
+        from ray import serve
+
+        now = time.monotonic()
+        if now - self._status_at >= self.STATUS_TTL_S:
+            self._status_at = now  # before the await: concurrent requests share this read
+            try:
+                status = await asyncio.to_thread(serve.status)
+                self._running, self._state = running_replicas(status, self._app, self._deployment)
+            except Exception as e:  # noqa: BLE001 - an unreadable status must not block requests
+                self._running, self._state = -1, type(e).__name__
+        if self._running is None or self._running == 0:
+            raise UpstreamError(503, f"the policy has no running replica ({self._state}); retry later",
+                                self.RESTART_RETRY_AFTER_S)
 
     def _handle(self, model: str):
         # Adapters route as Serve multiplexed models (replica affinity for loaded LoRA weights), as the OpenAI
@@ -112,6 +139,7 @@ class HandleUpstream(Upstream):
     async def _items(self, kind: Kind, model: str, request: Any) -> AsyncIterator[Any]:
         from services.adapters import AdapterError
 
+        await self._check_running()
         response = getattr(self._handle(model), kind).remote(request, None)
         done = False
         try:
@@ -119,7 +147,10 @@ class HandleUpstream(Upstream):
                 first = item[0] if isinstance(item, list) and item else item
                 error = getattr(first, "error", None)
                 if error is not None and not isinstance(first, str):
-                    raise UpstreamError(int(getattr(error, "code", 500) or 500), f"policy: {error.message}")
+                    code = int(getattr(error, "code", 500) or 500)
+                    if code >= 500:  # the engine failed, not the request: the client may retry, never a 500
+                        raise UpstreamError(503, f"the policy failed: {error.message}; retry later", 5)
+                    raise UpstreamError(code, f"policy: {error.message}")
                 yield item
             done = True
         except UpstreamError:
@@ -152,10 +183,9 @@ class HandleUpstream(Upstream):
 
     async def models(self, timeout_s: float) -> dict[str, Any]:
         # the policy app's ingress by application handle: it has no HTTP route (`serving.route_prefix`)
-        import asyncio
-
         from ray import serve
 
+        await self._check_running()
         try:
             async with asyncio.timeout(timeout_s):
                 if self._app_handle is None:

@@ -98,6 +98,8 @@ async def forward(gw: Gateway, key: KeyConfig, body: dict[str, Any], chat: bool)
     except UpstreamError as e:
         if e.status >= 500:
             log.warning("policy failed for key %s: %s", key.id, e.message)
+        if e.status == 503:
+            gw.ring.refund(key)
         return error_response(e.status, e.message, "upstream_error", e.retry_after)
 
 
