@@ -104,10 +104,15 @@ def run_through_policy(
 
 
 def _commit_all(results: Iterator[Row], store: StageStore, progress: Progress, chunk_rows: int, committed: list[int]) -> None:
-    for chunk in chunked(_observed(results, progress), chunk_rows):
-        store.commit(chunk)
-        committed[0] += len(chunk)
-        progress.line()
+    try:
+        for chunk in chunked(_observed(results, progress), chunk_rows):
+            store.commit(chunk)
+            committed[0] += len(chunk)
+            progress.line()
+    finally:  # on a failure, now: requests still out on live replicas are cancelled before the stage waits
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
 
 
 def complete_by_handle(endpoint: PolicyEndpoint, requests: list[dict[str, Any]]) -> list[Row]:
