@@ -31,8 +31,10 @@ def sample_id(query_id: str, index: int) -> str:
 
 
 def judge_target(endpoint: PolicyEndpoint, judge: AnswerJudgeConfig) -> PolicyEndpoint:
-    if judge.type == "deployment":
-        return PolicyEndpoint(app_name=judge.app_name, model_id=judge.model_id, model_path=judge.tokenizer)
+    if judge.type == "deployment":  # its tokenizer may be the source of a guard the run deployed (embedded: too)
+        from safetrigger.model_cache import resolve_model
+
+        return PolicyEndpoint(app_name=judge.app_name, model_id=judge.model_id, model_path=resolve_model(judge.tokenizer))
     return endpoint
 
 

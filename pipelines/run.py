@@ -45,6 +45,7 @@ class LazyPolicy:
     def __init__(self, cfg: RunConfig, model_path: str, endpoint, emit, timings: dict[str, float]) -> None:
         self.cfg, self.model_path, self.endpoint, self.emit, self.timings = cfg, model_path, endpoint, emit, timings
         self.owned = endpoint is None and not cfg.serving.attach
+        self.guards: list = []  # the guard apps this run deployed (RunConfig.guards)
 
     def __call__(self):
         from services.policy import attach_policy, start_policy
@@ -63,13 +64,22 @@ class LazyPolicy:
         self.timings["serve_start_s"] = time.monotonic() - t
         self.emit(f"[serve] ready in {self.timings['serve_start_s']:.0f}s" +
                   (f" at {self.endpoint.base_url}" if self.endpoint.base_url else " (by handle; no HTTP route)"))
+        if self.cfg.guards:
+            from services.policy import start_guards
+
+            t = time.monotonic()
+            self.guards = start_guards(self.cfg)
+            self.timings["guards_start_s"] = time.monotonic() - t
+            self.emit(f"[serve] guard app(s) {[g.app_name for g in self.guards]} ready in "
+                      f"{self.timings['guards_start_s']:.0f}s")
         return self.endpoint
 
     def stop_if_owned(self) -> None:
         if self.owned and self.endpoint is not None:
             from ray import serve
 
-            serve.delete(self.endpoint.app_name)
+            for app in [self.endpoint.app_name, *(g.app_name for g in self.guards)]:
+                serve.delete(app)
 
 
 def load_queries(cfg: RunConfig, out: Path, emit) -> tuple[list, Any]:

@@ -482,6 +482,17 @@ class TrackingConfig(_Strict):
         return v
 
 
+class GuardConfig(_Strict):
+    """A judge model deployed as its own Serve app beside the policy (Llama-Guard-3-8B, WildGuard, the HarmBench
+    classifier): the run deploys it with the policy, a RayService lists it (`services.serve_apps:guard_app`). A
+    `deployment` judge reads it with `app_name` and `model_id` set to the guard's `name` and `tokenizer` to its
+    `model.source`. It serves no adapters and has no HTTP route."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")  # its Serve app and the model id it serves
+    model: ModelConfig
+    serving: ServingConfig = ServingConfig(enable_lora=False)
+
+
 class RunConfig(_Strict):
     name: str = "embedded"
     output_dir: str = "runs/embedded"
@@ -498,6 +509,38 @@ class RunConfig(_Strict):
     dpo: DPOConfig = DPOConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    guards: list[GuardConfig] = Field(default_factory=list, max_length=4)
+
+    @model_validator(mode="after")
+    def _guards_match_their_judges(self) -> "RunConfig":
+        names = [g.name for g in self.guards]
+        if len(set(names)) != len(names) or self.serving.app_name in names:
+            raise ValueError(f"guards: names must be distinct and differ from serving.app_name ({names})")
+        by_app = {g.name: g for g in self.guards}
+        for where, j in self.answer_judges():
+            g = by_app.get(j.app_name or "") if j.type == "deployment" else None
+            if g is not None and (j.model_id != g.name or j.tokenizer != g.model.source):
+                raise ValueError(f"{where}: a judge of guard {g.name!r} needs model_id {g.name!r} and tokenizer "
+                                 f"{g.model.source!r} (the guard's model.source), got {j.model_id!r} and {j.tokenizer!r}")
+        return self
+
+    def answer_judges(self) -> list[tuple[str, "AnswerJudgeConfig"]]:
+        """Every judge of final answers in the config, with where it is set."""
+        judges = [(f"eval.judges[{i}]", j) for i, j in enumerate(self.eval.judges)] + [("dpo.judge", self.dpo.judge)]
+        judges += [(f"review.select_judges[{i}]", j) for i, j in enumerate(self.review.select_judges)]
+        if self.eval.xstest_judge is not None:
+            judges.append(("eval.xstest_judge", self.eval.xstest_judge))
+        return judges
+
+    def guard_config(self, guard: GuardConfig) -> "RunConfig":
+        """This run's config as the guard's app is built from it: the guard's model and serving, no adapters, no
+        route, on the policy's Serve proxy."""
+        serving = guard.serving.model_copy(update={
+            "app_name": guard.name, "enable_lora": False, "adapter_root": None, "adapter_scope": None,
+            "route_prefix": None, "attach": False, "http_host": self.serving.http_host,
+            "http_port": self.serving.http_port})
+        return self.model_copy(update={"model": guard.model.model_copy(update={"served_name": guard.name}),
+                                       "serving": serving, "guards": []})
 
     @model_validator(mode="after")
     def _dpo_needs_sft_and_pool(self) -> "RunConfig":

@@ -184,6 +184,19 @@ def start_policy(cfg: RunConfig, model_path: str | None = None) -> PolicyEndpoin
     return PolicyEndpoint(s.app_name, cfg.model.served_name, model_path, http_url(cfg), s.adapter_scope)
 
 
+def start_guards(cfg: RunConfig) -> list[PolicyEndpoint]:
+    """Deploy the run's guard apps (`RunConfig.guards`) beside the policy and wait until each answers."""
+    return [start_policy(cfg.guard_config(g)) for g in cfg.guards]
+
+
+def build_guard_app(cfg: RunConfig, name: str):
+    """The Serve app of the run's guard `name`: the policy's builder on the guard's model and serving."""
+    guard = next((g for g in cfg.guards if g.name == name), None)
+    if guard is None:
+        raise PolicyServiceError(f"no guard named {name!r} in the config (guards: {[g.name for g in cfg.guards]})")
+    return build_policy_app(cfg.guard_config(guard))
+
+
 def attach_policy(cfg: RunConfig, model_path: str | None = None) -> PolicyEndpoint:
     """The endpoint of an already running policy app (e.g. a RayService's), without deploying anything."""
     s = cfg.serving

@@ -2,6 +2,7 @@
 
     import_path: services.serve_apps:policy_app     args: {config: configs/r1-distill-llama-8b.yaml}
     import_path: services.serve_apps:gateway_app    args: {config: …, gateway: configs/gateway.yaml}
+    import_path: services.serve_apps:guard_app      args: {config: …, guard: llama-guard}
 
 The same builders the Python API uses, so a RayService serves exactly what `safe-trigger serve` serves.
 """
@@ -24,6 +25,14 @@ def policy_app(args: dict[str, Any]):
     cfg = _run_config(args)
     refuse_public_route(cfg)
     return build_policy_app(cfg)
+
+
+def guard_app(args: dict[str, Any]):
+    """A guard judge of the run config (`guards`, by `guard: <name>`) as its own app, e.g. Llama-Guard-3-8B; no
+    HTTP route (give the app `route_prefix: null`): the pipeline's judges reach it by handle."""
+    from .policy import build_guard_app
+
+    return build_guard_app(_run_config(args), args["guard"])
 
 
 def gateway_app(args: dict[str, Any]):

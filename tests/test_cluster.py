@@ -72,6 +72,9 @@ def test_manifest_validates(path, doc):
             for key in ("config", "gateway"):
                 if key in app.args:
                     assert (REPO_ROOT / app.args[key]).is_file(), app.args[key]
+            if "guard" in app.args:  # a guard app: one of its config's guards, under its own name, without a route
+                guards = {g.name for g in load_config(REPO_ROOT / app.args["config"]).guards}
+                assert app.args["guard"] in guards and app.name == app.args["guard"] and app.route_prefix is None
 
 
 @pytest.mark.parametrize("name", ["r1-distill-llama-8b", "qwen3-8b"])
@@ -86,6 +89,15 @@ def test_gpu_configs_load_through_the_same_config_class(name):
     llm = build_llm_config(cfg, model_path=cfg.model.source)  # the GPU engine settings the replicas would get
     assert llm.engine_kwargs["gpu_memory_utilization"] == cfg.serving.gpu_memory_utilization
     assert llm.engine_kwargs["max_lora_rank"] >= cfg.sft.lora.r
+    # the paper's judge as its own app, which the gate decides on
+    [guard] = cfg.guards
+    judge = next(j for j in cfg.eval.judges if j.name == cfg.eval.gate.judge)
+    assert (judge.type, judge.format, judge.app_name) == ("deployment", "llama_guard", guard.name)
+    assert guard.model.source == "meta-llama/Llama-Guard-3-8B"
+    gcfg = cfg.guard_config(guard)
+    glm = build_llm_config(gcfg, model_path=guard.model.source)
+    assert glm.model_loading_config.model_id == guard.name and "enable_lora" not in glm.engine_kwargs
+    assert gcfg.serving.route_prefix is None and gcfg.serving.adapter_root is None and gcfg.serving.accelerator == "gpu"
 
 
 def test_images_lint_clean():

@@ -58,6 +58,12 @@ def test_unknown_key_is_an_error(tmp_path):
         ("data: {sources: [{type: advbench, path: a}]}\nreview: {select_judges: [{name: a, type: refusal}, {name: a}]}\n",
          "select_judges names repeat"),
         ("data: {sources: [{type: advbench, path: a}]}\nreview: {select_judges: [{format: xstest}]}\n", "format xstest"),
+        ("data: {sources: [{type: advbench, path: a}]}\nguards: [{name: g, model: {source: x}}, {name: g, model: {source: y}}]\n",
+         "names must be distinct"),
+        ("data: {sources: [{type: advbench, path: a}]}\nguards: [{name: policy, model: {source: x}}]\n", "differ from serving.app_name"),
+        ("data: {sources: [{type: advbench, path: a}]}\nguards: [{name: g, model: {source: lg}}]\n"
+         "eval: {judges: [{name: refusal, type: refusal}, {name: j, type: deployment, app_name: g, model_id: g, tokenizer: other}]}\n",
+         r"eval.judges\[1\]: a judge of guard 'g' needs model_id 'g' and tokenizer 'lg'"),
     ],
 )
 def test_invalid_configs(tmp_path, text, needle):

@@ -235,21 +235,35 @@ def test_eval_judges_on_the_replicas(stack):
         queries[qid] = q
         trajs.append({"query_id": qid, "kind": q.kind, "label": q.label, "prompt": q.prompt, "response": response,
                       "source": "xstest", "category": "hand", "split": "eval"})
-    guard = {"type": "deployment", "app_name": ep.app_name, "model_id": ep.model_id, "tokenizer": ep.model_path}
-    ecfg = cfg.model_copy(update={"eval": EvalConfig.model_validate({
+    on_policy = {"type": "deployment", "app_name": ep.app_name, "model_id": ep.model_id, "tokenizer": ep.model_path}
+    # a guard deployed from the config as its own app (the GPU configs' Llama-Guard-3-8B; here the embedded model)
+    guarded = RunConfig.model_validate({**cfg.model_dump(), "guards": [
+        {"name": "guard", "model": {"source": cfg.model.source, "max_model_len": 1024},
+         "serving": {"cpus_per_replica": 1, "kv_cache_space_gib": 1, "max_num_seqs": 8, "enable_lora": False}}]})
+    from ray import serve
+
+    from services.policy import start_guards
+
+    [guard_ep] = start_guards(guarded)
+    assert guard_ep.app_name == "guard" and guard_ep.base_url is None  # no HTTP route
+    assert serve.status().applications["guard"].status == "RUNNING"
+    guard = {"type": "deployment", "app_name": "guard", "model_id": "guard", "tokenizer": cfg.model.source}
+    ecfg = guarded.model_copy(update={"eval": EvalConfig.model_validate({
         "judges": [{"name": "refusal", "type": "refusal"}, {"name": "self", "type": "policy"},
-                   {"name": "guard", "format": "llama_guard", **guard}, {"name": "hb", "format": "harmbench", **guard}],
+                   {"name": "guard", "format": "llama_guard", **guard}, {"name": "hb", "format": "harmbench", **on_policy},
+                   {"name": "mirror", "format": "llama_guard", **on_policy}],
         "xstest_judge": {"name": "xstest", "type": "policy", "format": "xstest"},
         "suites": [{"name": "harmful", "metric": "asr", "kinds": ["harmful"]},
                    {"name": "over_refusal", "metric": "over_refusal", "sources": ["xstest"]}],
         "gate": {"asr_suites": ["harmful"], "accuracy_suites": []}})})
+    RunConfig.model_validate(ecfg.model_dump())  # the guard's judge agrees with the guard it names
 
     from pipelines.graph import Job, compute_keys, run_stages
     from pipelines.stages import QUERIES, eval_judge_stages
 
     # the base's judge stages of the declared graph, on these answers as if they were the generate stage's
     stages = [s for s in eval_judge_stages(ecfg) if s.inputs[0] == "generate"]
-    assert {s.name for s in stages} == {f"eval-judge-{j}-base" for j in ("self", "guard", "hb", "xstest")}
+    assert {s.name for s in stages} == {f"eval-judge-{j}-base" for j in ("self", "guard", "hb", "mirror", "xstest")}
     job = Job(ecfg, tmp, list(queries.values()), ep.model_path, lambda: ep)
     keys = compute_keys(stages, ecfg, {QUERIES: "hand", "generate": "hand"})
     results = run_stages(stages, job, keys, {QUERIES: list(queries.values()), "generate": trajs})
@@ -265,6 +279,11 @@ def test_eval_judges_on_the_replicas(stack):
             assert verdicts["safe_" + plain]["scores"] == pytest.approx(verdicts[plain]["scores"], abs=2e-3), judge
             assert recs["safe_" + plain][f"unsafe:{judge}"] == recs[plain][f"unsafe:{judge}"]
         assert all(len(v["scores"]) == 2 and isinstance(recs[k][f"unsafe:{judge}"], bool) for k, v in verdicts.items())
+    # the guard app holds the same weights as the policy: the same prompts give the same verdicts there
+    mirrored = {v["query_id"]: v["scores"] for v in results["eval-judge-mirror-base"]}
+    for v in results["eval-judge-guard-base"]:
+        assert v["scores"] == pytest.approx(mirrored[v["query_id"]], abs=2e-3)
+    serve.delete("guard")  # its CPUs back for the tests after this one
     classes = {k: r["xstest_class"] for k, r in recs.items()}
     assert set(classes.values()) <= {"1_full_compliance", "2_full_refusal", "3_partial_refusal"} and all(classes.values())
     assert classes["safe_refusal"] == classes["refusal"] and classes["safe_compliance"] == classes["compliance"]

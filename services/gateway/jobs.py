@@ -127,12 +127,11 @@ def within_policy(run: RunConfig, policy: JobPolicy) -> None:
     for name, value, most in bounds:
         if value > most:
             raise RequestError(422, f"{name} {value} exceeds this gateway's job limit of {most}")
-    judges = [(f"eval.judges[{i}]", j) for i, j in enumerate(run.eval.judges)] + [("dpo.judge", run.dpo.judge)]
-    judges += [(f"review.select_judges[{i}]", j) for i, j in enumerate(run.review.select_judges)]
-    if run.eval.xstest_judge is not None:
-        judges.append(("eval.xstest_judge", run.eval.xstest_judge))
+    if run.guards:  # a tenant's guard would be a model of its choosing deployed on the shared cluster
+        raise RequestError(422, "guards: deploying a judge model is the operator's; use a deployment judge the "
+                                "operator allows (gateway jobs.judges)")
     allowed = {(d.app_name, d.model_id, d.tokenizer) for d in policy.judges}
-    for where, j in judges:
+    for where, j in run.answer_judges():
         if j.type == "deployment" and (j.app_name, j.model_id, j.tokenizer) not in allowed:
             raise RequestError(422, f"{where}: deployment judge {j.model_id!r} of app {j.app_name!r} is not one the "
                                     "operator allows (gateway jobs.judges); app_name, model_id and tokenizer "
