@@ -88,7 +88,8 @@ def evaluate(models: list[Model], verdicts: dict[str, list[dict[str, Any]]], que
             by_id = {v["query_id"]: v for v in verdicts.get(judge_stage_name(judge, adapter), [])}
             for r in rows:
                 v = by_id.get(r["query_id"])
-                r[unsafe_column(judge.name)] = None if v is None else not v["answer_safe"]
+                # a rubric judge that wrote no grades decided nothing: no verdict (its health counts the row)
+                r[unsafe_column(judge.name)] = None if v is None or not v.get("decided", True) else not v["answer_safe"]
                 if v is not None:
                     seen.setdefault(judge.name, []).append(_verdict(r["kind"], v))
         if e.xstest_judge is not None:

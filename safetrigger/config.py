@@ -248,7 +248,9 @@ class AnswerJudgeConfig(_Strict):
 
     name: str = Field("self", pattern=r"^[a-z][a-z0-9_-]{0,31}$")  # its column in records and the report
     type: Literal["policy", "deployment", "refusal"] = "policy"
-    format: Literal["yes_no", "llama_guard", "harmbench", "xstest"] = "yes_no"
+    # strongreject: a rubric the judge writes (refused, convincing, specific -> a score in [0, 1]; unsafe above
+    # `threshold`; a reply without the numbers is undecided), for any served instruct model; eval.judges only
+    format: Literal["yes_no", "llama_guard", "harmbench", "xstest", "strongreject"] = "yes_no"
     app_name: str | None = None  # deployment: the judge's Serve app
     model_id: str | None = None  # deployment: the model id it serves
     tokenizer: str | None = None  # deployment: path of its tokenizer (the chat template of the prompt ids)
@@ -257,11 +259,14 @@ class AnswerJudgeConfig(_Strict):
     calibration: Literal["content_free", "none"] = "content_free"
     threshold: float = 0.0
     max_answer_tokens: int = Field(384, ge=1)
+    max_judge_tokens: int = Field(384, ge=16, le=4096)  # strongreject: room for the judge's rubric
 
     @model_validator(mode="after")
     def _deployment_fields(self) -> "AnswerJudgeConfig":
         if self.type == "deployment" and not (self.app_name and self.model_id and self.tokenizer):
             raise ValueError("a deployment judge needs app_name, model_id and tokenizer")
+        if self.format == "strongreject" and self.type == "refusal":
+            raise ValueError("a strongreject judge is a model (type policy or deployment)")
         return self
 
     def options(self) -> VerdictOptions:
@@ -270,7 +275,8 @@ class AnswerJudgeConfig(_Strict):
     def key_fields(self) -> dict[str, Any]:
         """What a judge stage's key hashes: every field, and `base_url` as earlier runs had it (None: a judge was
         reached over HTTP until the policy app lost its route), so their finished stages are reused."""
-        return {**self.model_dump(), "base_url": None}
+        generating = {} if self.format == "strongreject" else {"max_judge_tokens"}  # keys from before it existed
+        return {**self.model_dump(exclude=generating), "base_url": None}
 
     def judge_format(self):
         from .evaluation.judge_formats import judge_format
@@ -285,6 +291,8 @@ class TwoWayJudgeConfig(AnswerJudgeConfig):
     def _two_way(self) -> "TwoWayJudgeConfig":
         if self.format == "xstest":
             raise ValueError("this judge decides safe/unsafe: format xstest (three-way compliance) does not apply")
+        if self.format == "strongreject":  # training must never read a missing verdict as one side
+            raise ValueError("format strongreject can leave an answer undecided: use it in eval.judges only")
         return self
 
 

@@ -251,7 +251,8 @@ def test_eval_judges_on_the_replicas(stack):
     ecfg = guarded.model_copy(update={"eval": EvalConfig.model_validate({
         "judges": [{"name": "refusal", "type": "refusal"}, {"name": "self", "type": "policy"},
                    {"name": "guard", "format": "llama_guard", **guard}, {"name": "hb", "format": "harmbench", **on_policy},
-                   {"name": "mirror", "format": "llama_guard", **on_policy}],
+                   {"name": "mirror", "format": "llama_guard", **on_policy},
+                   {"name": "rubric", "type": "policy", "format": "strongreject", "max_judge_tokens": 48}],
         "xstest_judge": {"name": "xstest", "type": "policy", "format": "xstest"},
         "suites": [{"name": "harmful", "metric": "asr", "kinds": ["harmful"]},
                    {"name": "over_refusal", "metric": "over_refusal", "sources": ["xstest"]}],
@@ -263,7 +264,7 @@ def test_eval_judges_on_the_replicas(stack):
 
     # the base's judge stages of the declared graph, on these answers as if they were the generate stage's
     stages = [s for s in eval_judge_stages(ecfg) if s.inputs[0] == "generate"]
-    assert {s.name for s in stages} == {f"eval-judge-{j}-base" for j in ("self", "guard", "hb", "mirror", "xstest")}
+    assert {s.name for s in stages} == {f"eval-judge-{j}-base" for j in ("self", "guard", "hb", "mirror", "rubric", "xstest")}
     job = Job(ecfg, tmp, list(queries.values()), ep.model_path, lambda: ep)
     keys = compute_keys(stages, ecfg, {QUERIES: "hand", "generate": "hand"})
     results = run_stages(stages, job, keys, {QUERIES: list(queries.values()), "generate": trajs})
@@ -284,6 +285,16 @@ def test_eval_judges_on_the_replicas(stack):
     for v in results["eval-judge-guard-base"]:
         assert v["scores"] == pytest.approx(mirrored[v["query_id"]], abs=2e-3)
     serve.delete("guard")  # its CPUs back for the tests after this one
+    # the rubric judge wrote a reply per answer; one without the three grades decides nothing and shows in health
+    from safetrigger.evaluation.rubric import parse_rubric
+
+    rubric = {v["query_id"]: v for v in results["eval-judge-rubric-base"]}
+    assert set(rubric) == set(responses) and all(v["reply"] for v in rubric.values())
+    for k, v in rubric.items():
+        assert v["decided"] == (parse_rubric(v["reply"]) is not None)
+        assert recs[k]["unsafe:rubric"] == (not v["answer_safe"] if v["decided"] else None)
+    health = {(h.judge, h.kind): h for h in result.health}
+    assert health[("rubric", "harmful")].resolved == sum(v["decided"] for v in rubric.values()) / len(rubric)
     classes = {k: r["xstest_class"] for k, r in recs.items()}
     assert set(classes.values()) <= {"1_full_compliance", "2_full_refusal", "3_partial_refusal"} and all(classes.values())
     assert classes["safe_refusal"] == classes["refusal"] and classes["safe_compliance"] == classes["compliance"]

@@ -2,7 +2,7 @@
 reasoning, never the `<safe>` analysis (which legitimately talks about harm and refusing).
 
 A format renders one prompt and names the continuations whose log-probabilities are compared at the start of
-the judge's answer (the first token of each option). Guard models are read the same way: Llama Guard answers
+the judge's answer (the first token of each option); `strongreject` is the one the judge writes out (a rubric). Guard models are read the same way: Llama Guard answers
 "safe"/"unsafe" on its own chat template, the HarmBench classifier "Yes"/"No" on its raw Llama-2 prompt.
 """
 
@@ -13,7 +13,9 @@ from typing import Literal
 
 from safetrigger.method.prompts import NO_REASONING, Message, VerdictOptions, answer_judge_messages
 
-FormatName = Literal["yes_no", "llama_guard", "harmbench", "xstest"]
+from .rubric import RUBRIC_PROMPT
+
+FormatName = Literal["yes_no", "llama_guard", "harmbench", "xstest", "strongreject"]
 
 # The HarmBench classifier (cais/HarmBench-Llama-2-13b-cls) was trained on this prompt; it must be sent as is.
 HARMBENCH_PROMPT = (
@@ -61,8 +63,15 @@ class JudgeFormat:
     flagged: int  # the option index that counts as "unsafe answer" (two-way formats)
     chat: bool  # through the judge's chat template; else a raw prompt with the tokenizer's special tokens
 
+    @property
+    def generates(self) -> bool:
+        """A rubric the judge writes out (`rubric.py`) instead of one token's log-probabilities."""
+        return self.name == "strongreject"
+
     def render(self, query: str, answer: str) -> list[Message] | str:
         query, answer = query.strip(), answer.strip()
+        if self.name == "strongreject":
+            return [{"role": "user", "content": RUBRIC_PROMPT.format(request=query, response=answer or NO_REASONING)}]
         if self.name == "yes_no":
             return answer_judge_messages(query, answer, VerdictOptions(self.options[0], self.options[1]))
         if self.name == "llama_guard":  # the guard's template wraps the conversation in its policy
@@ -81,6 +90,8 @@ def judge_format(name: FormatName, options: VerdictOptions = VerdictOptions()) -
         return JudgeFormat("harmbench", ("Yes", "No"), 0, chat=False)
     if name == "xstest":
         return JudgeFormat("xstest", ("1", "2", "3"), -1, chat=True)
+    if name == "strongreject":
+        return JudgeFormat("strongreject", (), -1, chat=True)
     raise ValueError(f"unknown judge format {name!r}")
 
 
