@@ -118,6 +118,14 @@ def _verdict(kind: str, v: dict[str, Any]) -> Verdict:
     return Verdict(kind, bool(v["resolved"]), float("nan") if mass is None else float(mass))
 
 
+def candidate_order(cfg: RunConfig) -> list[str]:
+    """`eval.candidates` with `st-d` standing for every DPO round's adapter, the latest round first."""
+    from .stages import round_adapter
+
+    rounds = [round_adapter(r) for r in range(cfg.dpo.rounds, 0, -1)]
+    return [a for c in cfg.eval.candidates for a in (rounds if c == "st-d" else [c])]
+
+
 def gate_and_promote(result: EvalResult, models: list[Model], cfg: RunConfig, versions: dict[str, int], report_path: str) -> None:
     """Decide every candidate in preference order; promote the first that passes. Decisions are recorded, promoted
     or not; a candidate that fails leaves the earlier promotion (or the base) in place. A run with its own registry
@@ -129,7 +137,7 @@ def gate_and_promote(result: EvalResult, models: list[Model], cfg: RunConfig, ve
     root = adapters.run_registry(s)
     by_adapter = {adapter: name for name, adapter, _ in models if adapter}
     rules = cfg.eval.gate.rules()
-    for adapter in cfg.eval.candidates:
+    for adapter in candidate_order(cfg):
         name = by_adapter.get(adapter)
         if name is None:
             continue

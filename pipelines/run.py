@@ -23,7 +23,7 @@ from .runtime import (emit_precision, init_ray, precision_report, set_threads, w
                       with_serving_dtype)
 from .progress_log import recording, say, teed
 from .stage_store import stage_key
-from .stages import EVALUATED, QUERIES, main_graph
+from .stages import QUERIES, adapter_stages, evaluated, main_graph, round_adapter, round_suffix
 from .tracking import Tracker, model_card
 
 
@@ -147,6 +147,10 @@ def _run(cfg: RunConfig, out: Path, emit, endpoint, until: str | None = None) ->
         "sft": _value(results, "sft-adapter"),
         "dpo_pairs": _value(results, "dpo-pairs", "stats"),
         "dpo": _value(results, "dpo-adapter"),
+        # every DPO round (dpo.rounds), round 1 included: its pairs and their mix, and the adapter it trained
+        "dpo_rounds": [{"round": r, "pairs": _value(results, f"dpo-pairs{round_suffix(r)}", "stats"),
+                        "adapter": _value(results, f"dpo-adapter{round_suffix(r)}")}
+                       for r in range(1, cfg.dpo.rounds + 1)],
         "awareness": tables["awareness"],
         "trigger": tables["trigger"],
         "report": report,
@@ -183,8 +187,9 @@ def _track_evaluation(tracker: Tracker, cfg: RunConfig, out: Path, keys: dict[st
     if report:
         data = json.loads(Path(report["metrics"]).read_text())
         decisions = {d["candidate"]: d for d in report.get("decisions", [])}
-        for adapter, stage in (("st-s", "sft-adapter"), ("st-d", "dpo-adapter")):
-            if summary["sft" if adapter == "st-s" else "dpo"]:
+        trained = {"st-s": summary["sft"], **{round_adapter(x["round"]): x["adapter"] for x in summary["dpo_rounds"]}}
+        for adapter, stage in adapter_stages(cfg):
+            if trained.get(adapter):
                 cards[adapter] = model_card(adapter, cfg, keys[stage], data, summary, decisions.get(adapter))
                 (out / f"{stage}-{keys[stage]}.card.md").write_text(cards[adapter])
         tracker.evaluation(Path(report["metrics"]), Path(report["html"]).parent, report.get("decisions", []),
@@ -220,10 +225,12 @@ def _tables(job: Job, results: dict[str, Any], data_line: str = "") -> dict[str,
 
     table = awareness_table(results["judge"])
     text = format_table(table, f"{job.cfg.model.source} (all splits)")
-    triggers = [row for name, _, stage in EVALUATED for row in trigger_rows(name, _answers(results, stage))]
+    triggers = [row for name, _, stage in evaluated(job.cfg) for row in trigger_rows(name, _answers(results, stage))]
     trigger_text = format_trigger_table(triggers)
-    pair_stats = _value(results, "dpo-pairs", "stats")
-    pair_text = format_pair_table(pair_stats) if pair_stats else ""
+    rounds = job.cfg.dpo.rounds
+    pair_text = "\n\n".join(
+        (f"DPO round {r}:\n\n" if rounds > 1 else "") + format_pair_table(stats)
+        for r in range(1, rounds + 1) if (stats := _value(results, f"dpo-pairs{round_suffix(r)}", "stats")))
     selection_text = format_selection_table(_value(results, "sft-data", "stats"))
     markdown = "\n\n".join(x for x in (data_line, text, trigger_text, selection_text, pair_text) if x)
     (job.out / "awareness.md").write_text(markdown + "\n")
@@ -247,12 +254,12 @@ def _evaluate_and_report(job: Job, results: dict[str, Any], awareness_md: str) -
     from .report import write_report
 
     cfg = job.cfg
-    models = [(name, adapter, _answers(results, stage)) for name, adapter, stage in EVALUATED
+    models = [(name, adapter, _answers(results, stage)) for name, adapter, stage in evaluated(cfg)
               if name == "base" or _answers(results, stage)]
     verdicts = {name: rows for name, rows in results.items() if name.startswith("eval-judge-") and isinstance(rows, list)}
     result = evaluate(models, verdicts, {q.id: q for q in job.queries}, cfg, job.model_path)
     report_dir = job.out / REPORT_DIR
-    versions = {adapter: _value(results, stage).get("version") for adapter, stage in (("st-s", "sft-adapter"), ("st-d", "dpo-adapter"))}
+    versions = {adapter: _value(results, stage).get("version") for adapter, stage in adapter_stages(cfg)}
     gate_and_promote(result, models, cfg, {k: v for k, v in versions.items() if v}, str((report_dir / REPORT_HTML).resolve()))
     for d in result.decisions:
         job.emit(f"[gate] {d.candidate}: {'PASS' if d.promote else 'rejected'}" + "".join(f"\n  - {r}" for r in d.reasons))

@@ -21,6 +21,36 @@ Results = dict[str, Any]
 EVALUATED = (("base", "", "generate"), ("ST-S", "st-s", "eval-st-s"), ("ST-D", "st-d", "eval-st-d"))
 
 
+def round_suffix(r: int) -> str:
+    """DPO round r's stage names: round 1's as they always were (`dpo-adapter`), later ones `-r<r>`."""
+    return "" if r == 1 else f"-r{r}"
+
+
+def round_adapter(r: int) -> str:
+    return "st-d" + round_suffix(r)
+
+
+def evaluated(cfg: RunConfig | None) -> list[tuple[str, str, str]]:
+    """EVALUATED, then ST-D of every later DPO round (`dpo.rounds`)."""
+    rounds = cfg.dpo.rounds if cfg is not None else 1
+    return [*EVALUATED, *((f"ST-D r{r}", round_adapter(r), f"eval-st-d{round_suffix(r)}") for r in range(2, rounds + 1))]
+
+
+def adapter_stages(cfg: RunConfig | None) -> list[tuple[str, str]]:
+    """(adapter, the stage that trains and publishes it), in training order."""
+    rounds = cfg.dpo.rounds if cfg is not None else 1
+    return [("st-s", "sft-adapter"), *((round_adapter(r), f"dpo-adapter{round_suffix(r)}") for r in range(1, rounds + 1))]
+
+
+def dpo_round_pool(queries: list, r: int, rounds: int) -> list:
+    """Round r's share of the dpo split: each round samples queries no earlier round saw (by the split key's
+    hash, so an attack and its plain request stay in one round)."""
+    from safetrigger.method.records import stable_hash
+
+    pool = [q for q in queries if q.split == "dpo"]
+    return pool if rounds == 1 else [q for q in pool if stable_hash(q.split_key, "dpo-round") % rounds == r - 1]
+
+
 def _generate(job: Job, r: Results, store) -> list[dict[str, Any]]:
     from .generate import run_generate
 
@@ -78,44 +108,62 @@ def _eval_answers(adapter: str):
     return run
 
 
-def _dpo_sample(job: Job, r: Results, store) -> list[dict[str, Any]] | Skip:
-    from .sample import run_sample
+def _dpo_sample(rnd: int):
+    def run(job: Job, r: Results, store) -> list[dict[str, Any]] | Skip:
+        from .sample import run_sample
 
-    pool = [q for q in r[QUERIES] if q.split == "dpo"]
-    if not job.cfg.dpo.enabled:
-        return Skip("dpo.enabled is false")
-    if not pool:
-        return Skip(f"no queries of kinds {job.cfg.data.dpo_kinds} in the dpo split: ST-D not trained")
-    return run_sample(pool, job.policy(), job.cfg, store, adapter="st-s")
+        if not job.cfg.dpo.enabled:
+            return Skip("dpo.enabled is false")
+        pool = dpo_round_pool(r[QUERIES], rnd, job.cfg.dpo.rounds)
+        if not pool:
+            return Skip(f"no queries of kinds {job.cfg.data.dpo_kinds} in round {rnd}'s share of the dpo split: "
+                        f"{round_adapter(rnd)} not trained")
+        return run_sample(pool, job.policy(), job.cfg, store, adapter="st-s" if rnd == 1 else round_adapter(rnd - 1))
 
-
-def _dpo_judge(job: Job, r: Results, store) -> list[dict[str, Any]]:
-    from .answer_judge import run_answer_judge
-
-    return run_answer_judge(r["dpo-sample"], job.policy(), job.cfg, store)
+    return run
 
 
-def _dpo_pairs(job: Job, r: Results, path: Path) -> dict[str, Any]:
-    from .dpo_data import build_dpo_pairs, format_pair_table
-    from .sft_data import write_jsonl
+def _dpo_judge(rnd: int):
+    def run(job: Job, r: Results, store) -> list[dict[str, Any]]:
+        from .answer_judge import run_answer_judge
 
-    pairs, stats = build_dpo_pairs(r["dpo-sample"], r["dpo-judge"], job.cfg, job.model_path)
-    write_jsonl(path, pairs)
-    job.emit(f"[dpo-pairs] {len(pairs)} pairs -> {path}\n\n{format_pair_table(stats)}\n")
-    return {"path": str(path), "pairs": len(pairs), "stats": stats}
+        return run_answer_judge(r[f"dpo-sample{round_suffix(rnd)}"], job.policy(), job.cfg, store)
+
+    return run
 
 
-def _train_st_d(job: Job, r: Results, adapter_dir: Path) -> dict[str, Any] | Skip:
-    from .runtime import init_ray
-    from .train.dpo import train_dpo
+def _dpo_pairs(rnd: int):
+    def run(job: Job, r: Results, path: Path) -> dict[str, Any]:
+        from .dpo_data import build_dpo_pairs, format_pair_table
+        from .sft_data import write_jsonl
 
-    pairs = r["dpo-pairs"]
-    if not pairs["pairs"]:
-        return Skip("no pair passed delta and max_length: ST-D not trained")
-    init_ray(job.cfg)
-    job.emit(f"[st-d] DPO on {pairs['pairs']} pairs, {job.cfg.dpo.num_workers} Ray Train worker(s)")
-    return train_dpo(pairs["path"], job.model_path, r["sft-adapter"]["dir"], adapter_dir, job.cfg,
-                     name=adapter_dir.name.replace("-adapter", ""), emit=job.emit, on_step=_steps(job, "dpo-adapter"))
+        x = round_suffix(rnd)
+        pairs, stats = build_dpo_pairs(r[f"dpo-sample{x}"], r[f"dpo-judge{x}"], job.cfg, job.model_path)
+        write_jsonl(path, pairs)
+        job.emit(f"[dpo-pairs{x}] {len(pairs)} pairs -> {path}\n\n{format_pair_table(stats)}\n")
+        return {"path": str(path), "pairs": len(pairs), "stats": stats}
+
+    return run
+
+
+def _train_st_d(rnd: int):
+    def run(job: Job, r: Results, adapter_dir: Path) -> dict[str, Any] | Skip:
+        from .runtime import init_ray
+        from .train.dpo import train_dpo
+
+        x = round_suffix(rnd)
+        pairs = r[f"dpo-pairs{x}"]
+        if not pairs["pairs"]:
+            return Skip(f"no pair passed delta and max_length: {round_adapter(rnd)} not trained")
+        start = r["sft-adapter"] if rnd == 1 else r[f"dpo-adapter{round_suffix(rnd - 1)}"]
+        init_ray(job.cfg)
+        job.emit(f"[{round_adapter(rnd)}] DPO on {pairs['pairs']} pairs from {'ST-S' if rnd == 1 else round_adapter(rnd - 1)}, "
+                 f"{job.cfg.dpo.num_workers} Ray Train worker(s)")
+        return train_dpo(pairs["path"], job.model_path, start["dir"], adapter_dir, job.cfg,
+                         name=adapter_dir.name.replace("-adapter", ""), emit=job.emit,
+                         on_step=_steps(job, f"dpo-adapter{x}"))
+
+    return run
 
 
 def _steps(job: Job, stage: str):
@@ -147,7 +195,6 @@ def _selection_stages(cfg: RunConfig | None) -> tuple[list[Stage], tuple[str, ..
 
 def pipeline_stages(cfg: RunConfig | None = None) -> list[Stage]:
     """Self-generation to ST-D's eval answers. Each key recipe: the stage's config slice and its inputs' keys."""
-    d = lambda c: c.dpo  # noqa: E731
     selection, selected = _selection_stages(cfg)
     return [
         Stage("generate", (QUERIES,), lambda c, k: (
@@ -169,21 +216,37 @@ def pipeline_stages(cfg: RunConfig | None = None) -> list[Stage]:
               publish="st-s", doc="ST-S: SFT on Ray Train, served as policy:st-s"),
         Stage("eval-st-s", ("sft-adapter", "generate"), lambda c, k: ("eval-st-s", k["sft-adapter"], k["generate"]),
               _eval_answers("st-s"), doc="ST-S answers the eval split"),
-        Stage("dpo-sample", ("sft-adapter", QUERIES), lambda c, k: (
-            "dpo-sample", k["sft-adapter"], k[QUERIES], d(c).num_samples, d(c).temperature, d(c).top_p,
-            d(c).max_tokens, d(c).seed), _dpo_sample, doc="ST-S samples k answers per held-apart query"),
-        Stage("dpo-judge", ("dpo-sample",), lambda c, k: ("dpo-judge", k["dpo-sample"], d(c).judge.key_fields()),
-              _dpo_judge, doc="F_safe of every sample"),
-        Stage("dpo-pairs", ("dpo-sample", "dpo-judge"), lambda c, k: (
-            "dpo-pairs", k["dpo-judge"], d(c).w_a, d(c).w_b, d(c).w_c, d(c).delta, d(c).max_length,
-            *(() if d(c).rejected == "worst" else (d(c).rejected,))), _dpo_pairs,
+        *_dpo_round_stages(1),
+        *(st for rnd in range(2, (cfg.dpo.rounds if cfg is not None else 1) + 1) for st in _dpo_round_stages(rnd)),
+    ]
+
+
+def _dpo_round_stages(rnd: int) -> list[Stage]:
+    """One DPO round: sample from the previous adapter (ST-S for round 1), judge, pair, train on from it, answer
+    the eval split. Round 1's names and keys are those of the single DPO step before rounds existed; with more
+    than one round its pool is its share of the dpo split, which its sampling key says."""
+    d = lambda c: c.dpo  # noqa: E731
+    x, prev = round_suffix(rnd), "sft-adapter" if rnd == 1 else f"dpo-adapter{round_suffix(rnd - 1)}"
+    share = lambda c: () if c.dpo.rounds == 1 else (("round", rnd, c.dpo.rounds),)  # noqa: E731
+    return [
+        Stage(f"dpo-sample{x}", (prev, QUERIES), lambda c, k: (
+            "dpo-sample", k[prev], k[QUERIES], d(c).num_samples, d(c).temperature, d(c).top_p,
+            d(c).max_tokens, d(c).seed, *share(c)), _dpo_sample(rnd),
+            doc=f"{'ST-S' if rnd == 1 else round_adapter(rnd - 1)} samples k answers per held-apart query"),
+        Stage(f"dpo-judge{x}", (f"dpo-sample{x}",), lambda c, k: ("dpo-judge", k[f"dpo-sample{x}"], d(c).judge.key_fields()),
+              _dpo_judge(rnd), doc="F_safe of every sample"),
+        Stage(f"dpo-pairs{x}", (f"dpo-sample{x}", f"dpo-judge{x}"), lambda c, k: (
+            "dpo-pairs", k[f"dpo-judge{x}"], d(c).w_a, d(c).w_b, d(c).w_c, d(c).delta, d(c).max_length,
+            *(() if d(c).rejected == "worst" else (d(c).rejected,))), _dpo_pairs(rnd),
               output="jsonl", doc="chosen/rejected by the method's reward"),
-        Stage("dpo-adapter", ("dpo-pairs", "sft-adapter"), lambda c, k: (
-            "dpo", k["dpo-pairs"], {f: v for f, v in d(c).key_fields().items() if f not in ("judge", "enabled", "rejected")}),
-              _train_st_d, output="adapter",
-              publish="st-d", doc="ST-D: DPO on Ray Train from ST-S, served as policy:st-d"),
-        Stage("eval-st-d", ("dpo-adapter", "generate"), lambda c, k: ("eval-st-d", k["dpo-adapter"], k["generate"]),
-              _eval_answers("st-d"), doc="ST-D answers the eval split"),
+        Stage(f"dpo-adapter{x}", (f"dpo-pairs{x}", prev), lambda c, k: (
+            "dpo", k[f"dpo-pairs{x}"], {f: v for f, v in d(c).key_fields().items() if f not in ("judge", "enabled", "rejected")},
+            *(() if rnd == 1 else (k[prev],))),
+              _train_st_d(rnd), output="adapter", publish=round_adapter(rnd),
+              doc=(f"ST-D: DPO on Ray Train from ST-S, served as policy:st-d" if rnd == 1 else
+                   f"DPO round {rnd} from {round_adapter(rnd - 1)}, served as policy:{round_adapter(rnd)}")),
+        Stage(f"eval-st-d{x}", (f"dpo-adapter{x}", "generate"), lambda c, k: (f"eval-st-d{x}", k[f"dpo-adapter{x}"], k["generate"]),
+              _eval_answers(round_adapter(rnd)), doc=f"{'ST-D' if rnd == 1 else round_adapter(rnd)} answers the eval split"),
     ]
 
 
@@ -211,7 +274,7 @@ def eval_judge_stages(cfg: RunConfig) -> list[Stage]:
     """One stage per evaluated model and model judge (refusal match needs no stage); judges read the final answer
     only, always with the base weights, so base and candidates are judged alike."""
     stages = []
-    for model, adapter, answers in EVALUATED:
+    for model, adapter, answers in evaluated(cfg):
         for j in [j for j in cfg.eval.judges if j.type != "refusal"]:
             stages.append(Stage(judge_stage_name(j, adapter), (answers, QUERIES), lambda c, k, a=answers, j=j: (
                 "eval-judge", k[a], j.key_fields(), c.model.max_model_len), _judge_run(model, adapter, answers, j, False),

@@ -72,7 +72,7 @@ def model_card(adapter: str, cfg: RunConfig, key: str, data: dict[str, Any], sum
                decision: dict[str, Any] | None) -> str:
     """A Markdown card for one adapter version: what it was trained from and how, what it measured, and the
     gate's word on it."""
-    display = {"st-s": "ST-S", "st-d": "ST-D"}.get(adapter, adapter)
+    display = {"st-s": "ST-S", "st-d": "ST-D"}.get(adapter) or adapter.replace("st-d-r", "ST-D r")
     changes = [c for c in data.get("comparisons", {}).get(display, []) if c["judge"] in (cfg.eval.gate.judge, "refusal", "exact_match")]
     lines = [f"# {cfg.model.served_name}-{adapter} ({display})", "",
              f"- base model: `{cfg.model.source}`", f"- run: `{cfg.name}`, stage key `{key}`",

@@ -275,7 +275,7 @@ class AnswerJudgeConfig(_Strict):
     def key_fields(self) -> dict[str, Any]:
         """What a judge stage's key hashes: every field, and `base_url` as earlier runs had it (None: a judge was
         reached over HTTP until the policy app lost its route), so their finished stages are reused."""
-        generating = {} if self.format == "strongreject" else {"max_judge_tokens"}  # keys from before it existed
+        generating = set() if self.format == "strongreject" else {"max_judge_tokens"}  # keys from before it existed
         return {**self.model_dump(exclude=generating), "base_url": None}
 
     def judge_format(self):
@@ -457,6 +457,13 @@ class DPOConfig(TrainSettings):
     beta: float = Field(0.1, gt=0)
     loss_type: str = "sigmoid"
     learning_rate: float = Field(5e-6, gt=0)
+    # On-policy iterative DPO: round r (2..rounds) samples from round r-1's adapter on its own share of the dpo
+    # split (fresh queries each round), pairs, and trains on from that adapter with it as the reference; each
+    # round is published (`st-d-r<r>`; round 1 is `st-d`), evaluated and offered to the gate, the latest first.
+    rounds: int = Field(1, ge=1, le=4)
+
+    def key_fields(self) -> dict:
+        return {k: v for k, v in super().key_fields().items() if k != "rounds"}  # round 1 keeps its earlier keys
 
     @model_validator(mode="after")
     def _weights(self) -> "DPOConfig":

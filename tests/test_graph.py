@@ -169,3 +169,34 @@ def test_until_runs_a_stage_and_only_what_it_reads():
     assert [s.name for s in upstream_of(graph, "dpo-adapter")] == [n for n in order if n in dpo]  # declaration order
     with pytest.raises(UnknownStageError, match="no stage 'sft'.*generate, judge"):
         upstream_of(graph, "sft")
+
+
+def test_dpo_rounds_chain_each_round_on_the_last_and_leave_round_one_alone():
+    from pipelines.evaluate import candidate_order
+    from pipelines.stages import dpo_round_pool, evaluated
+
+    cfg = _cfg()
+    two = cfg.model_copy(update={"dpo": cfg.dpo.model_copy(update={"rounds": 3})})
+    names = [s.name for s in main_graph(two)]
+    assert [n for n in names if n.endswith("-r3")] == ["dpo-sample-r3", "dpo-judge-r3", "dpo-pairs-r3",
+                                                       "dpo-adapter-r3", "eval-st-d-r3", "eval-judge-self-st-d-r3"]
+    by = {s.name: s for s in main_graph(two)}
+    assert by["dpo-sample-r2"].inputs[0] == "dpo-adapter" and by["dpo-adapter-r3"].inputs == ("dpo-pairs-r3", "dpo-adapter-r2")
+    assert by["dpo-adapter-r2"].publish == "st-d-r2"
+    assert [m for m, *_ in evaluated(two)] == ["base", "ST-S", "ST-D", "ST-D r2", "ST-D r3"]
+    assert candidate_order(two) == ["st-d-r3", "st-d-r2", "st-d", "st-s"]
+    one, three = compute_keys(main_graph(cfg), cfg, {QUERIES: "q"}), compute_keys(main_graph(two), two, {QUERIES: "q"})
+    same = {n for n in one if one[n] == three.get(n)}
+    # everything before DPO keeps its key; round 1's sampling now covers only its share, so it and its readers move
+    assert {"generate", "judge", "review", "sft-adapter", "eval-st-s"} <= same and "dpo-sample" not in same
+
+    from safetrigger.method import Query
+
+    qs = [Query(id=f"q{i}", kind="jailbreak", label="unsafe", prompt=f"p{i}", source="s", split_key=f"goal {i // 2}",
+                split="dpo") for i in range(60)]
+    shares = [dpo_round_pool(qs, r, 3) for r in (1, 2, 3)]
+    assert all(shares) and sorted(q.id for sh in shares for q in sh) == sorted(q.id for q in qs)  # disjoint, all
+    for sh in shares:  # an attack and its plain request in one round
+        assert all(any(o.split_key == q.split_key for o in sh) for q in qs if q in sh)
+    assert {q.split_key for q in shares[0]}.isdisjoint({q.split_key for q in shares[1]})
+    assert dpo_round_pool(qs, 1, 1) == qs

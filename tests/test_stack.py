@@ -525,6 +525,31 @@ def test_main_job_on_the_running_policy(stack, capsys):
     assert again["awareness"] == summary["awareness"]
 
 
+def test_a_second_dpo_round_samples_from_st_d_and_trains_on_from_it(stack, capsys):
+    """`dpo.rounds: 2` on the main job's run directory: what SFT built is reused, round 1 samples its share of the
+    dpo split from ST-S, round 2 the other share from round 1's adapter, trains on from it, is published as
+    st-d-r2 and answers the eval split; the shares are disjoint and cover the split."""
+    cfg, ep, tmp = stack
+    cfg2 = cfg.model_copy(update={"dpo": cfg.dpo.model_copy(update={"rounds": 2})})
+    summary = run(cfg2, endpoint=ep, until="eval-st-d-r2")
+    out = capsys.readouterr().out
+    assert "[sft-adapter] finished earlier" in out and "[generate] finished earlier" in out  # reused, not redone
+    queries = {q.id: q for q in load_all(cfg.data)}
+    dpo_ids = {i for i, q in queries.items() if q.split == "dpo"}
+    s1, s2 = (StageStore(summary["stages"][k]).read() for k in ("dpo_sample", "dpo_sample_r2"))
+    ids1, ids2 = {r["query_id"] for r in s1}, {r["query_id"] for r in s2}
+    assert ids1 and ids2 and not ids1 & ids2 and ids1 | ids2 == dpo_ids
+    assert {r["adapter"] for r in s1} == {"st-s"} and {r["adapter"] for r in s2} == {"st-d"}
+    from services import adapters
+
+    assert adapters.current(cfg.serving.adapter_root, "st-d-r2")[0] >= 1
+    r2 = StageStore(summary["stages"]["eval_st_d_r2"]).read()
+    eval_ids = {i for i, q in queries.items() if q.split == "eval"}
+    assert {r["query_id"] for r in r2} == eval_ids and {r["adapter"] for r in r2} == {"st-d-r2"}
+    assert [x["round"] for x in summary["dpo_rounds"]] == [1, 2] and summary["dpo_rounds"][1]["adapter"]["version"]
+    assert "[st-d-r2] DPO on" in out and "from st-d" in out
+
+
 def test_killed_stage_resumes_without_losing_or_duplicating_rows(stack, tmp_path):
     """`safe-trigger run --until generate` attached to the running policy, SIGKILLed mid-generation, then run again."""
     import os

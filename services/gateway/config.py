@@ -65,6 +65,7 @@ class JobPolicy(_Strict):
     max_new_tokens: int = Field(4096, ge=16)  # generation, review and DPO sampling
     max_dpo_samples: int = Field(16, ge=2)
     max_review_candidates: int = Field(4, ge=1)  # self-selected answers: reviews sampled per query
+    max_dpo_rounds: int = Field(2, ge=1)  # iterative DPO: each round samples, trains and evaluates again
     max_bootstrap_samples: int = Field(20_000, ge=100)
     judges: list[JudgeDeployment] = Field(default_factory=list)  # the only deployment judges a job may name
     hf_datasets: list[str] = Field(default_factory=list)  # the only hub datasets a `type: hf` source may name

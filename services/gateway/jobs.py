@@ -123,6 +123,7 @@ def within_policy(run: RunConfig, policy: JobPolicy) -> None:
               ("dpo.max_tokens", run.dpo.max_tokens, policy.max_new_tokens),
               ("dpo.num_samples", run.dpo.num_samples, policy.max_dpo_samples),
               ("review.candidates", run.review.candidates, policy.max_review_candidates),
+              ("dpo.rounds", run.dpo.rounds, policy.max_dpo_rounds),
               ("eval.bootstrap_samples", run.eval.bootstrap_samples, policy.max_bootstrap_samples)]
     for name, value, most in bounds:
         if value > most:
