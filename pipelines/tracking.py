@@ -133,7 +133,9 @@ class Tracker:
         if exp is None:  # a local store keeps its artifacts beside its database; a server decides for itself
             db = self.uri.removeprefix("sqlite:///")
             local = str(Path(db).parent / "mlruns") if self.uri.startswith("sqlite:///") else None
-            exp_id = client.create_experiment(t.experiment, artifact_location=local)
+            # the UI opens an experiment of this kind on its training-runs view (MLflow 3 defaults to GenAI traces)
+            exp_id = client.create_experiment(t.experiment, artifact_location=local,
+                                              tags={"mlflow.experimentKind": "custom_model_development"})
         else:
             exp_id = exp.experiment_id
         own = {"safe_trigger.output_dir": str(self.out), "safe_trigger.model": self.cfg.model.source,

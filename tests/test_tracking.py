@@ -49,6 +49,7 @@ def test_a_main_jobs_tracking_run_holds_what_people_compare(tmp_path):
     client = MlflowClient(tracking_uri=tracker.uri, registry_uri=tracker.uri)
     assert tracker.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"  # beside the run: runs of other configs join it
     exp = client.get_experiment_by_name("safe-trigger")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on its training runs
     runs = client.search_runs([exp.experiment_id])
     parent = next(r for r in runs if r.info.run_name == "demo")
     assert parent.info.status == "FINISHED"
