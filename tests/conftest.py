@@ -85,3 +85,35 @@ def stream_text(base, path, body, key):
     choices = [c["choices"][0] for c in chunks if c.get("choices")]
     text = "".join(ch.get("text") or (ch.get("delta") or {}).get("content") or "" for ch in choices)
     return text, choices[-1]
+
+
+def sft_examples(path: Path, model_path: str, n: int = 16, answer=lambda i: f"It is {i}.") -> Path:
+    """`n` prompt/completion SFT examples on the model's own chat template, one JSON line each."""
+    import json
+
+    from pipelines.chat import load_tokenizer, prompt_completion_text
+
+    tok = load_tokenizer(model_path)
+    with path.open("w") as f:
+        for i in range(n):
+            prompt, completion = prompt_completion_text(tok, [{"role": "user", "content": f"question {i}"}],
+                                                        f"Thinking {i}.\n\n{answer(i)}")
+            f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    return path
+
+
+def wait_for_a_registered_checkpoint(out_dir: Path, name: str, step: int, timeout_s: float = 600) -> bool:
+    """Until rank 0 of Ray Train run `name` logged `step` and the controller registered a checkpoint: a fault
+    before that restarts the group from scratch (measured: steps 1-3, then 1-6 again, no resume)."""
+    import json
+    import time
+
+    steps = out_dir / f".{name}.progress"  # rank 0 appends a line per step at once (the driver's lines lag)
+    registered = out_dir / "ray-train" / name / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = [json.loads(x).get("step", 0) for x in steps.read_text().splitlines()] if steps.is_file() else []
+        if max(done, default=0) >= step and registered.is_file():
+            return True
+        time.sleep(0.05)
+    return False

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from safetrigger.config import REPO_ROOT
+from tests.conftest import sft_examples, wait_for_a_registered_checkpoint
 
 pytestmark = pytest.mark.stack
 
@@ -150,7 +151,6 @@ def test_a_node_lost_mid_sft_resumes_on_the_node_left(cluster, data_root):
     import torch
     from safetensors.torch import load_file
 
-    from pipelines.chat import load_tokenizer, prompt_completion_text
     from pipelines.train.sft import train_sft
     from safetrigger.config import RunConfig
     from safetrigger.model_cache import resolve_model
@@ -164,27 +164,16 @@ def test_a_node_lost_mid_sft_resumes_on_the_node_left(cluster, data_root):
                 "learning_rate": 1e-3, "checkpoint_every_steps": 2, "max_failures": 1, "placement_strategy": "SPREAD"},
     })
     model_path = resolve_model(cfg.model.source)
-    tok = load_tokenizer(model_path)
-    data = tmp / "node-loss.jsonl"
-    with data.open("w") as f:
-        for i in range(16):
-            prompt, completion = prompt_completion_text(tok, [{"role": "user", "content": f"question {i}"}],
-                                                        f"Thinking {i}.\n\nIt is {i}.")
-            f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    data = sft_examples(tmp / "node-loss.jsonl", model_path)
     worker_raylet = [p for p in psutil.process_iter(["name", "cmdline"])
                      if p.info["name"] == "raylet" and "--min_worker_port=21000" in (p.info["cmdline"] or [])]
     assert len(worker_raylet) == 1, "the worker node's raylet was not found"
     lines, stopped = [], []
 
     def stop_the_worker_node_after_step_3() -> None:
-        steps = tmp / "node-loss" / ".faulted.progress"
-        registered = tmp / "node-loss" / "ray-train" / "faulted" / "checkpoint_manager_snapshot.json"
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            done = [json.loads(x).get("step", 0) for x in steps.read_text().splitlines()] if steps.is_file() else []
-            if max(done, default=0) >= 3 and registered.is_file():
-                break
-            time.sleep(0.05)
+        if not wait_for_a_registered_checkpoint(tmp / "node-loss", "faulted", 3):
+            lines.append("TEST: no step-3 checkpoint was registered in time")
+            return
         raylet = worker_raylet[0]
         doomed = [raylet, *raylet.children(recursive=True)]
         titles = []

@@ -12,6 +12,7 @@ from services.adapters import ADAPTER_FILES
 from safetrigger.config import RunConfig
 from safetrigger.method import render_safe_block
 from safetrigger.model_cache import resolve_model
+from tests.conftest import sft_examples, wait_for_a_registered_checkpoint
 
 pytestmark = pytest.mark.stack
 
@@ -88,7 +89,6 @@ def test_a_worker_killed_mid_sft_resumes_from_its_checkpoint_to_the_same_adapter
     import os
     import signal
     import threading
-    import time
 
     import psutil
     import ray
@@ -103,30 +103,14 @@ def test_a_worker_killed_mid_sft_resumes_from_its_checkpoint_to_the_same_adapter
                 "learning_rate": 1e-3, "checkpoint_every_steps": 2, "max_failures": 1},
     })
     model_path = resolve_model(cfg.model.source)
-    tok = load_tokenizer(model_path)
-    data = tmp_path / "sft.jsonl"
-    with data.open("w") as f:
-        for i in range(16):
-            prompt, completion = prompt_completion_text(tok, [{"role": "user", "content": f"question {i}"}],
-                                                        f"Thinking {i}.\n\n{REFUSAL if i % 2 else f'It is {i}.'}")
-            f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    data = sft_examples(tmp_path / "sft.jsonl", model_path, answer=lambda i: REFUSAL if i % 2 else f"It is {i}.")
     started_here = not ray.is_initialized()
     init_ray(cfg)
     lines: list[str] = []
     killed: list[int] = []
 
     def kill_a_worker_after_step_3() -> None:
-        # rank 0 appends a line per step to this file at once (the driver's progress lines lag by up to 2 s)
-        steps = tmp_path / ".faulted.progress"
-        # Ray Train's controller writes this once it has registered a reported checkpoint; a worker killed before
-        # that restarts the group from scratch (measured: steps 1-3, then 1-6 again, no resume)
-        registered = tmp_path / "ray-train" / "faulted" / "checkpoint_manager_snapshot.json"
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            done = [json.loads(x).get("step", 0) for x in steps.read_text().splitlines()] if steps.is_file() else []
-            if max(done, default=0) >= 3 and registered.is_file():
-                break
-            time.sleep(0.05)
+        wait_for_a_registered_checkpoint(tmp_path, "faulted", 3)
         # by process title (the state API needs the dashboard, which a plain run does not start)
         workers = sorted(p.pid for p in psutil.process_iter(["cmdline"])
                          if "RayTrainWorker" in " ".join(p.info["cmdline"] or []))
