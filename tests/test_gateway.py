@@ -483,7 +483,9 @@ def test_a_replica_killed_under_a_running_job_is_replaced_and_nothing_is_lost(gw
         refused = [a for a in answers if a[0] != 200]
         assert answers[-1][0] == 200, answers[-5:]
         assert refused and all(code == 503 and after for code, after, _ in refused), refused
-        assert max(s for *_, s in refused) < 15, refused  # refused promptly, not held until a replica is back
+        # refused once Serve's controller sees the replica gone (its health check runs every 10 s), not held until
+        # a new replica is up (the job's own wait below says how long that took)
+        assert max(s for *_, s in refused) < 30, refused
         assert 503 in ready and httpx.get(base + "/readyz", timeout=30).status_code == 200
         gauges = [line for line in httpx.get(base + "/metrics", timeout=30).text.splitlines()
                   if line.startswith("safe_trigger_gateway_in_flight{")]

@@ -636,3 +636,42 @@ def test_a_jobs_tracking_goes_to_the_operators_store_tagged_with_its_key(tmp_pat
     assert confine(_job(data_root), server, "st-0123456789ab", "k1").tracking.uri == "http://mlflow:5000"
     with pytest.raises(RequestError, match="reserved"):
         confine(_job(data_root, tracking={"tags": {"mlflow.parentRunId": "x"}}), gw, "st-0123456789ab", "k1")
+
+
+def test_a_request_waiting_for_a_replica_is_given_up_when_none_runs():
+    """Serve's router holds a request whose replica died until a new one is up; the gateway looks at the replicas
+    while it waits for the first item and answers 503 once none runs (the live case: tests/test_gateway.py)."""
+    from services.gateway.upstream import HandleUpstream, UpstreamError
+
+    class Response:  # a deployment response's async iteration, first item after `delay`
+        def __init__(self, items, delay):
+            self.items, self.delay = items, delay
+
+        async def _gen(self):
+            await asyncio.sleep(self.delay)
+            for i in self.items:
+                yield i
+
+        def __aiter__(self):
+            return self._gen()
+
+    up = HandleUpstream("policy", "PolicyServer:policy")
+    up.STATUS_TTL_S = 0.02
+    looked = []
+
+    async def running():
+        looked.append(1)
+
+    async def none_running():
+        raise UpstreamError(503, "the policy has no running replica", 10)
+
+    async def collect(response):
+        return [x async for x in up._assigned(response)]
+
+    up._check_running = running
+    assert asyncio.run(collect(Response([1, 2, 3], 0.2))) == [1, 2, 3] and looked  # a slow first item is waited for
+    assert asyncio.run(collect(Response([], 0.0))) == []
+    up._check_running = none_running
+    with pytest.raises(UpstreamError) as e:
+        asyncio.run(collect(Response([1], 5.0)))
+    assert e.value.status == 503 and e.value.retry_after == 10

@@ -143,7 +143,7 @@ class HandleUpstream(Upstream):
         response = getattr(self._handle(model), kind).remote(request, None)
         done = False
         try:
-            async for item in response:
+            async for item in self._assigned(response):
                 first = item[0] if isinstance(item, list) and item else item
                 error = getattr(first, "error", None)
                 if error is not None and not isinstance(first, str):
@@ -162,6 +162,25 @@ class HandleUpstream(Upstream):
         finally:
             if not done:
                 response.cancel()
+
+    async def _assigned(self, response) -> AsyncIterator[Any]:
+        """The response's items; while the first is awaited, the policy's replicas are looked at once a second and
+        the request is given up (503) when none runs. Serve's router re-queues a request whose replica died before
+        it started and holds it until a new replica is up (57 s measured), past any client's patience."""
+        items = response.__aiter__()
+        first = asyncio.ensure_future(items.__anext__())
+        try:
+            while not (await asyncio.wait({first}, timeout=self.STATUS_TTL_S))[0]:
+                await self._check_running()
+        except BaseException:
+            first.cancel()
+            raise
+        try:
+            yield first.result()
+        except StopAsyncIteration:
+            return
+        async for item in items:
+            yield item
 
     async def complete(self, kind: Kind, model: str, request: Any) -> dict[str, Any]:
         items = [item async for item in self._items(kind, model, request)]  # one response object when not streamed
