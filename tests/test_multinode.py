@@ -165,9 +165,10 @@ def test_a_node_lost_mid_sft_resumes_on_the_node_left(cluster, data_root):
     })
     model_path = resolve_model(cfg.model.source)
     data = sft_examples(tmp / "node-loss.jsonl", model_path)
-    worker_raylet = [p for p in psutil.process_iter(["name", "cmdline"])
-                     if p.info["name"] == "raylet" and "--min_worker_port=21000" in (p.info["cmdline"] or [])]
-    assert len(worker_raylet) == 1, "the worker node's raylet was not found"
+    [worker] = [n for n in ray.nodes() if n["Alive"] and "node:head-test" not in n["Resources"]]
+    worker_raylet = [p for p in psutil.process_iter(["name", "cmdline"])  # the raylet's command line names its node
+                     if p.info["name"] == "raylet" and f"--node_id={worker['NodeID']}" in (p.info["cmdline"] or [])]
+    assert len(worker_raylet) == 1, f"the worker node's raylet was not found ({worker['NodeID']})"
     lines, stopped = [], []
 
     def stop_the_worker_node_after_step_3() -> None:
