@@ -15,7 +15,6 @@ import pytest
 import yaml
 
 from safetrigger.config import REPO_ROOT
-from tests.conftest import sft_examples, wait_for_a_registered_checkpoint
 
 pytestmark = pytest.mark.stack
 
@@ -137,76 +136,3 @@ def test_pipeline_job_uses_both_nodes(cluster, data_root):
     assert replicas and replicas <= node_ids
     assert trainers == node_ids  # the two Train workers ran on the two nodes
 
-
-@pytest.mark.timeout(900)
-def test_a_node_lost_mid_sft_resumes_on_the_node_left(cluster, data_root):
-    """The worker node is stopped (its raylet and every process under it SIGKILLed, as a lost VM) while one of
-    two Ray Train workers runs there: Ray Train restarts the group on the head, resumes from the last registered
-    checkpoint, and trains to the adapter a run without the fault reaches on the same seed. Runs last: the
-    cluster keeps one node afterwards."""
-    import re
-    import threading
-
-    import ray
-    import torch
-    from safetensors.torch import load_file
-
-    from pipelines.train.sft import train_sft
-    from safetrigger.config import RunConfig
-    from safetrigger.model_cache import resolve_model
-
-    tmp, _, nodes = cluster
-    cfg = RunConfig.model_validate({
-        "data": {"root": str(data_root), "sources": [{"type": "advbench", "path": "advbench.jsonl"}]},
-        "sft_data": {"max_length": 256},
-        # SPREAD, not STRICT: after the loss both workers must fit on the one node left
-        "sft": {"num_workers": 2, "max_steps": 6, "per_device_batch_size": 1, "lora": {"r": 8, "alpha": 16},
-                "learning_rate": 1e-3, "checkpoint_every_steps": 2, "max_failures": 1, "placement_strategy": "SPREAD"},
-    })
-    model_path = resolve_model(cfg.model.source)
-    data = sft_examples(tmp / "node-loss.jsonl", model_path)
-    [worker] = [n for n in ray.nodes() if n["Alive"] and "node:head-test" not in n["Resources"]]
-    worker_raylet = [p for p in psutil.process_iter(["name", "cmdline"])  # the raylet's command line names its node
-                     if p.info["name"] == "raylet" and f"--node_id={worker['NodeID']}" in (p.info["cmdline"] or [])]
-    assert len(worker_raylet) == 1, f"the worker node's raylet was not found ({worker['NodeID']})"
-    lines, stopped = [], []
-
-    def stop_the_worker_node_after_step_3() -> None:
-        if not wait_for_a_registered_checkpoint(tmp / "node-loss", "faulted", 3):
-            lines.append("TEST: no step-3 checkpoint was registered in time")
-            return
-        raylet = worker_raylet[0]
-        doomed = [raylet, *raylet.children(recursive=True)]
-        titles = []
-        for p in doomed:
-            try:
-                titles.append(" ".join(p.cmdline()))
-            except psutil.NoSuchProcess:
-                pass
-        if not any("RayTrainWorker" in t for t in titles):
-            lines.append("TEST: no Ray Train worker ran on the worker node")
-            return
-        for p in doomed:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        stopped.extend(doomed)
-
-    clean = train_sft(data, model_path, tmp / "node-loss" / "clean", cfg, name="clean")
-    stopper = threading.Thread(target=stop_the_worker_node_after_step_3, daemon=True)
-    stopper.start()
-    t = time.monotonic()
-    faulted = train_sft(data, model_path, tmp / "node-loss" / "faulted", cfg, name="faulted", emit=lines.append)
-    took = time.monotonic() - t
-    stopper.join(timeout=5)
-    assert stopped, "the worker node was not stopped:\n" + "\n".join(lines)
-    assert len([n for n in ray.nodes() if n["Alive"]]) == 1  # the node is gone for good
-    resumed = [int(m.group(1)) for ln in lines if (m := re.search(r"resuming from the checkpoint of step (\d+)", ln))]
-    assert resumed and resumed[0] in (2, 4), "\n".join(lines)
-    assert faulted["metrics"]["step"] == clean["metrics"]["step"] == 6
-    a, b = (load_file(tmp / "node-loss" / d / "adapter_model.safetensors") for d in ("clean", "faulted"))
-    assert a.keys() == b.keys()
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), max(float((a[k] - b[k]).abs().max()) for k in a)
-    print(f"[node-loss] worker node stopped ({len(stopped)} processes) after step 3; resumed from step {resumed[0]} "
-          f"on the node left; 6/6 steps in {took:.0f}s; adapter equal to the run without the fault")

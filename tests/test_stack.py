@@ -363,6 +363,7 @@ def test_adapters_hot_load_and_never_serve_stale_weights(stack):
     # a version whose files pass the publish check but that this engine cannot load (rank 128 above its
     # max_lora_rank of 64): the replica keeps serving v2 and says why in the model list
     assert cfg.serving.max_lora_rank < 128
+    assert ask("policy:st") == v2  # the pinned v1 above replaced the version held under the name: v2 again
     assert adapters.publish(cfg.serving.adapter_root, "st", random_adapter(ep.model_path, tmp / "a3", 3, rank=128)) == 3
     assert ask("policy:st") == v2 and ask("policy:st") == v2  # tried once, not on every request
     assert listed("policy:st") == (3, 2)
