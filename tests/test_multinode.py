@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from safetrigger.config import REPO_ROOT
+from tests.conftest import sft_examples, wait_for_a_registered_checkpoint
 
 pytestmark = pytest.mark.stack
 
@@ -88,7 +89,6 @@ def cluster(tmp_path_factory):
 
 @pytest.mark.timeout(1500)
 def test_pipeline_job_uses_both_nodes(cluster, data_root):
-    from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_actors
 
     tmp, env, nodes = cluster
@@ -112,16 +112,7 @@ def test_pipeline_job_uses_both_nodes(cluster, data_root):
     }
     path = tmp / "multinode.yaml"
     path.write_text(yaml.safe_dump(config))
-    client = JobSubmissionClient(f"http://127.0.0.1:{DASHBOARD}")
-    job = client.submit_job(entrypoint=f"{sys.executable} -m apps.cli run {path}",
-                            runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1",
-                                                      "RAY_AUTH_MODE": "disabled"}})
-    deadline = time.monotonic() + 1300
-    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
-        time.sleep(3)
-    logs = client.get_job_logs(job)
-    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-4000:]
+    logs = _run_job(f"{sys.executable} -m apps.cli run {path}", 1300)
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["queries"] == 24 and Path(summary["report"]["html"]).is_file()
@@ -136,3 +127,101 @@ def test_pipeline_job_uses_both_nodes(cluster, data_root):
     assert replicas and replicas <= node_ids
     assert trainers == node_ids  # the two Train workers ran on the two nodes
 
+
+def _run_job(entrypoint: str, timeout_s: float, while_running=None) -> str:
+    """A Ray Job on the test cluster, as a user submits one; its logs once it succeeded (`while_running` is
+    called with the job id right after submission)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(f"http://127.0.0.1:{DASHBOARD}")
+    job = client.submit_job(entrypoint=entrypoint,
+                            runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1",
+                                                      "RAY_AUTH_MODE": "disabled"}})
+    if while_running is not None:
+        while_running(job)
+    deadline = time.monotonic() + timeout_s
+    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
+        time.sleep(2)
+    logs = client.get_job_logs(job)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-4000:]
+    return logs
+
+
+TRAIN = """import json, sys
+from pathlib import Path
+from pipelines.train.sft import train_sft
+from safetrigger.config import RunConfig
+from safetrigger.model_cache import resolve_model
+cfg = RunConfig.model_validate(json.loads(Path(sys.argv[1]).read_text()))
+out = Path(sys.argv[3])
+result = train_sft(sys.argv[2], resolve_model(cfg.model.source), out, cfg, name=out.name, emit=print)
+print("TRAINED", result["metrics"]["step"])
+"""
+
+
+@pytest.mark.timeout(900)
+def test_a_node_lost_mid_sft_resumes_on_the_node_left(cluster, data_root):
+    """The worker node is stopped (its raylet and every process under it SIGKILLed, as a lost VM) while one of
+    two Ray Train workers of an SFT job runs there: Ray Train restarts the group on the head, resumes from the last
+    registered checkpoint, and trains to the adapter a job without the fault reaches on the same seed. Runs last:
+    the cluster keeps one node afterwards."""
+    import re
+
+    import ray
+    import torch
+    from safetensors.torch import load_file
+
+    from safetrigger.config import RunConfig
+    from safetrigger.model_cache import resolve_model
+
+    tmp, _, nodes = cluster
+    cfg = RunConfig.model_validate({
+        "data": {"root": str(data_root), "sources": [{"type": "advbench", "path": "advbench.jsonl"}]},
+        "sft_data": {"max_length": 256},
+        # SPREAD, not STRICT: after the loss both workers must fit on the one node left
+        "sft": {"num_workers": 2, "max_steps": 6, "per_device_batch_size": 1, "lora": {"r": 8, "alpha": 16},
+                "learning_rate": 1e-3, "checkpoint_every_steps": 2, "max_failures": 1, "placement_strategy": "SPREAD"},
+    })
+    work = tmp / "node-loss"
+    work.mkdir()
+    data = sft_examples(work / "sft.jsonl", resolve_model(cfg.model.source))
+    (work / "cfg.json").write_text(cfg.model_dump_json())
+    (work / "train.py").write_text(TRAIN)
+    run = f"{sys.executable} {work / 'train.py'} {work / 'cfg.json'} {data}"
+    [worker] = [n for n in ray.nodes() if n["Alive"] and "node:head-test" not in n["Resources"]]
+    worker_raylet = [p for p in psutil.process_iter(["name", "cmdline"])  # the raylet's command line names its node
+                     if p.info["name"] == "raylet" and f"--node_id={worker['NodeID']}" in (p.info["cmdline"] or [])]
+    assert len(worker_raylet) == 1, f"the worker node's raylet was not found ({worker['NodeID']})"
+    stopped: list = []
+
+    def stop_the_worker_node_after_step_3(job: str) -> None:
+        assert wait_for_a_registered_checkpoint(work, "faulted", 3), "no step-3 checkpoint was registered in time"
+        doomed = [worker_raylet[0], *worker_raylet[0].children(recursive=True)]
+        titles = []
+        for p in doomed:
+            try:
+                titles.append(" ".join(p.cmdline()))
+            except psutil.NoSuchProcess:
+                pass
+        assert any("RayTrainWorker" in t for t in titles), "no Ray Train worker ran on the worker node"
+        for p in doomed:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        stopped.extend(doomed)
+
+    clean = _run_job(f"{run} {work / 'clean'}", 600)
+    t = time.monotonic()
+    faulted = _run_job(f"{run} {work / 'faulted'}", 600, stop_the_worker_node_after_step_3)
+    took = time.monotonic() - t
+    assert stopped and len([n for n in ray.nodes() if n["Alive"]]) == 1  # the node is gone for good
+    resumed = [int(m.group(1)) for m in re.finditer(r"resuming from the checkpoint of step (\d+)", faulted)]
+    assert resumed and resumed[0] in (2, 4), faulted[-3000:]
+    assert "TRAINED 6" in clean and "TRAINED 6" in faulted
+    a, b = (load_file(work / d / "adapter_model.safetensors") for d in ("clean", "faulted"))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"[node-loss] worker node stopped ({len(stopped)} processes) after step 3; resumed from step {resumed[0]} "
+          f"on the node left; 6/6 steps in {took:.0f}s; adapter equal to the run without the fault")
