@@ -75,15 +75,15 @@ def run_through_policy(
     total = total if total is not None else len(rows)
     progress = Progress(stage, total, already=total - len(rows), slow_tokens_per_s=slow_tokens_per_s,
                         live=sys.stdout.isatty())
-    pending, losses, committed = rows, 0, [0]
+    pending, losses = rows, 0
     with progress.heartbeat():
         while True:
             try:
                 by_handle = fanout == "handle" or fanout == "auto" and len(pending) <= AUTO_HANDLE_MAX_ROWS
                 results = (_by_handle(pending, endpoint, preprocess, postprocess, in_flight=batch_size * concurrency)
                            if by_handle else _by_ray_data(pending, endpoint, preprocess, postprocess, batch_size, concurrency))
-                _commit_all(results, store, progress, chunk_rows, committed)
-                return committed[0]
+                # rows committed by earlier attempts, then this one's
+                return len(rows) - len(pending) + _commit_all(results, store, progress, chunk_rows)
             except Exception as e:
                 lost = replica_loss(e)
                 if lost is None or any(store.id_column not in r for r in pending):
@@ -103,12 +103,14 @@ def run_through_policy(
                 say(f"[{stage}] the policy answered again after {back:.0f}s; resending {len(pending)} rows")
 
 
-def _commit_all(results: Iterator[Row], store: StageStore, progress: Progress, chunk_rows: int, committed: list[int]) -> None:
+def _commit_all(results: Iterator[Row], store: StageStore, progress: Progress, chunk_rows: int) -> int:
+    committed = 0
     try:
         for chunk in chunked(_observed(results, progress), chunk_rows):
             store.commit(chunk)
-            committed[0] += len(chunk)
+            committed += len(chunk)
             progress.line()
+        return committed
     finally:  # on a failure, now: requests still out on live replicas are cancelled before the stage waits
         close = getattr(results, "close", None)
         if close is not None:

@@ -52,7 +52,7 @@ class PolicyEndpoint:
     def loaded_adapters(self) -> dict[str, str]:
         """Adapters one replica currently serves, with their versions (asks one replica)."""
         handle = serve.get_deployment_handle(self.deployment_name, self.app_name)
-        return handle.loaded_adapters.remote().result()
+        return handle.adapter_state.remote().result()["loaded"]
 
 
 def replica_env(cfg: RunConfig) -> dict[str, str]:

@@ -26,10 +26,10 @@ class PolicyIngress(OpenAiIngress):
         base = self._model_cards[base_model_id]
         server = self._default_serve_handles[base_model_id]
         try:
-            loaded = await server.loaded_adapters.remote()
-            failed = await server.failed_adapters.remote()
+            state = await server.adapter_state.remote()
         except Exception:  # a replica still starting: the registry alone still answers
-            loaded, failed = {}, {}
+            state = {"loaded": {}, "failed": {}}
+        loaded, failed = state["loaded"], state["failed"]
         cards = {}
         chosen = registry.promoted(self._adapter_root) or {}
         for name, version in adapters.list_current(self._adapter_root).items():

@@ -106,10 +106,7 @@ class PolicyServer(LLMServer):
         if previous is not None:
             await models.engine_client.remove_lora(previous.lora_int_id)
 
-    async def loaded_adapters(self) -> dict[str, str]:
-        """`<model>:<name>` -> the versioned name this replica serves it with."""
-        return dict(getattr(self, "_loaded", {}))
-
-    async def failed_adapters(self) -> dict[str, str]:
-        """Versioned names this replica could not load -> why (it is not tried again)."""
-        return dict(getattr(self, "_failed", {}))
+    async def adapter_state(self) -> dict[str, dict[str, str]]:
+        """`loaded`: `<model>:<name>` -> the versioned name this replica serves it with; `failed`: versioned names
+        it could not load -> why (they are not tried again). One call for the model list and readiness."""
+        return {"loaded": dict(getattr(self, "_loaded", {})), "failed": dict(getattr(self, "_failed", {}))}
