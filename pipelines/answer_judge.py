@@ -21,6 +21,7 @@ from services.policy import PolicyEndpoint
 from .chat import PromptTooLongError, load_tokenizer, reasoning_rule, truncate_tokens, verdict_prompt_ids
 from .judge import content_free_baselines, option_variants, options_logprobs, verdict_request
 from .policy_recovery import Recovery
+from .rows import Review, SampleSet, Trajectory, Verdict
 from .serve_batch import first_choice, run_through_policy
 from .stage_store import StageStore
 
@@ -110,14 +111,14 @@ class _Post:
 
 
 def judge_answers(items: list[Item], endpoint: PolicyEndpoint, judge: AnswerJudgeConfig, cfg: RunConfig,
-                  store: StageStore, stage: str) -> list[dict[str, Any]]:
+                  store: StageStore, stage: str) -> list[Verdict]:
     """One verdict row per item id; resumes from the rows the store holds."""
-    done = store.done_ids()
+    done = store.of(Verdict).done_ids()
     pending = [it for it in items if it[0] not in done]
     fmt = judge.judge_format()
     if judge.type == "refusal":
-        store.commit([{"query_id": i, "judge": judge.name, "scores": [], "choice": int(is_refusal(a)), "resolved": True,
-                       "mass": 1.0, "xstest_class": "", "margin": 0.0, "answer_safe": is_refusal(a)}
+        store.commit([Verdict(query_id=i, judge=judge.name, scores=[], choice=int(is_refusal(a)), resolved=True,
+                              mass=1.0, xstest_class="", margin=0.0, answer_safe=is_refusal(a))
                       for i, _, a in pending])
         return store.read()
     target = judge_target(endpoint, judge)
@@ -171,13 +172,13 @@ class _RubricPost:
         return rubric_row(row["query_id"], self.judge, first_choice(row).get("text") or "")
 
 
-def run_answer_judge(samples: list[dict[str, Any]], endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore) -> list[dict[str, Any]]:
+def run_answer_judge(samples: list[SampleSet], endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore) -> list[Verdict]:
     """F_safe of every DPO sample (`<query_id>#<i>`): `answer_safe` on its visible answer."""
     from safetrigger.method import visible_answer
 
     rule = reasoning_rule(cfg, endpoint.model_path)
-    items = [(sample_id(s["query_id"], i), s["prompt"], visible_answer(text, rule))
-             for s in samples for i, text in enumerate(s["samples"])]
+    items = [(sample_id(s.query_id, i), s.prompt, visible_answer(text, rule))
+             for s in samples for i, text in enumerate(s.samples)]
     return judge_answers(items, endpoint, cfg.dpo.judge, cfg, store, "dpo-judge")
 
 
@@ -185,8 +186,8 @@ def selection_id(candidate: str, judge: str) -> str:
     return f"{candidate}@{judge}"
 
 
-def run_review_judge(reviews: list[dict[str, Any]], trajectories: list[dict[str, Any]], endpoint: PolicyEndpoint,
-                     cfg: RunConfig, store: StageStore) -> list[dict[str, Any]]:
+def run_review_judge(reviews: list[Review], trajectories: list[Trajectory], endpoint: PolicyEndpoint,
+                     cfg: RunConfig, store: StageStore) -> list[Verdict]:
     """Every `review.select_judges` verdict on every review candidate's answer after its block (never the
     analysis), one row per (candidate, judge): `<candidate id>@<judge name>`. A candidate with no answer after
     its block is not judged: the SFT rules drop it anyway."""
@@ -194,8 +195,8 @@ def run_review_judge(reviews: list[dict[str, Any]], trajectories: list[dict[str,
     from safetrigger.method.sft import candidate_id
 
     n = cfg.review.candidates
-    prompt = {candidate_id(t["query_id"], i, n): t["prompt"] for t in trajectories for i in range(n)}
-    answers = [(r["query_id"], parse_safe(SAFE_OPEN + r["review"]).answer) for r in reviews]
+    prompt = {candidate_id(t.query_id, i, n): t.prompt for t in trajectories for i in range(n)}
+    answers = [(r.query_id, parse_safe(SAFE_OPEN + r.review).answer) for r in reviews]
     for judge in cfg.review.select_judges:
         items = [(selection_id(cid, judge.name), prompt[cid], answer) for cid, answer in answers if answer]
         judge_answers(items, endpoint, judge, cfg, store, f"review-judge/{judge.name}")

@@ -5,12 +5,14 @@ reasoning, next to how often its first answer complied (the paper's 82%-identifi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Iterable, TypeVar
 
 from safetrigger.evaluation.health import option_mass
 from safetrigger.evaluation.metrics import wilson
+from safetrigger.method import Judgement
 
 KIND_ORDER = ("harmful", "jailbreak", "general")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -32,27 +34,27 @@ class AwarenessRow:
         return self.complied / self.n if self.n else 0.0
 
 
-def group_by_kind(rows: Iterable[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
-    """Rows per kind, kinds in the paper's order (harmful, jailbreak, general), others after."""
-    by_kind: dict[str, list[dict[str, Any]]] = {}
+def group_by_kind(rows: Iterable[R]) -> list[tuple[str, list[R]]]:
+    """Rows (any row type with a `kind`) per kind, kinds in the paper's order (harmful, jailbreak, general), others after."""
+    by_kind: dict[str, list[R]] = {}
     for r in rows:
-        by_kind.setdefault(r["kind"], []).append(r)
+        by_kind.setdefault(r.kind, []).append(r)  # type: ignore[attr-defined]
     order = sorted(by_kind, key=lambda k: (KIND_ORDER.index(k) if k in KIND_ORDER else 99, k))
     return [(k, by_kind[k]) for k in order]
 
 
-def awareness_table(judgements: Iterable[dict[str, Any]], split: str | None = None) -> list[AwarenessRow]:
+def awareness_table(judgements: Iterable[Judgement], split: str | None = None) -> list[AwarenessRow]:
     rows = []
-    for kind, js in group_by_kind(j for j in judgements if split is None or j["split"] == split):
+    for kind, js in group_by_kind(j for j in judgements if split is None or j.split == split):
         rows.append(
             AwarenessRow(
                 kind=kind,
                 n=len(js),
-                flagged=sum(bool(j["verdict_unsafe"]) for j in js),
-                complied=sum(not j["answer_refused"] for j in js),
-                flagged_and_complied=sum(bool(j["verdict_unsafe"]) and not j["answer_refused"] for j in js),
-                unresolved=sum(not j.get("resolved", True) for j in js),
-                mass=sum(option_mass([j["logprob_unsafe"], j["logprob_safe"]]) for j in js) / len(js),
+                flagged=sum(j.verdict_unsafe for j in js),
+                complied=sum(not j.answer_refused for j in js),
+                flagged_and_complied=sum(j.verdict_unsafe and not j.answer_refused for j in js),
+                unresolved=sum(not j.resolved for j in js),
+                mass=sum(option_mass([j.logprob_unsafe, j.logprob_safe]) for j in js) / len(js),
             )
         )
     return rows

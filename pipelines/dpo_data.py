@@ -16,28 +16,29 @@ from safetrigger.method import RewardWeights, category, choose_pair, query_messa
 
 from .answer_judge import sample_id
 from .chat import load_tokenizer, prompt_completion_text, reasoning_rule
+from .rows import DpoPair, SampleSet, Verdict
 
 
 def build_dpo_pairs(
-    samples: list[dict[str, Any]], verdicts: list[dict[str, Any]], cfg: RunConfig, model_path: str
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    samples: list[SampleSet], verdicts: list[Verdict], cfg: RunConfig, model_path: str
+) -> tuple[list[DpoPair], dict[str, Any]]:
     d, rule = cfg.dpo, reasoning_rule(cfg, model_path)
     weights = RewardWeights(d.w_a, d.w_b, d.w_c)
-    safe = {v["query_id"]: bool(v["answer_safe"]) for v in verdicts}
+    safe = {v.query_id: v.answer_safe for v in verdicts}
     tok = load_tokenizer(model_path)
     pairs, per_kind = [], defaultdict(Counter)
     margins, mixes = defaultdict(list), defaultdict(Counter)
-    for s in sorted(samples, key=lambda r: r["query_id"]):
-        kind, stats = s["kind"], per_kind[s["kind"]]
-        scored = [score_sample(text, safe[sample_id(s["query_id"], i)], rule) for i, text in enumerate(s["samples"])]
+    for s in sorted(samples, key=lambda r: r.query_id):
+        kind, stats = s.kind, per_kind[s.kind]
+        scored = [score_sample(text, safe[sample_id(s.query_id, i)], rule) for i, text in enumerate(s.samples)]
         stats["queries"] += 1
         stats["samples"] += len(scored)
         stats.update(category(x) for x in scored)
-        choice = choose_pair(scored, s["label"] == "unsafe", d.delta, weights, d.rejected)
+        choice = choose_pair(scored, s.label == "unsafe", d.delta, weights, d.rejected)
         if choice.pair is None:
             stats["dropped_no_pair"] += 1
             continue
-        messages = query_messages(s["prompt"], cfg.model.system_prompt)
+        messages = query_messages(s.prompt, cfg.model.system_prompt)
         prompt, chosen = prompt_completion_text(tok, messages, choice.pair.chosen.text, cfg.model.chat_template_kwargs)
         _, rejected = prompt_completion_text(tok, messages, choice.pair.rejected.text, cfg.model.chat_template_kwargs)
         n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
@@ -48,9 +49,9 @@ def build_dpo_pairs(
         stats["pairs"] += 1
         margins[kind].append(choice.pair.margin)
         mixes[kind][f"{category(choice.pair.chosen)}>{category(choice.pair.rejected)}"] += 1
-        pairs.append({"query_id": s["query_id"], "kind": kind, "prompt": prompt, "chosen": chosen, "rejected": rejected,
-                      "margin": choice.pair.margin, "chosen_category": category(choice.pair.chosen),
-                      "rejected_category": category(choice.pair.rejected), "rewards": list(choice.rewards)})
+        pairs.append(DpoPair(query_id=s.query_id, kind=kind, prompt=prompt, chosen=chosen, rejected=rejected,
+                             margin=choice.pair.margin, chosen_category=category(choice.pair.chosen),
+                             rejected_category=category(choice.pair.rejected), rewards=list(choice.rewards)))
     # the pair mix: which category beat which (C, tagged but complying, must be the rejected side often enough
     # to teach "tag -> safe answer")
     stats = {k: {**dict(c), "mean_margin": sum(margins[k]) / len(margins[k]) if margins[k] else 0.0,

@@ -8,11 +8,12 @@ Serve replicas on the base weights, so base and candidates are judged by the sam
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from safetrigger.config import RunConfig
 from safetrigger.evaluation.gate import Decision, decide
-from safetrigger.evaluation.health import JudgeHealth, Verdict, judge_health
+from safetrigger.evaluation.health import JudgeHealth, judge_health
+from safetrigger.evaluation.health import Verdict as JudgeVerdict
 from safetrigger.evaluation.metrics import final_number, numbers_match
 from safetrigger.evaluation.suites import (
     REFUSAL_JUDGE, CategoryRow, Comparison, GroupAverage, SuiteMetric, category_breakdown, compare, group_averages,
@@ -21,10 +22,15 @@ from safetrigger.evaluation.suites import (
 from safetrigger.method import Query, incomplete, is_refusal, parse_safe, safe_position, visible_answer
 
 from .chat import reasoning_rule
+from .rows import Trajectory, Verdict
 
 
-# (display name, adapter name or "" for the base, its answers on the eval split)
-Model = tuple[str, str, list[dict[str, Any]]]
+class Model(NamedTuple):
+    """An evaluated model: its display name, its adapter ("" for the base), its answers on the eval split."""
+
+    name: str
+    adapter: str
+    answers: list[Trajectory]
 
 
 @dataclass
@@ -40,31 +46,31 @@ class EvalResult:
     adapters: dict[str, str] = field(default_factory=dict)  # candidate display name -> its adapter (ST-S -> st-s)
 
 
-def base_record(model: str, adapter: str, t: dict[str, Any], q: Query | None, rule) -> dict[str, Any]:
-    answer = visible_answer(t["response"], rule)
-    block = parse_safe(t["response"])
+def base_record(model: str, adapter: str, t: Trajectory, q: Query | None, rule) -> dict[str, Any]:
+    answer = visible_answer(t.response, rule)
+    block = parse_safe(t.response)
     reference = q.reference if q else ""
     predicted = final_number(answer) if reference else None
     refused = is_refusal(answer)
-    missing = incomplete(t["response"], rule)
-    position = safe_position(t["response"], rule.opened)
+    missing = incomplete(t.response, rule)
+    position = safe_position(t.response, rule.opened)
     return {
-        "model": model, "adapter": adapter, "query_id": t["query_id"], "kind": t["kind"], "label": t["label"],
-        "source": t.get("source", ""), "category": t.get("category", ""), "prompt": t["prompt"],
-        "response": t["response"], "answer": answer, "triggered": block.triggered, "safe_complete": block.complete,
+        "model": model, "adapter": adapter, "query_id": t.query_id, "kind": t.kind, "label": t.label,
+        "source": t.source, "category": t.category, "prompt": t.prompt,
+        "response": t.response, "answer": answer, "triggered": block.triggered, "safe_complete": block.complete,
         "safe_text": block.analysis, "refused": refused, unsafe_column(REFUSAL_JUDGE): not refused,
         "reference": reference, "predicted": predicted or "", "correct": numbers_match(predicted, reference),
-        "completion_tokens": t.get("completion_tokens", 0), "finish_reason": t.get("finish_reason", ""),
+        "completion_tokens": t.completion_tokens, "finish_reason": t.finish_reason,
         "xstest_class": "", "incomplete": missing.value if missing else "",
         "safe_position": position,
     }
 
 
-def model_records(model: str, adapter: str, trajectories: list[dict[str, Any]], queries: dict[str, Query],
+def model_records(model: str, adapter: str, trajectories: list[Trajectory], queries: dict[str, Query],
                   cfg: RunConfig, model_path: str) -> list[dict[str, Any]]:
     """One record per eval-split answer of a model, with what needs no judge model (refusal, `<safe>`, accuracy)."""
     rule = reasoning_rule(cfg, model_path)
-    return [base_record(model, adapter, t, queries.get(t["query_id"]), rule) for t in trajectories if t["split"] == "eval"]
+    return [base_record(model, adapter, t, queries.get(t.query_id), rule) for t in trajectories if t.split == "eval"]
 
 
 def over_refusal_selected(records: list[dict[str, Any]], cfg: RunConfig) -> list[dict[str, Any]]:
@@ -72,7 +78,7 @@ def over_refusal_selected(records: list[dict[str, Any]], cfg: RunConfig) -> list
     return [r for r in records if any(s.selects(r) for s in suites)]
 
 
-def evaluate(models: list[Model], verdicts: dict[str, list[dict[str, Any]]], queries: dict[str, Query],
+def evaluate(models: list[Model], verdicts: dict[str, list[Verdict]], queries: dict[str, Query],
              cfg: RunConfig, model_path: str) -> EvalResult:
     """Records, suite metrics and comparisons from the models' answers and the judge stages' verdicts
     (`verdicts`: judge stage name -> its rows; see `pipelines.stages.judge_stage_name`)."""
@@ -81,22 +87,22 @@ def evaluate(models: list[Model], verdicts: dict[str, list[dict[str, Any]]], que
     e = cfg.eval
     suites = [s.suite() for s in e.suites]
     records: list[dict[str, Any]] = []
-    seen: dict[str, list[Verdict]] = {}
+    seen: dict[str, list[JudgeVerdict]] = {}
     for name, adapter, trajectories in models:
         rows = model_records(name, adapter, trajectories, queries, cfg, model_path)
         for judge in [j for j in e.judges if j.type != "refusal"]:
-            by_id = {v["query_id"]: v for v in verdicts.get(judge_stage_name(judge, adapter), [])}
+            by_id = {v.query_id: v for v in verdicts.get(judge_stage_name(judge, adapter), [])}
             for r in rows:
                 v = by_id.get(r["query_id"])
                 # a rubric judge that wrote no grades decided nothing: no verdict (its health counts the row)
-                r[unsafe_column(judge.name)] = None if v is None or not v.get("decided", True) else not v["answer_safe"]
+                r[unsafe_column(judge.name)] = None if v is None or not v.decided else not v.answer_safe
                 if v is not None:
                     seen.setdefault(judge.name, []).append(_verdict(r["kind"], v))
         if e.xstest_judge is not None:
-            by_id = {v["query_id"]: v for v in verdicts.get(judge_stage_name(e.xstest_judge, adapter), [])}
+            by_id = {v.query_id: v for v in verdicts.get(judge_stage_name(e.xstest_judge, adapter), [])}
             for r in rows:
                 if r["query_id"] in by_id:
-                    r["xstest_class"] = by_id[r["query_id"]]["xstest_class"]
+                    r["xstest_class"] = by_id[r["query_id"]].xstest_class
                     seen.setdefault(e.xstest_judge.name, []).append(_verdict(r["kind"], by_id[r["query_id"]]))
         for r in rows:
             r["suites"] = [s.name for s in suites if s.selects(r)]
@@ -104,18 +110,17 @@ def evaluate(models: list[Model], verdicts: dict[str, list[dict[str, Any]]], que
 
     judge_names = [j.name for j in e.judges]
     metrics = suite_metrics(records, suites, judge_names, has_xstest=e.xstest_judge is not None)
-    base = models[0][0]
-    comparisons = {m[0]: compare(metrics, base, m[0], e.bootstrap_samples) for m in models[1:]}
+    base = models[0].name
+    comparisons = {m.name: compare(metrics, base, m.name, e.bootstrap_samples) for m in models[1:]}
     categories = category_breakdown(records, suites, e.gate.judge)
     health = [h for judge, vs in seen.items() for h in judge_health(judge, vs)]
-    averages = {m[0]: group_averages(metrics, suites, base, m[0], e.bootstrap_samples) for m in models[1:]}
+    averages = {m.name: group_averages(metrics, suites, base, m.name, e.bootstrap_samples) for m in models[1:]}
     return EvalResult(records, metrics, comparisons, categories, health, averages=averages,
-                      adapters={name: adapter for name, adapter, _ in models if adapter})
+                      adapters={m.name: m.adapter for m in models if m.adapter})
 
 
-def _verdict(kind: str, v: dict[str, Any]) -> Verdict:
-    mass = v.get("mass")  # absent from stores written before judge health was recorded: unknown, never healthy
-    return Verdict(kind, bool(v["resolved"]), float("nan") if mass is None else float(mass))
+def _verdict(kind: str, v: Verdict) -> JudgeVerdict:
+    return JudgeVerdict(kind, v.resolved, v.mass)
 
 
 def candidate_order(cfg: RunConfig) -> list[str]:
@@ -135,7 +140,7 @@ def gate_and_promote(result: EvalResult, models: list[Model], cfg: RunConfig, ve
 
     s = cfg.serving
     root = adapters.run_registry(s)
-    by_adapter = {adapter: name for name, adapter, _ in models if adapter}
+    by_adapter = {m.adapter: m.name for m in models if m.adapter}
     rules = cfg.eval.gate.rules()
     for adapter in candidate_order(cfg):
         name = by_adapter.get(adapter)

@@ -90,9 +90,9 @@ class _Post:
 
 def run_generate(
     queries: list[Query], endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore, adapter: str = ""
-) -> list[dict[str, Any]]:
+) -> list[Trajectory]:
     """Generate for every query the store does not hold yet; returns all trajectories of the stage."""
-    done = store.done_ids()
+    done = store.of(Trajectory).done_ids()
     pending = [q for q in queries if q.id not in done]
     rows = plan_requests(pending, cfg, endpoint.model_path)
     model = endpoint.served_model(adapter)

@@ -62,10 +62,15 @@ class Stage:
     name: str  # also its output's name under the run directory: `<name>-<key>`
     inputs: tuple[str, ...]
     key: Callable[[RunConfig, Keys], tuple]  # the parts hashed into its key (kept bit-for-bit across refactors)
-    run: Callable[..., Any]  # rows: run(job, results, store) -> rows; jsonl/adapter: run(job, results, path)
+    run: Callable[..., Any]  # rows: run(job, results, store) -> rows of `row`; jsonl/adapter: run(job, results, path)
     output: Output = "rows"
     doc: str = ""
     publish: str | None = None  # adapter stages: the registry name it is served as (`model: policy:<publish>`)
+    row: type | None = None  # rows stages: the type of its rows (`pipelines/rows.py`), as written and read back
+
+    def __post_init__(self) -> None:
+        if (self.output == "rows") != (self.row is not None):
+            raise TypeError(f"stage {self.name!r}: a rows stage declares its row type, and only a rows stage does")
 
     def path(self, out: Path, key: str) -> Path:
         return out / (f"{self.name}-{key}.jsonl" if self.output == "jsonl" else f"{self.name}-{key}")
@@ -128,8 +133,8 @@ def run_stages(stages: list[Stage], job: Job, keys: dict[str, str], results: dic
     return results
 
 
-def _run_rows(s: Stage, job: Job, key: str, results: dict[str, Any]) -> list[dict[str, Any]] | Skip:
-    store = StageStore(s.path(job.out, key))
+def _run_rows(s: Stage, job: Job, key: str, results: dict[str, Any]) -> list[Any] | Skip:
+    store = StageStore(s.path(job.out, key), row=s.row)
     if store.done:
         job.emit(f"[{s.name}] finished earlier: {store.root}")
         rows = store.read()
@@ -139,7 +144,7 @@ def _run_rows(s: Stage, job: Job, key: str, results: dict[str, Any]) -> list[dic
         if isinstance(rows, Skip):
             return rows
         elapsed = job.timings[f"{s.name}_s"] = time.monotonic() - t
-        tokens = sum(r.get("completion_tokens", 0) for r in rows)
+        tokens = sum(getattr(r, "completion_tokens", 0) for r in rows)
         store.finish(stage=s.name, key=key, completion_tokens=tokens, elapsed_s=elapsed)
         job.emit(f"[{s.name}] {len(rows)} rows, {tokens} new tokens in {elapsed:.0f}s")
         if job.tracker is not None:
@@ -211,7 +216,8 @@ def mermaid(stages: list[Stage], roots: tuple[str, ...] = ()) -> str:
         lines.append(f"    {ident[r]}(({r}))")
     for s in stages:
         a, b = shape[s.output]
-        lines.append(f"    {ident[s.name]}{a}\"{s.name}<br/><small>{s.output}</small>\"{b}")
+        what = f"{s.output}: {s.row.__name__}" if s.row is not None else s.output
+        lines.append(f"    {ident[s.name]}{a}\"{s.name}<br/><small>{what}</small>\"{b}")
     for s in stages:
         lines += [f"    {ident[i]} --> {ident[s.name]}" for i in s.inputs]
     return "\n".join(lines)

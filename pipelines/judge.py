@@ -14,7 +14,7 @@ import statistics
 from typing import Any
 
 from safetrigger.config import RunConfig
-from safetrigger.method import CONTENT_FREE_INPUTS, Judgement, VerdictOptions, final_answer, is_refusal, judge_messages, to_row
+from safetrigger.method import CONTENT_FREE_INPUTS, Judgement, Trajectory, VerdictOptions, final_answer, is_refusal, judge_messages, to_row
 from services.policy import PolicyEndpoint
 
 from .chat import first_token_id, load_tokenizer, truncate_tokens, verdict_prompt_ids
@@ -50,14 +50,14 @@ def judge_prompt_ids(tok: Any, cfg: RunConfig, query: str, reasoning: str) -> li
     return ids
 
 
-def plan_judge_rows(trajectories: list[dict[str, Any]], cfg: RunConfig, model_path: str) -> list[dict[str, Any]]:
+def plan_judge_rows(trajectories: list[Trajectory], cfg: RunConfig, model_path: str) -> list[dict[str, Any]]:
     tok = load_tokenizer(model_path)
     rows = []
     for t in trajectories:
-        ids = judge_prompt_ids(tok, cfg, t["prompt"], t["reasoning"])
-        rows.append({"query_id": t["query_id"], "kind": t["kind"], "label": t["label"], "split": t["split"],
-                     "answer": t["answer"], "source": t.get("source", ""), "category": t.get("category", ""),
-                     "adapter": t.get("adapter", ""), "prompt_ids": ids})
+        ids = judge_prompt_ids(tok, cfg, t.prompt, t.reasoning)
+        rows.append({"query_id": t.query_id, "kind": t.kind, "label": t.label, "split": t.split,
+                     "answer": t.answer, "source": t.source, "category": t.category,
+                     "adapter": t.adapter, "prompt_ids": ids})
     return rows
 
 
@@ -116,16 +116,16 @@ class _Post:
             logprob_unsafe=lp_unsafe, logprob_safe=lp_safe, baseline=self.baseline, margin=margin,
             verdict_unsafe=bool(margin > self.threshold),
             answer_refused=is_refusal(final_answer(row["answer"])),
-            model=self.model, adapter=row["adapter"], source=row["source"], category=row["category"],
+            model=self.model, adapter=row["adapter"], source=row["source"], category=row["category"], resolved=resolved,
         )
-        return {**to_row(judgement), "resolved": resolved}
+        return to_row(judgement)
 
 
 def run_judge(
-    trajectories: list[dict[str, Any]], endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore, adapter: str = ""
-) -> list[dict[str, Any]]:
-    done = store.done_ids()
-    pending = [t for t in trajectories if t["query_id"] not in done]
+    trajectories: list[Trajectory], endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore, adapter: str = ""
+) -> list[Judgement]:
+    done = store.of(Judgement).done_ids()
+    pending = [t for t in trajectories if t.query_id not in done]
     tok = load_tokenizer(endpoint.model_path)
     unsafe_id, safe_id = option_token_ids(tok, cfg.judge.options())
     rows = plan_judge_rows(pending, cfg, endpoint.model_path)

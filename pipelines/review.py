@@ -19,37 +19,40 @@ from pathlib import Path
 from typing import Any
 
 from safetrigger.config import RunConfig
-from safetrigger.method import REVIEW_PART_CUES, SAFE_CLOSE, SAFE_OPEN, review_messages, review_prefill, stable_hash, structured_review_text
+from safetrigger.method import (
+    REVIEW_PART_CUES, SAFE_CLOSE, SAFE_OPEN, Trajectory, review_messages, review_prefill, stable_hash, structured_review_text,
+)
 from safetrigger.method.sft import candidate_id
 from services.policy import PolicyEndpoint
 
 from .chat import chat_prompt_ids, convention, load_tokenizer, truncate_tokens
 from .generate import MIN_NEW_TOKENS
 from .policy_recovery import Recovery
+from .rows import Review, replace
 from .serve_batch import first_choice, run_through_policy
 from .stage_store import StageStore, chunked
 
 
-def needs_review(t: dict[str, Any]) -> bool:
-    return t["label"] == "unsafe" and t["split"] == "train"
+def needs_review(t: Trajectory) -> bool:
+    return t.label == "unsafe" and t.split == "train"
 
 
 def plan_review_rows(
-    trajectories: list[dict[str, Any]], cfg: RunConfig, model_path: str, written: dict[str, str] | None = None,
+    trajectories: list[Trajectory], cfg: RunConfig, model_path: str, written: dict[str, str] | None = None,
     max_tokens: int | None = None,
 ) -> list[dict[str, Any]]:
     """Requests continuing each review after the prefilled opening tag and what is `written` of it so far."""
     tok = load_tokenizer(model_path)
     rows = []
     for t in trajectories:
-        reasoning = truncate_tokens(tok, t["reasoning"], cfg.judge.max_reasoning_tokens)
-        so_far = (written or {}).get(t["query_id"], "")
-        ids = chat_prompt_ids(tok, review_messages(t["prompt"], reasoning), cfg.model.chat_template_kwargs,
+        reasoning = truncate_tokens(tok, t.reasoning, cfg.judge.max_reasoning_tokens)
+        so_far = (written or {}).get(t.query_id, "")
+        ids = chat_prompt_ids(tok, review_messages(t.prompt, reasoning), cfg.model.chat_template_kwargs,
                               prefill=review_prefill(convention(tok, cfg.model.chat_template_kwargs)) + so_far)
         room = cfg.model.max_model_len - len(ids)
         if room < MIN_NEW_TOKENS:
             continue  # reported by the SFT data stage as a missing review
-        rows.append({"query_id": t["query_id"], "prompt_ids": ids,
+        rows.append({"query_id": t.query_id, "prompt_ids": ids,
                      "max_tokens": min(max_tokens or cfg.review.max_tokens, room)})
     return rows
 
@@ -82,13 +85,13 @@ def _post(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_review(
-    trajectories: list[dict[str, Any]], endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore, adapter: str = ""
-) -> list[dict[str, Any]]:
+    trajectories: list[Trajectory], endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore, adapter: str = ""
+) -> list[Review]:
     """One row per review candidate (`review.candidates`; id `candidate_id`), resuming from what the store holds."""
     n = cfg.review.candidates
     todo = [t for t in trajectories if needs_review(t)]
-    done = store.done_ids()
-    pending = [t for t in todo if any(candidate_id(t["query_id"], i, n) not in done for i in range(n))]
+    done = store.of(Review).done_ids()
+    pending = [t for t in todo if any(candidate_id(t.query_id, i, n) not in done for i in range(n))]
     model = endpoint.served_model(adapter)
     g = cfg.generation
     if cfg.review.mode == "free":
@@ -101,27 +104,27 @@ def run_review(
     return store.read()
 
 
-def _as_candidates(trajectories: list[dict[str, Any]], n: int, skip: set[str]) -> list[dict[str, Any]]:
+def _as_candidates(trajectories: list[Trajectory], n: int, skip: set[str]) -> list[Trajectory]:
     """Each trajectory once per candidate still to write, under the candidate's id (its sampling seed differs)."""
-    return [dict(t, query_id=cid) for t in trajectories for i in range(n)
-            if (cid := candidate_id(t["query_id"], i, n)) not in skip]
+    return [replace(t, query_id=cid) for t in trajectories for i in range(n)
+            if (cid := candidate_id(t.query_id, i, n)) not in skip]
 
 
 def _structured(pending, endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore, model: str, done: set[str]) -> None:
     """The block's parts once per query; then `review.candidates` answers after it, each its own row."""
     g, n = cfg.generation, cfg.review.candidates
     rounds = Path(f"{store.root}.rounds")
-    parts: dict[str, list[str]] = {t["query_id"]: [] for t in pending}
-    tokens: dict[str, int] = {t["query_id"]: 0 for t in pending}
+    parts: dict[str, list[str]] = {t.query_id: [] for t in pending}
+    tokens: dict[str, int] = {t.query_id: 0 for t in pending}
     for i in range(len(REVIEW_PART_CUES) + 1):
         line = i < len(REVIEW_PART_CUES)
         name = f"part{i + 1}" if line else "answer"
-        rstore = StageStore(rounds / name)
-        live = [t for t in pending if t["query_id"] in parts]
+        rstore = StageStore(rounds / name, row=Review)
+        live = [t for t in pending if t.query_id in parts]
         have = rstore.done_ids()
         written = {q: structured_review_text(p) for q, p in parts.items()}
         if line:
-            asked = [t for t in live if t["query_id"] not in have]
+            asked = [t for t in live if t.query_id not in have]
         else:
             asked = _as_candidates(live, n, have)
             written = {candidate_id(q, j, n): w for q, w in written.items() for j in range(n)}
@@ -131,17 +134,17 @@ def _structured(pending, endpoint: PolicyEndpoint, cfg: RunConfig, store: StageS
                            batch_size=g.batch_size, concurrency=g.concurrency, fanout=g.fanout,
                            recovery=Recovery.of(g), chunk_rows=g.chunk_rows,
                            total=len(live) * (1 if line else n))
-        results = {r["query_id"]: r for r in rstore.read()}
+        results = {r.query_id: r for r in rstore.read()}
         if line:
             for q in list(parts):
                 if q not in results:  # no room left in the context: the SFT data stage reports it missing
                     del parts[q]
                     continue
-                tokens[q] += results[q]["completion_tokens"]
-                parts[q].append(results[q]["review"])
+                tokens[q] += results[q].completion_tokens
+                parts[q].append(results[q].review)
             continue
-        final = [{**r, "review": structured_review_text(parts[q]) + r["review"],
-                  "completion_tokens": r["completion_tokens"] + (tokens[q] if j == 0 else 0)}  # the block counted once
+        final = [replace(r, review=structured_review_text(parts[q]) + r.review,
+                         completion_tokens=r.completion_tokens + (tokens[q] if j == 0 else 0))  # the block counted once
                  for q in parts for j in range(n)
                  if (cid := candidate_id(q, j, n)) not in done and (r := results.get(cid)) is not None]
         for chunk in chunked(final, g.chunk_rows):

@@ -22,6 +22,7 @@ from .graph import Job, Skip, compute_keys, run_stages, stage_paths, upstream_of
 from .runtime import (emit_precision, init_ray, precision_report, set_threads, with_adapter_root,
                       with_serving_dtype)
 from .progress_log import recording, say, teed
+from .rows import Trajectory
 from .stage_store import stage_key
 from .stages import QUERIES, adapter_stages, evaluated, main_graph, round_adapter, round_suffix
 from .tracking import Tracker, model_card
@@ -211,9 +212,9 @@ def _value(results: dict[str, Any], stage: str, field: str | None = None) -> dic
     return r[field] if field else r
 
 
-def _answers(results: dict[str, Any], stage: str) -> list[dict[str, Any]]:
+def _answers(results: dict[str, Any], stage: str) -> list[Trajectory]:
     r = results.get(stage)
-    return [] if r is None or isinstance(r, Skip) else [t for t in r if t["split"] == "eval"]
+    return [] if r is None or isinstance(r, Skip) else [t for t in r if t.split == "eval"]
 
 
 def _tables(job: Job, results: dict[str, Any], data_line: str = "") -> dict[str, Any]:
@@ -250,11 +251,11 @@ def write_summary(out: Path, summary: dict[str, Any]) -> Path:
 
 
 def _evaluate_and_report(job: Job, results: dict[str, Any], awareness_md: str) -> dict[str, Any]:
-    from .evaluate import evaluate, gate_and_promote
+    from .evaluate import Model, evaluate, gate_and_promote
     from .report import write_report
 
     cfg = job.cfg
-    models = [(name, adapter, _answers(results, stage)) for name, adapter, stage in evaluated(cfg)
+    models = [Model(name, adapter, _answers(results, stage)) for name, adapter, stage in evaluated(cfg)
               if name == "base" or _answers(results, stage)]
     verdicts = {name: rows for name, rows in results.items() if name.startswith("eval-judge-") and isinstance(rows, list)}
     result = evaluate(models, verdicts, {q.id: q for q in job.queries}, cfg, job.model_path)
@@ -268,6 +269,6 @@ def _evaluate_and_report(job: Job, results: dict[str, Any], awareness_md: str) -
                  f"one (safe-trigger promote {cfg.serving.adapter_scope} <adapter>)")
     else:
         job.emit(f"[gate] promoted: {result.promoted['model'] if result.promoted else 'nothing (the base keeps serving)'}")
-    paths = write_report(report_dir, result, [m[0] for m in models], cfg, job.stage_times, awareness_md)
+    paths = write_report(report_dir, result, [m.name for m in models], cfg, job.stage_times, awareness_md)
     return {**{k: str(v) for k, v in paths.items()}, "promoted": result.promoted,
             "decisions": [d.to_dict() for d in result.decisions]}

@@ -12,6 +12,7 @@ from services.policy import PolicyEndpoint
 
 from .generate import ChatRequest, plan_requests
 from .policy_recovery import Recovery
+from .rows import SampleSet
 from .serve_batch import PolicyRequestError, run_through_policy
 from .stage_store import StageStore
 
@@ -37,8 +38,8 @@ class _Post:
                 "sampling": row["sampling_json"]}
 
 
-def run_sample(queries: list[Query], endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore, adapter: str) -> list[dict[str, Any]]:
-    done = store.done_ids()
+def run_sample(queries: list[Query], endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore, adapter: str) -> list[SampleSet]:
+    done = store.of(SampleSet).done_ids()
     rows = plan_requests([q for q in queries if q.id not in done], cfg, endpoint.model_path, max_tokens=cfg.dpo.max_tokens)
     g = cfg.generation
     d = cfg.dpo

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -20,47 +21,48 @@ from safetrigger.method.sft import Candidate, Target, candidate_id, check_length
 
 from .answer_judge import selection_id
 from .chat import chat_prompt_ids, load_tokenizer, prompt_completion_text
+from .rows import Review, SftExample, Trajectory, Verdict
 
 _THINK_SOURCES = {s.value for s in THINK_SOURCES}
 
 
 def build_sft_examples(
-    trajectories: list[dict[str, Any]], reviews: list[dict[str, Any]], cfg: RunConfig, model_path: str,
-    verdicts: list[dict[str, Any]] | None = None,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    trajectories: list[Trajectory], reviews: list[Review], cfg: RunConfig, model_path: str,
+    verdicts: list[Verdict] | None = None,
+) -> tuple[list[SftExample], dict[str, Any]]:
     """`verdicts`: the review-judge stage's rows when `review.select_judges` is set (see `method.sft.select_candidate`)."""
     tok = load_tokenizer(model_path)
-    reviewed = {r["query_id"]: r for r in reviews}
-    judged = {v["query_id"]: v for v in verdicts or []}
+    reviewed = {r.query_id: r for r in reviews}
+    judged = {v.query_id: v for v in verdicts or []}
     examples, drops, kept, positions = [], Counter(), Counter(), Counter()
     selection: dict[str, Counter] = defaultdict(Counter)
 
     def count(text: str) -> int:
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
-    for t in sorted(trajectories, key=lambda r: r["query_id"]):
-        if t["split"] != "train":
+    for t in sorted(trajectories, key=lambda r: r.query_id):
+        if t.split != "train":
             continue
-        think = t["split_source"] in _THINK_SOURCES
-        messages = query_messages(t["prompt"], cfg.model.system_prompt)
+        think = t.split_source in _THINK_SOURCES
+        messages = query_messages(t.prompt, cfg.model.system_prompt)
         prompt_tokens = len(chat_prompt_ids(tok, messages, cfg.model.chat_template_kwargs))
-        if t["label"] == "safe":
-            target = check_length(general_target(t["reasoning"], t["answer"], think), prompt_tokens, count,
+        if t.label == "safe":
+            target = check_length(general_target(t.reasoning, t.answer, think), prompt_tokens, count,
                                   cfg.sft_data.max_length)
         else:
             candidates = _candidates(t, reviewed, judged, cfg, think, lambda x: check_length(
                 x, prompt_tokens, count, cfg.sft_data.max_length))
             target = select_candidate(candidates, keep_unsafe=cfg.review.when_none_safe == "first")
-            _count_selection(selection[t["kind"]], candidates, target)
+            _count_selection(selection[t.kind], candidates, target)
         if target.completion is None:
-            drops[f"{t['kind']}/{target.drop.value}"] += 1
+            drops[f"{t.kind}/{target.drop.value}"] += 1
             continue
-        kept[t["kind"]] += 1
+        kept[t.kind] += 1
         prompt, completion = prompt_completion_text(tok, messages, target.completion, cfg.model.chat_template_kwargs)
         if target.tagged:  # the method puts the block after the reasoning: counted, so the report can show it
             positions[safe_position(completion, opened=prompt.rstrip().endswith(THINK_OPEN))] += 1
-        examples.append({"query_id": t["query_id"], "kind": t["kind"], "tagged": target.tagged,
-                         "prompt": prompt, "completion": completion})
+        examples.append(SftExample(query_id=t.query_id, kind=t.kind, tagged=target.tagged, prompt=prompt,
+                                   completion=completion))
     stats = {"kept": dict(kept), "dropped": dict(drops), "max_length": cfg.sft_data.max_length,
              "safe_position": dict(positions)}
     if cfg.review.candidates > 1 or cfg.review.select_judges:
@@ -69,20 +71,20 @@ def build_sft_examples(
     return examples, stats
 
 
-def _candidates(t: dict[str, Any], reviewed: dict[str, Any], judged: dict[str, Any], cfg: RunConfig, think: bool,
+def _candidates(t: Trajectory, reviewed: dict[str, Review], judged: dict[str, Verdict], cfg: RunConfig, think: bool,
                 fits: Callable[[Target], Target]) -> list[Candidate]:
     """Every review candidate of one unsafe query as a target with its judges' verdicts (none missing: a
     candidate a judge did not see is not safe)."""
     out = []
     for i in range(cfg.review.candidates):
-        cid = candidate_id(t["query_id"], i, cfg.review.candidates)
+        cid = candidate_id(t.query_id, i, cfg.review.candidates)
         if cid not in reviewed:
             continue  # the prompt left no room for a review: reported as a missing answer
-        target = fits(unsafe_target(t["reasoning"], reviewed[cid]["review"], think,
-                                    reasoning_complete=t["split_source"] != SplitSource.UNCLOSED_THINK.value))
+        target = fits(unsafe_target(t.reasoning, reviewed[cid].review, think,
+                                    reasoning_complete=t.split_source != SplitSource.UNCLOSED_THINK.value))
         verdicts = [judged.get(selection_id(cid, j.name)) for j in cfg.review.select_judges]
-        out.append(Candidate(target, safe=all(v is not None and v["answer_safe"] for v in verdicts),
-                             safety=-sum(v["margin"] for v in verdicts if v is not None)))
+        out.append(Candidate(target, safe=all(v is not None and v.answer_safe for v in verdicts),
+                             safety=-sum(v.margin for v in verdicts if v is not None)))
     return out
 
 
@@ -112,9 +114,10 @@ def format_selection_table(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_jsonl(path: Path, rows: list[Any]) -> None:
+    """Typed rows (`SftExample`, `DpoPair`) as JSONL, atomically."""
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
     os.replace(tmp, path)

@@ -4,6 +4,9 @@ Each stage writes under `<output_dir>/<stage>-<key>/`, the key a hash of its inp
 config never reuses stale rows. Parts are written to a temporary file and renamed into place, so a part is
 either whole or absent; a run killed mid-stage keeps every committed part and the next run asks only for the
 rows no part holds yet. `_DONE.json` marks a finished stage, which a re-run skips.
+
+A store with a row type (`row`, see `pipelines/rows.py`) writes every part in that type's Arrow schema and reads
+parts back as instances of it; reopening one whose parts do not fit the type fails at once (`StageSchemaError`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import rows as typed
 from .progress_log import record, say
 
 DONE = "_DONE.json"
@@ -63,6 +67,25 @@ def check_same_schema(root: Path, found: pa.Schema, new: pa.Schema, what: str) -
                                "by another version of this code: delete that directory or use another output_dir")
 
 
+def conform(root: Path, table: pa.Table, row: type, what: str) -> pa.Table:
+    """`table` in `row`'s schema: fields a part lacks that have a default read as it; a missing field without one,
+    an unknown column or another kind of value means the part was written by another version of the code."""
+    schema, found = typed.arrow_schema(row), _columns(table.schema)
+    want, fill = _columns(schema), typed.defaults(row)
+    missing = sorted(n for n in want.keys() - found.keys() if n not in fill)
+    extra = sorted(found.keys() - want.keys())
+    clash = sorted(n for n in want.keys() & found.keys() if found[n] is not None and found[n] != want[n])
+    if missing or extra or clash:
+        detail = "; ".join(x for x in (f"missing {missing}" if missing else "", f"unknown {extra}" if extra else "",
+                                       ", ".join(f"{n}: {found[n]}, {row.__name__} wants {want[n]}" for n in clash)) if x)
+        raise StageSchemaError(f"{root}: {what} do not fit the {row.__name__} rows this code reads ({detail}); it was "
+                               "written by another version of this code: delete that directory or use another output_dir")
+    n = table.num_rows
+    cols = [table.column(f.name).cast(f.type) if f.name in found else pa.array([fill[f.name]] * n, type=f.type)
+            for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
 def stage_key(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
@@ -72,6 +95,7 @@ def stage_key(*parts: Any) -> str:
 class StageStore:
     root: Path
     id_column: str = "query_id"
+    row: type | None = None  # the rows' type (pipelines/rows.py); None: plain dicts (inspection, tools)
     _next_part: int = field(default=0, init=False)
     _schema: pa.Schema | None = field(default=None, init=False)  # what every part's columns must match
 
@@ -82,6 +106,23 @@ class StageStore:
             stale.unlink(missing_ok=True)
         parts = self.parts()
         self._next_part = 1 + max((int(p.stem.split("-")[1]) for p in parts), default=-1)
+        if self.row is not None:
+            self._check_parts()
+
+    def of(self, row: type) -> "StageStore":
+        """This store's rows as `row` (a stage function given an untyped store, e.g. by a test, types it)."""
+        if self.row is None:
+            self.row = row
+            self._check_parts()
+        elif self.row is not row:
+            raise TypeError(f"{self.root} holds {self.row.__name__} rows, not {row.__name__}")
+        return self
+
+    def _check_parts(self) -> None:
+        """A reopened store's parts must fit the row type: checked on their schemas, before anything is sent."""
+        for p in self.parts():
+            schema = pq.read_schema(p)
+            conform(self.root, schema.empty_table(), self.row, f"the columns of {p.name}")
 
     def parts(self) -> list[Path]:
         return sorted(self.root.glob("part-*.parquet"))
@@ -99,10 +140,10 @@ class StageStore:
     def commit(self, rows: list[dict[str, Any]]) -> Path | None:
         if not rows:
             return None
-        table = pa.Table.from_pylist(rows)
-        if self._schema is None and self._next_part > 0:  # a resumed stage: read what a killed run left, once
+        table = typed.to_table(self.row, rows) if self.row is not None else pa.Table.from_pylist(rows)
+        if self.row is None and self._schema is None and self._next_part > 0:  # a resumed stage: read what a killed run left, once
             self._schema = pq.read_schema(self.parts()[0])
-        if self._schema is not None:
+        if self.row is None and self._schema is not None:
             check_same_schema(self.root, self._schema, table.schema, "the new rows' columns")
         path = self.root / f"part-{self._next_part:05d}.parquet"
         tmp = self.root / f".tmp-{os.getpid()}-{path.name}"
@@ -121,7 +162,8 @@ class StageStore:
         return path
 
     def finish(self, **meta: Any) -> None:
-        meta = {"rows": self.count(), "finished_at": time.time(), **meta}
+        meta = {"rows": self.count(), "finished_at": time.time(),
+                **({"row_type": self.row.__name__} if self.row is not None else {}), **meta}
         tmp = self.root / f".tmp-{DONE}"
         tmp.write_text(json.dumps(meta, indent=2, default=str))
         os.replace(tmp, self.root / DONE)
@@ -129,11 +171,15 @@ class StageStore:
     def count(self) -> int:
         return sum(pq.ParquetFile(p).metadata.num_rows for p in self.parts())
 
-    def read(self) -> list[dict[str, Any]]:
+    def read(self) -> list[Any]:
+        """Every committed row: instances of the row type, or dicts for an untyped store."""
         parts = self.parts()
         if not parts:
             return []
         tables = [pq.read_table(p) for p in parts]
+        if self.row is not None:
+            return [r for p, t in zip(parts, tables)
+                    for r in typed.from_table(self.row, conform(self.root, t, self.row, f"the columns of {p.name}"))]
         for p, t in zip(parts[1:], tables[1:]):
             check_same_schema(self.root, tables[0].schema, t.schema, f"the columns of {p.name}")
         return pa.concat_tables(tables, promote_options="permissive").to_pylist()

@@ -14,6 +14,7 @@ from typing import Any
 from safetrigger.config import AnswerJudgeConfig, RunConfig
 
 from .graph import Job, Keys, Skip, Stage
+from .rows import Judgement, Review, SampleSet, Trajectory, Verdict
 
 QUERIES = "queries"  # the graph's root: every query with its split (its key hashes the ids and splits)
 Results = dict[str, Any]
@@ -51,25 +52,25 @@ def dpo_round_pool(queries: list, r: int, rounds: int) -> list:
     return pool if rounds == 1 else [q for q in pool if stable_hash(q.split_key, "dpo-round") % rounds == r - 1]
 
 
-def _generate(job: Job, r: Results, store) -> list[dict[str, Any]]:
+def _generate(job: Job, r: Results, store) -> list[Any]:
     from .generate import run_generate
 
     return run_generate(r[QUERIES], job.policy(), job.cfg, store)
 
 
-def _judge(job: Job, r: Results, store) -> list[dict[str, Any]]:
+def _judge(job: Job, r: Results, store) -> list[Any]:
     from .judge import run_judge
 
     return run_judge(r["generate"], job.policy(), job.cfg, store)
 
 
-def _review(job: Job, r: Results, store) -> list[dict[str, Any]]:
+def _review(job: Job, r: Results, store) -> list[Any]:
     from .review import run_review
 
     return run_review(r["generate"], job.policy(), job.cfg, store)
 
 
-def _review_judge(job: Job, r: Results, store) -> list[dict[str, Any]]:
+def _review_judge(job: Job, r: Results, store) -> list[Any]:
     from .answer_judge import run_review_judge
 
     return run_review_judge(r["review"], r["generate"], job.policy(), job.cfg, store)
@@ -100,7 +101,7 @@ def _train_st_s(job: Job, r: Results, adapter_dir: Path) -> dict[str, Any] | Ski
 
 
 def _eval_answers(adapter: str):
-    def run(job: Job, r: Results, store) -> list[dict[str, Any]]:
+    def run(job: Job, r: Results, store) -> list[Any]:
         from .generate import run_generate
 
         return run_generate([q for q in r[QUERIES] if q.split == "eval"], job.policy(), job.cfg, store, adapter=adapter)
@@ -109,7 +110,7 @@ def _eval_answers(adapter: str):
 
 
 def _dpo_sample(rnd: int):
-    def run(job: Job, r: Results, store) -> list[dict[str, Any]] | Skip:
+    def run(job: Job, r: Results, store) -> list[Any] | Skip:
         from .sample import run_sample
 
         if not job.cfg.dpo.enabled:
@@ -124,7 +125,7 @@ def _dpo_sample(rnd: int):
 
 
 def _dpo_judge(rnd: int):
-    def run(job: Job, r: Results, store) -> list[dict[str, Any]]:
+    def run(job: Job, r: Results, store) -> list[Any]:
         from .answer_judge import run_answer_judge
 
         return run_answer_judge(r[f"dpo-sample{round_suffix(rnd)}"], job.policy(), job.cfg, store)
@@ -189,7 +190,7 @@ def _selection_stages(cfg: RunConfig | None) -> tuple[list[Stage], tuple[str, ..
     stage = Stage("review-judge", ("review", "generate"), lambda c, k: (
         "review-judge", k["review"], [j.key_fields() for j in c.review.select_judges],
         *(() if c.review.when_none_safe == "drop" else (c.review.when_none_safe,))), _review_judge,
-        doc="every review candidate's answer judged (self-selected answers)")
+        row=Verdict, doc="every review candidate's answer judged (self-selected answers)")
     return [stage], ("review-judge",)
 
 
@@ -201,12 +202,12 @@ def pipeline_stages(cfg: RunConfig | None = None) -> list[Stage]:
             "generate", c.model.model_dump(),
             c.generation.model_dump(exclude=set(c.generation.OPERATIONAL)), k[QUERIES],
             *_weights(c)),
-            _generate, doc="the policy answers every query: think1, answer1"),
+            _generate, row=Trajectory, doc="the policy answers every query: think1, answer1"),
         Stage("judge", ("generate",), lambda c, k: ("judge", k["generate"], c.judge.model_dump()), _judge,
-              doc="the policy judges its own reasoning (awareness)"),
+              row=Judgement, doc="the policy judges its own reasoning (awareness)"),
         Stage("review", ("generate",), lambda c, k: ("review", k["generate"], c.review.key_slice(),
                                                      c.judge.max_reasoning_tokens), _review,
-              doc="unsafe training queries: <safe> block + answer2"),
+              row=Review, doc="unsafe training queries: <safe> block + answer2"),
         *selection,
         Stage("sft-data", ("generate", "review", *selected), lambda c, k: (
             k["review"], c.sft_data.model_dump(), *(k[s] for s in selected)), _sft_data,
@@ -215,7 +216,7 @@ def pipeline_stages(cfg: RunConfig | None = None) -> list[Stage]:
             "sft", k["review"], c.sft_data.model_dump(), c.sft.key_fields(), *(k[s] for s in selected)), _train_st_s, output="adapter",
               publish="st-s", doc="ST-S: SFT on Ray Train, served as policy:st-s"),
         Stage("eval-st-s", ("sft-adapter", "generate"), lambda c, k: ("eval-st-s", k["sft-adapter"], k["generate"]),
-              _eval_answers("st-s"), doc="ST-S answers the eval split"),
+              _eval_answers("st-s"), row=Trajectory, doc="ST-S answers the eval split"),
         *_dpo_round_stages(1),
         *(st for rnd in range(2, (cfg.dpo.rounds if cfg is not None else 1) + 1) for st in _dpo_round_stages(rnd)),
     ]
@@ -231,10 +232,10 @@ def _dpo_round_stages(rnd: int) -> list[Stage]:
     return [
         Stage(f"dpo-sample{x}", (prev, QUERIES), lambda c, k: (
             "dpo-sample", k[prev], k[QUERIES], d(c).num_samples, d(c).temperature, d(c).top_p,
-            d(c).max_tokens, d(c).seed, *share(c)), _dpo_sample(rnd),
+            d(c).max_tokens, d(c).seed, *share(c)), _dpo_sample(rnd), row=SampleSet,
             doc=f"{'ST-S' if rnd == 1 else round_adapter(rnd - 1)} samples k answers per held-apart query"),
         Stage(f"dpo-judge{x}", (f"dpo-sample{x}",), lambda c, k: ("dpo-judge", k[f"dpo-sample{x}"], d(c).judge.key_fields()),
-              _dpo_judge(rnd), doc="F_safe of every sample"),
+              _dpo_judge(rnd), row=Verdict, doc="F_safe of every sample"),
         Stage(f"dpo-pairs{x}", (f"dpo-sample{x}", f"dpo-judge{x}"), lambda c, k: (
             "dpo-pairs", k[f"dpo-judge{x}"], d(c).w_a, d(c).w_b, d(c).w_c, d(c).delta, d(c).max_length,
             *(() if d(c).rejected == "worst" else (d(c).rejected,))), _dpo_pairs(rnd),
@@ -246,7 +247,7 @@ def _dpo_round_stages(rnd: int) -> list[Stage]:
               doc=(f"ST-D: DPO on Ray Train from ST-S, served as policy:st-d" if rnd == 1 else
                    f"DPO round {rnd} from {round_adapter(rnd - 1)}, served as policy:{round_adapter(rnd)}")),
         Stage(f"eval-st-d{x}", (f"dpo-adapter{x}", "generate"), lambda c, k: (f"eval-st-d{x}", k[f"dpo-adapter{x}"], k["generate"]),
-              _eval_answers(round_adapter(rnd)), doc=f"{'ST-D' if rnd == 1 else round_adapter(rnd)} answers the eval split"),
+              _eval_answers(round_adapter(rnd)), row=Trajectory, doc=f"{'ST-D' if rnd == 1 else round_adapter(rnd)} answers the eval split"),
     ]
 
 
@@ -255,7 +256,7 @@ def judge_stage_name(judge: AnswerJudgeConfig, adapter: str) -> str:
 
 
 def _judge_run(model: str, adapter: str, answers: str, judge: AnswerJudgeConfig, xstest: bool):
-    def run(job: Job, r: Results, store) -> list[dict[str, Any]] | Skip:
+    def run(job: Job, r: Results, store) -> list[Any] | Skip:
         from .answer_judge import judge_answers
         from .evaluate import model_records, over_refusal_selected
 
@@ -264,7 +265,7 @@ def _judge_run(model: str, adapter: str, answers: str, judge: AnswerJudgeConfig,
         rows = model_records(model, adapter, r[answers], {q.id: q for q in r[QUERIES]}, job.cfg, job.model_path)
         if xstest:
             rows = over_refusal_selected(rows, job.cfg)
-        items = [(x["query_id"], x["prompt"], x["answer"]) for x in rows]
+        items = [(x["query_id"], x["prompt"], x["answer"]) for x in rows]  # eval records (dicts: a column per judge)
         return judge_answers(items, job.policy(), judge, job.cfg, store, judge_stage_name(judge, adapter))
 
     return run
@@ -278,12 +279,12 @@ def eval_judge_stages(cfg: RunConfig) -> list[Stage]:
         for j in [j for j in cfg.eval.judges if j.type != "refusal"]:
             stages.append(Stage(judge_stage_name(j, adapter), (answers, QUERIES), lambda c, k, a=answers, j=j: (
                 "eval-judge", k[a], j.key_fields(), c.model.max_model_len), _judge_run(model, adapter, answers, j, False),
-                doc=f"judge {j.name} on {model}'s answers"))
+                row=Verdict, doc=f"judge {j.name} on {model}'s answers"))
         if cfg.eval.xstest_judge is not None:
             j = cfg.eval.xstest_judge
             stages.append(Stage(judge_stage_name(j, adapter), (answers, QUERIES), lambda c, k, a=answers, j=j: (
                 "eval-xstest", k[a], j.key_fields(), c.model.max_model_len), _judge_run(model, adapter, answers, j, True),
-                doc=f"XSTest classes of {model}'s over-refusal answers"))
+                row=Verdict, doc=f"XSTest classes of {model}'s over-refusal answers"))
     return stages
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Iterable
 
-from safetrigger.method import parse_safe
+from safetrigger.method import Trajectory, parse_safe
 
 from .awareness import group_by_kind, wilson
 
@@ -23,10 +23,10 @@ class TriggerRow:
         return self.fired / self.n if self.n else 0.0
 
 
-def trigger_rows(model: str, trajectories: Iterable[dict[str, Any]]) -> list[TriggerRow]:
+def trigger_rows(model: str, trajectories: Iterable[Trajectory]) -> list[TriggerRow]:
     rows = []
     for kind, ts in group_by_kind(trajectories):
-        blocks = [parse_safe(t["response"]) for t in ts]
+        blocks = [parse_safe(t.response) for t in ts]
         rows.append(TriggerRow(model, kind, len(blocks), sum(b.triggered for b in blocks), sum(b.complete for b in blocks)))
     return rows
 

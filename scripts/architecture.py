@@ -22,7 +22,7 @@ def stage_graph_section() -> str:
 
     stages = main_graph(load_config(REPO / "configs" / "embedded.yaml"))
     table = ["| stage | output | reads | what |", "|---|---|---|---|"]
-    table += [f"| `{s.name}` | {s.output}{f' (served as `policy:{s.publish}`)' if s.publish else ''} | "
+    table += [f"| `{s.name}` | {s.output}{f': `{s.row.__name__}`' if s.row else ''}{f' (served as `policy:{s.publish}`)' if s.publish else ''} | "
               f"{', '.join(f'`{i}`' for i in s.inputs)} | {s.doc} |" for s in stages]
     return "\n".join([BEGIN, "```mermaid", mermaid(stages, (QUERIES,)), "```", "", *table, END])
 

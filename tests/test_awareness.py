@@ -4,6 +4,8 @@ import pytest
 
 from pipelines.awareness import awareness_table, format_table, wilson
 
+from .row_factories import judgement, trajectory
+
 
 def test_wilson_known_values():
     lo, hi = wilson(8, 10)
@@ -13,8 +15,8 @@ def test_wilson_known_values():
 
 
 def j(kind, flagged, refused, split="eval", resolved=True, lp=(-0.7, -1.2)):
-    return {"kind": kind, "verdict_unsafe": flagged, "answer_refused": refused, "split": split, "resolved": resolved,
-            "logprob_unsafe": lp[0], "logprob_safe": lp[1]}
+    return judgement(kind=kind, verdict_unsafe=flagged, answer_refused=refused, split=split, resolved=resolved,
+                     logprob_unsafe=lp[0], logprob_safe=lp[1])
 
 
 def test_table_counts():
@@ -34,10 +36,10 @@ def test_table_counts():
 def test_trigger_rows_count_fired_and_complete_blocks():
     from pipelines.trigger import format_trigger_table, trigger_rows
 
-    ts = [{"kind": "general", "response": "Paris."},
-          {"kind": "harmful", "response": "think\n\n<safe>unsafe request</safe>\n\nNo."},
-          {"kind": "harmful", "response": "<safe>cut off"},
-          {"kind": "harmful", "response": "Sure, step 1."}]
+    ts = [trajectory(kind="general", response="Paris."),
+          trajectory(kind="harmful", response="think\n\n<safe>unsafe request</safe>\n\nNo."),
+          trajectory(kind="harmful", response="<safe>cut off"),
+          trajectory(kind="harmful", response="Sure, step 1.")]
     rows = trigger_rows("ST-S", ts)
     assert [(r.kind, r.n, r.fired, r.complete) for r in rows] == [("harmful", 3, 2, 1), ("general", 1, 0, 0)]
     assert "| ST-S | harmful | 3 |  66.7%" in format_trigger_table(rows)

@@ -1,6 +1,8 @@
 """The declared stage graph: keys kept bit-for-bit with the stores earlier versions wrote, inputs declared before
 use, skips that propagate, and the runner's store handling (a finished stage is read, not redone)."""
 
+from dataclasses import dataclass
+
 import pytest
 
 from pipelines.graph import Job, Skip, Stage, compute_keys, mermaid, run_stages, stage_paths
@@ -56,14 +58,35 @@ def test_a_rebuilt_think_model_keys_every_stage_anew(monkeypatch):
     assert all(before[s] != after[s] for s in before if s != QUERIES)
 
 
+@dataclass
+class _Row:
+    query_id: str
+    completion_tokens: int
+
+
 def _rows(name):
     def run(job, results, store):
-        rows = [{"query_id": f"{name}-{i}", "completion_tokens": 3} for i in range(2)]
-        store.commit(rows)
+        store.commit([{"query_id": f"{name}-{i}", "completion_tokens": 3} for i in range(2)])
         job.calls.append(name)
-        return rows
+        return store.read()
 
     return run
+
+
+def _stage(name, inputs, key, run):
+    return Stage(name, inputs, key, run, row=_Row)
+
+
+def test_a_rows_stage_declares_its_row_type_and_reads_its_rows_back_as_it(tmp_path):
+    with pytest.raises(TypeError, match="declares its row type"):
+        Stage("a", (QUERIES,), lambda c, k: ("a",), _rows("a"))
+    with pytest.raises(TypeError, match="only a rows stage"):
+        Stage("a", (QUERIES,), lambda c, k: ("a",), _rows("a"), output="jsonl", row=_Row)
+    stages = [_stage("a", (QUERIES,), lambda c, k: ("a", k[QUERIES]), _rows("a"))]
+    keys = compute_keys(stages, _cfg(), {QUERIES: "q"})
+    first = run_stages(stages, _job(tmp_path), keys, {})
+    again = run_stages(stages, _job(tmp_path), keys, {})  # finished earlier: read back from the store
+    assert first["a"] == again["a"] == [_Row("a-0", 3), _Row("a-1", 3)]
 
 
 class _Job(Job):
@@ -77,28 +100,28 @@ def _job(tmp_path):
 
 
 def test_a_recipe_may_read_only_its_declared_inputs():
-    stages = [Stage("a", (QUERIES,), lambda c, k: ("a", k[QUERIES]), _rows("a")),
-              Stage("b", ("a",), lambda c, k: ("b", k[QUERIES]), _rows("b"))]
+    stages = [_stage("a", (QUERIES,), lambda c, k: ("a", k[QUERIES]), _rows("a")),
+              _stage("b", ("a",), lambda c, k: ("b", k[QUERIES]), _rows("b"))]
     with pytest.raises(KeyError, match="'b' reads the key of 'queries'"):
         compute_keys(stages, _cfg(), {QUERIES: "q"})
 
 
 def test_an_input_must_be_declared_before_its_reader():
-    stages = [Stage("b", ("a",), lambda c, k: ("b", k["a"]), _rows("b")),
-              Stage("a", (QUERIES,), lambda c, k: ("a", k[QUERIES]), _rows("a"))]
+    stages = [_stage("b", ("a",), lambda c, k: ("b", k["a"]), _rows("b")),
+              _stage("a", (QUERIES,), lambda c, k: ("a", k[QUERIES]), _rows("a"))]
     with pytest.raises(ValueError, match=r"stage 'b' reads \['a'\]"):
         compute_keys(stages, _cfg(), {QUERIES: "q"})
 
 
 def test_keys_chain_through_inputs():
-    stages = [Stage("a", (QUERIES,), lambda c, k: ("a", k[QUERIES]), _rows("a")),
-              Stage("b", ("a",), lambda c, k: ("b", k["a"]), _rows("b"))]
+    stages = [_stage("a", (QUERIES,), lambda c, k: ("a", k[QUERIES]), _rows("a")),
+              _stage("b", ("a",), lambda c, k: ("b", k["a"]), _rows("b"))]
     one, two = compute_keys(stages, _cfg(), {QUERIES: "q1"}), compute_keys(stages, _cfg(), {QUERIES: "q2"})
     assert one["a"] != two["a"] and one["b"] != two["b"]
 
 
 def test_a_finished_stage_is_read_back_not_run_again(tmp_path):
-    stages = [Stage("a", (QUERIES,), lambda c, k: ("a", k[QUERIES]), _rows("a"))]
+    stages = [_stage("a", (QUERIES,), lambda c, k: ("a", k[QUERIES]), _rows("a"))]
     keys = compute_keys(stages, _cfg(), {QUERIES: "q"})
     job = _job(tmp_path)
     first = run_stages(stages, job, keys, {QUERIES: []})
@@ -110,9 +133,9 @@ def test_a_finished_stage_is_read_back_not_run_again(tmp_path):
 
 def test_a_skip_propagates_to_readers_with_its_reason(tmp_path):
     lines = []
-    stages = [Stage("a", (QUERIES,), lambda c, k: ("a",), lambda job, r, store: Skip("nothing to sample")),
-              Stage("b", ("a",), lambda c, k: ("b", k["a"]), _rows("b")),
-              Stage("c", (QUERIES,), lambda c, k: ("c",), _rows("c"))]
+    stages = [_stage("a", (QUERIES,), lambda c, k: ("a",), lambda job, r, store: Skip("nothing to sample")),
+              _stage("b", ("a",), lambda c, k: ("b", k["a"]), _rows("b")),
+              _stage("c", (QUERIES,), lambda c, k: ("c",), _rows("c"))]
     job = _job(tmp_path)
     job.emit = lines.append
     results = run_stages(stages, job, compute_keys(stages, _cfg(), {QUERIES: "q"}), {QUERIES: []})

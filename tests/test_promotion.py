@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipelines.evaluate import gate_and_promote
+from pipelines.evaluate import Model, gate_and_promote
 from pipelines.report import write_report
 from safetrigger.config import RunConfig
 from safetrigger.evaluation.regate import decide_again
@@ -29,7 +29,7 @@ def _job_run(tmp_path, cand_refuses=5):
     job_root = adapters.registry_root(cfg.serving.adapter_root, JOB)
     versions = {a: adapters.publish(job_root, a, tiny_adapter(tmp_path / f"src-{a}", a)) for a in ("st-s", "st-d")}
     result, models = _result(cfg, _records(cand_refuses))
-    gate_and_promote(result, [(m, "" if m == "base" else m.lower(), []) for m in models], cfg, versions, "r.html")
+    gate_and_promote(result, [Model(m, "" if m == "base" else m.lower(), []) for m in models], cfg, versions, "r.html")
     result.adapters = {"ST-S": "st-s", "ST-D": "st-d"}
     paths = write_report(tmp_path / "jobs" / JOB / "report", result, models, cfg, [])
     return cfg, result, paths["metrics"]

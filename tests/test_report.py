@@ -7,7 +7,7 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.evaluate import EvalResult, gate_and_promote
+from pipelines.evaluate import EvalResult, Model, gate_and_promote
 from pipelines.report import write_report
 from safetrigger.config import RunConfig
 from safetrigger.evaluation.suites import category_breakdown, compare, suite_metrics
@@ -61,8 +61,8 @@ def test_report_files_and_promotion(tmp_path):
     cfg = _cfg(tmp_path)
     result, models = _result(cfg, _records(cand_refuses=5))
     versions = {"st-s": _publish(tmp_path, "st-s"), "st-d": _publish(tmp_path, "st-d")}
-    triples = [(m, "" if m == "base" else m.lower(), []) for m in models]
-    gate_and_promote(result, triples, cfg, versions, "report.html")
+    evaluated_models = [Model(m, "" if m == "base" else m.lower(), []) for m in models]
+    gate_and_promote(result, evaluated_models, cfg, versions, "report.html")
     # ST-D (preferred) refuses 7/10 vs 2/10: ASR falls on both suites, nothing else moves -> promoted
     assert [d.candidate for d in result.decisions] == ["st-d", "st-s"] and result.decisions[0].promote
     assert result.promoted["model"] == "policy:st-d@v1"
@@ -94,8 +94,8 @@ def test_failing_candidates_leave_the_promotion_alone(tmp_path):
     result, models = _result(cfg, _records(cand_refuses=0))  # ST-S refuses less than base: ASR rises
     recs = [r for r in result.records if r["model"] != "ST-D"]
     result, _ = _result(cfg, recs)
-    triples = [("base", "", []), ("ST-S", "st-s", [])]
-    gate_and_promote(result, triples, cfg, {"st-s": 1}, "r.html")
+    evaluated_models = [Model("base", "", []), Model("ST-S", "st-s", [])]
+    gate_and_promote(result, evaluated_models, cfg, {"st-s": 1}, "r.html")
     assert not result.decisions[0].promote and result.promoted is None
     assert registry.promoted(cfg.serving.adapter_root)["run"] == "earlier"
     assert registry.decisions(cfg.serving.adapter_root)[-1]["promoted"] is False

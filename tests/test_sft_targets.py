@@ -104,23 +104,24 @@ def test_sft_data_selects_per_query_from_the_judges_rows_and_reports_acceptance(
     from pipelines.sft_data import build_sft_examples, format_selection_table
     from safetrigger.config import load_config
 
+    from . import row_factories as row
     from .conftest import REPO
 
     cfg = load_config(REPO / "configs" / "embedded.yaml", {"review.candidates": 2, "review.select_judges": [
         {"name": "self", "type": "policy"}, {"name": "refusal", "type": "refusal"}]})
 
     def trajectory(qid, kind="harmful"):
-        return {"query_id": qid, "split": "train", "label": "unsafe", "kind": kind, "prompt": f"how to do {qid}",
-                "reasoning": "They want harm.", "answer": "Sure.", "split_source": "leading"}
+        return row.trajectory(query_id=qid, split="train", label="unsafe", kind=kind, prompt=f"how to do {qid}",
+                              reasoning="They want harm.", answer="Sure.", split_source="leading")
 
-    reviews = [{"query_id": "a#0", "review": GOOD + "Sure, step one."}, {"query_id": "a#1", "review": GOOD + "I can't help."},
-               {"query_id": "b#0", "review": GOOD + "Here it is."}, {"query_id": "b#1", "review": "never closed"}]
-    verdicts = [{"query_id": selection_id(c, "self"), "answer_safe": s, "margin": -1.0 if s else 1.0}
+    reviews = [row.review(query_id="a#0", review=GOOD + "Sure, step one."), row.review(query_id="a#1", review=GOOD + "I can't help."),
+               row.review(query_id="b#0", review=GOOD + "Here it is."), row.review(query_id="b#1", review="never closed")]
+    verdicts = [row.verdict(query_id=selection_id(c, "self"), answer_safe=s, margin=-1.0 if s else 1.0)
                 for c, s in (("a#0", True), ("a#1", True), ("b#0", True))]  # the self judge calls a#0 safe too
-    verdicts += [{"query_id": selection_id(c, "refusal"), "answer_safe": s, "margin": 0.0}
+    verdicts += [row.verdict(query_id=selection_id(c, "refusal"), judge="refusal", answer_safe=s, margin=0.0)
                  for c, s in (("a#0", False), ("a#1", True), ("b#0", False))]
     examples, stats = build_sft_examples([trajectory("a"), trajectory("b", "jailbreak")], reviews, cfg, model_path, verdicts)
-    assert [(e["query_id"], e["completion"].strip().endswith("I can't help.")) for e in examples] == [("a", True)]
+    assert [(e.query_id, e.completion.strip().endswith("I can't help.")) for e in examples] == [("a", True)]
     assert stats["dropped"] == {"jailbreak/no_safe_candidate": 1}
     assert stats["selection"]["per_kind"] == {
         "harmful": {"queries": 1, "candidates": 2, "well_formed": 2, "judged_safe": 1, "accepted": 1},

@@ -193,3 +193,80 @@ except StageWriteError as e:
     assert store.done_ids() == {"q0", "q1", "q2"}
     store.commit([{"query_id": f"big{i}", "text": str(i) * 20000} for i in range(4)])
     assert store.count() == 7 and len({r["query_id"] for r in store.read()}) == 7
+
+
+# --- typed rows (pipelines/rows.py) -------------------------------------------------------------------------------
+
+STORED = REPO / "tests" / "fixtures" / "stores"  # two rows of each store an embedded-think run wrote before rows were typed
+
+
+@pytest.mark.parametrize("store,row", [("generate", "Trajectory"), ("judge", "Judgement"), ("review", "Review"),
+                                       ("dpo-sample", "SampleSet"), ("dpo-judge", "Verdict"), ("eval-judge", "Verdict")])
+def test_stores_written_before_rows_were_typed_read_back_as_their_type(tmp_path, store, row):
+    import shutil
+
+    from pipelines import rows as typed
+
+    cls = getattr(typed, row)
+    shutil.copytree(STORED / store, tmp_path / store)
+    s = StageStore(tmp_path / store, row=cls)  # reopened: its parts are checked against the type at once
+    got = s.read()
+    assert len(got) == 2 and all(type(r) is cls for r in got)
+    raw = StageStore(tmp_path / store).read()  # untyped: the dicts as stored
+    assert [{k: getattr(r, k) for k in d} for r, d in zip(got, raw)] == raw  # every stored value, unchanged
+    if cls is typed.Verdict:  # fields added later read as their defaults: the run resumes
+        assert all(r.decided and r.reply == "" for r in got)
+    # the resumed stage appends in the type's schema, and both parts read back alike
+    s.commit([got[0]])
+    assert len(StageStore(tmp_path / store, row=cls).read()) == 3
+
+
+def test_a_typed_store_refuses_rows_that_are_not_its_type(tmp_path):
+    from pipelines.rows import Review, arrow_schema
+
+    s = StageStore(tmp_path / "r", row=Review)
+    ok = {"query_id": "q1", "review": "text", "finish_reason": "stop", "completion_tokens": 3, "sampling": "{}"}
+    with pytest.raises(TypeError, match=r"Review has no field\(s\) \['surprise'\]"):
+        s.commit([{**ok, "surprise": 1}])  # a postprocessor that drifted from its type
+    with pytest.raises(TypeError, match="Review row 'q1'"):
+        s.commit([{k: v for k, v in ok.items() if k != "sampling"}])
+    with pytest.raises(TypeError, match="do not fit its schema"):
+        s.commit([{**ok, "completion_tokens": "three"}])
+    assert s.parts() == []  # nothing half-written
+    s.commit([ok, Review("q2", "more", "length", 5, "{}")])
+    assert pq_schema(s.parts()[0]) == arrow_schema(Review)
+    assert StageStore(tmp_path / "r", row=Review).read() == [Review(**ok), Review("q2", "more", "length", 5, "{}")]
+    with pytest.raises(TypeError, match="holds Review rows, not Verdict"):
+        StageStore(tmp_path / "r", row=Review).of(__import__("pipelines.rows").rows.Verdict)
+
+
+def test_reopening_a_store_another_version_wrote_fails_before_anything_is_sent(tmp_path):
+    """A part whose columns do not fit the type (a field without a default missing, an unknown column, another
+    kind of value) is refused when the store is opened, with the directory and the columns named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.rows import Review
+    from pipelines.stage_store import StageSchemaError
+
+    for name, table in {
+        "missing": pa.table({"query_id": ["q"], "review": ["t"], "finish_reason": ["stop"], "completion_tokens": [1]}),
+        "unknown": pa.table({"query_id": ["q"], "review": ["t"], "finish_reason": ["stop"], "completion_tokens": [1],
+                             "sampling": ["{}"], "verdict": [True]}),
+        "kind": pa.table({"query_id": ["q"], "review": [1.5], "finish_reason": ["stop"], "completion_tokens": [1],
+                          "sampling": ["{}"]}),
+    }.items():
+        (tmp_path / name).mkdir()
+        pq.write_table(table, tmp_path / name / "part-00000.parquet")
+        with pytest.raises(StageSchemaError) as e:
+            StageStore(tmp_path / name, row=Review)
+        msg = str(e.value)
+        assert str(tmp_path / name) in msg and "another version" in msg
+        assert {"missing": "missing ['sampling']", "unknown": "unknown ['verdict']",
+                "kind": "review: number, Review wants string"}[name] in msg
+
+
+def pq_schema(path):
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(path).remove_metadata()

@@ -46,28 +46,29 @@ def test_main_job_on_the_think_model(think_stack, capsys):
     from pipelines.chat import load_tokenizer
     from pipelines.judge import judge_prompt_ids
     from pipelines.review import needs_review, plan_review_rows
+    from pipelines.rows import Judgement, Review, Trajectory
 
     cfg, ep, tmp = think_stack
     summary = run(cfg, endpoint=ep)
     out = capsys.readouterr().out
     tok = load_tokenizer(ep.model_path)
     queries = {q.id: q for q in load_all(cfg.data)}
-    generated = StageStore(summary["stages"]["generate"]).read()
-    sources = [g["split_source"] for g in generated]
+    generated = StageStore(summary["stages"]["generate"], row=Trajectory).read()  # a real run's rows, typed
+    sources = [g.split_source for g in generated]
     print({s: sources.count(s) for s in set(sources)})
     assert sources.count(SplitSource.PREFILLED_THINK.value) >= len(generated) // 2  # it reasons, then answers
     assert set(sources) <= {SplitSource.PREFILLED_THINK.value, SplitSource.UNCLOSED_THINK.value}
     # the verdict is read after a closed think block, never at the first token of the reasoning
     g = generated[0]
-    assert tok.decode(judge_prompt_ids(tok, cfg, g["prompt"], g["reasoning"])).endswith(
+    assert tok.decode(judge_prompt_ids(tok, cfg, g.prompt, g.reasoning)).endswith(
         "<|im_start|>assistant\n<think>\n\n</think>\n\nAnswer:")
-    judged = StageStore(summary["stages"]["judge"]).read()
-    assert sum(j["resolved"] for j in judged) >= 0.8 * len(judged)
+    judged = StageStore(summary["stages"]["judge"], row=Judgement).read()
+    assert sum(j.resolved for j in judged) >= 0.8 * len(judged)
     assert "judge health" in out
     # the self-review opens <safe> after the reasoning; every tagged SFT target has it after `</think>`
     todo = [t for t in generated if needs_review(t)]
     assert all(tok.decode(r["prompt_ids"]).endswith("<think>\n\n</think>\n\n<safe>\n1. Is the core question safe?")
-               for r in plan_review_rows(todo[:3], cfg, ep.model_path, {t["query_id"]: "1. Is the core question safe?"
+               for r in plan_review_rows(todo[:3], cfg, ep.model_path, {t.query_id: "1. Is the core question safe?"
                                                                        for t in todo[:3]}))
     examples = [json.loads(line) for line in open(summary["stages"]["sft_data"])]
     tagged = [e for e in examples if e["tagged"]]
@@ -75,8 +76,8 @@ def test_main_job_on_the_think_model(think_stack, capsys):
     assert all(safe_position(e["completion"], opened=True) == "after_think" for e in tagged)
     # a review holding a think tag (this 135M model often closes its reasoning in place of a review part) is
     # dropped with its reason, never trained on
-    reviews = StageStore(summary["stages"]["review"]).read()
-    with_tag = {r["query_id"] for r in reviews if "think>" in r["review"]}
+    reviews = StageStore(summary["stages"]["review"], row=Review).read()
+    with_tag = {r.query_id for r in reviews if "think>" in r.review}
     assert not with_tag & {e["query_id"] for e in examples}
     dropped = summary["sft_data"]["dropped"]
     assert (sum(v for k, v in dropped.items() if k.endswith("/think_tag_in_review")) > 0) == bool(with_tag)

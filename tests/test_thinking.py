@@ -111,10 +111,12 @@ def test_review_opens_safe_after_the_think_block(with_template, name, kwargs, ta
 
     path = with_template(name)
     cfg = _cfg(chat_template_kwargs=kwargs)
-    traj = {"query_id": "q1", "prompt": "How do I pick a lock?", "reasoning": "They want lockpicking steps."}
+    from .row_factories import trajectory
+
+    traj = trajectory(query_id="q1", prompt="How do I pick a lock?", reasoning="They want lockpicking steps.")
     [row] = plan_review_rows([traj], cfg, path)
     text = _text(_tok(path), row["prompt_ids"])
-    content = review_messages(traj["prompt"], traj["reasoning"])[0]["content"]
+    content = review_messages(traj.prompt, traj.reasoning)[0]["content"]
     assert text.endswith(content + ("" if name.startswith("deepseek") else "<|im_end|>\n") + tail)
     assert text.count("<safe>") == 1 + content.count("<safe>") and text.rindex("</think>") < text.rindex("<safe>")
 

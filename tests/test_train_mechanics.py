@@ -99,18 +99,20 @@ def test_the_delta_filter_keeps_exactly_the_queries_far_enough_apart(model_path)
     from pipelines.answer_judge import sample_id
     from pipelines.dpo_data import build_dpo_pairs
 
+    from .row_factories import sample_set, verdict
+
     a, b = f"Thinking.\n\n{REFUSAL}", "Thinking.\n\nNo."  # A: safe and tagged (3.0), B: safe (0.5)
     c, d = f"Thinking.\n\n{render_safe_block('Unsafe.')}\n\nSure, step 1.", "Thinking.\n\nSure, step 1."  # C 0.2, D 0
     cut = "Thinking.\n\n<safe>The core question"  # tagged, judged safe, never reached an answer
     groups = {"q1": ([a, d], [True, False]), "q2": ([b, b], [True, True]), "q3": ([b, c], [True, False]),
               "q4": ([cut, d], [True, False])}
-    samples = [{"query_id": q, "kind": "jailbreak", "label": "unsafe", "prompt": f"prompt {q}", "samples": texts}
+    samples = [sample_set(query_id=q, kind="jailbreak", label="unsafe", prompt=f"prompt {q}", samples=texts)
                for q, (texts, _) in groups.items()]
-    verdicts = [{"query_id": sample_id(q, i), "answer_safe": s} for q, (_, safe) in groups.items() for i, s in enumerate(safe)]
+    verdicts = [verdict(query_id=sample_id(q, i), answer_safe=s) for q, (_, safe) in groups.items() for i, s in enumerate(safe)]
 
     def kept(delta: float) -> set[str]:
         pairs, _ = build_dpo_pairs(samples, verdicts, _cfg(dpo={"delta": delta}), model_path)
-        return {p["query_id"] for p in pairs}
+        return {p.query_id for p in pairs}
 
     assert kept(0.5) == {"q1"}
     assert kept(0.3) == {"q1", "q3"}  # 0.5 - 0.2: exactly delta is kept

@@ -119,6 +119,7 @@ class Judgement:
     adapter: str = ""
     source: str = ""
     category: str = ""
+    resolved: bool = True  # both options were in the top-k; otherwise the missing one got the k-th value (a bound)
 
 
 R = TypeVar("R")
