@@ -170,6 +170,11 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {st.status} after {timeout}s (stage {st.stage})")
             time.sleep(poll_s)
 
+    def progress(self, job_id: str, after: int = 0, limit: int = 200) -> tuple[list[dict[str, Any]], int]:
+        """The job's progress events (time, stage, message) after the first `after`, and the offset to poll from next."""
+        d = self._req("GET", f"/v1/jobs/{job_id}/progress", params={"after": after, "limit": limit}).json()
+        return d["events"], d["next"]
+
     def logs(self, job_id: str) -> str:
         return self._req("GET", f"/v1/jobs/{job_id}/logs").text
 

@@ -21,6 +21,27 @@ PROGRESS = "progress.jsonl"
 STAGE_LINE = re.compile(r"^\[([a-z0-9][a-z0-9/_-]*)\] (.+)$")
 
 
+def progress_events(path: Path, after: int = 0, limit: int = 200) -> tuple[list[dict], int]:
+    """Whole progress lines after the first `after`, at most `limit`, and the offset to ask from next. A line cut
+    by a kill is passed over but counted, so offsets stay put; a last line still being written is left for later."""
+    events, seen = [], 0
+    if path.is_file():
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.endswith("\n") or len(events) >= limit:
+                    break
+                seen += 1
+                if seen <= after:
+                    continue
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(event, dict) and "stage" in event:
+                    events.append(event)
+    return events, max(seen, after)
+
+
 def last_progress(path: Path) -> dict | None:
     """The newest whole line of a progress file, or None (a line cut by a kill mid-write is passed over)."""
     if not path.is_file():

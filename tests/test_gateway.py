@@ -311,14 +311,27 @@ def test_job_runs_to_a_report_and_another_is_cancelled(gw, data_root):
         final = c.wait(job, timeout=900, poll_s=2, on_progress=seen.append)
         assert final.status == "SUCCEEDED", c.logs(job)[-3000:]
         assert any(s.stage == "generate" for s in seen) and final.report_ready
+        # the structured progress events, paged: every stage's line in order, none twice, none lost
+        events, nxt = c.progress(job)
+        head, at = c.progress(job, limit=3)
+        tail, end = c.progress(job, after=at)
+        assert head + tail == events and end == nxt and len(head) == 3 and at == 3
+        stages = [e["stage"] for e in events]
+        assert stages.index("generate") < stages.index("judge") < stages.index("report")
+        assert c.progress(job, after=nxt) == ([], nxt)  # nothing new after a finished run
+        for bad in ({"after": -1}, {"limit": 0}, {"limit": 1001}, {"after": "x"}):
+            r = httpx.get(f"{base}/v1/jobs/{job}/progress", params=bad, headers={"Authorization": f"Bearer {JOBS}"})
+            assert r.status_code == 422, (bad, r.status_code)
         report = c.report(job)
         suites = {(s["model"], s["suite"]) for s in report["metrics"]["suites"]}
         assert ("base", "harmful") in suites and "Attack success rate" in report["markdown"]
         assert c.report(job, format="html").startswith("<!doctype html>")
         assert "[report]" in c.logs(job)
-        with Client(base, PEEK) as other, pytest.raises(SafeTriggerError) as e:  # another key cannot see the job
-            other.status(job)
-        assert e.value.status == 404
+        with Client(base, PEEK) as other:  # another key cannot see the job, nor its progress
+            for look in (other.status, other.progress):
+                with pytest.raises(SafeTriggerError) as e:
+                    look(job)
+                assert e.value.status == 404
         mine = c.jobs()
         assert job in [j.id for j in mine] and next(j for j in mine if j.id == job).status == "SUCCEEDED"
         with Client(base, PEEK) as other:  # nor list it

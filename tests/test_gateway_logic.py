@@ -254,6 +254,24 @@ def test_a_jobs_progress_is_the_last_line_of_its_progress_file(tmp_path):
     assert last_progress(run_dir / PROGRESS)["stage"] == "judge"
 
 
+def test_progress_events_page_by_offset_and_pass_over_cut_lines(tmp_path):
+    from safetrigger.artifacts import progress_events
+
+    path = tmp_path / PROGRESS
+    assert progress_events(path) == ([], 0)  # no run yet
+    lines = [{"time": i, "stage": s, "message": str(i)} for i, s in enumerate(["generate", "generate", "judge"])]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines[:2]) + '{"stage": "gen\n' + json.dumps(lines[2]) + "\n"
+                    + '{"stage": "review", "mess')  # a line cut by a kill, then one still being written
+    assert progress_events(path) == (lines, 4)  # the cut line is counted, the unfinished one is not
+    assert progress_events(path, limit=1) == (lines[:1], 1)
+    assert progress_events(path, after=1, limit=1) == (lines[1:2], 2)
+    assert progress_events(path, after=2) == (lines[2:], 4)
+    assert progress_events(path, after=4) == ([], 4) and progress_events(path, after=9) == ([], 9)
+    with path.open("a") as f:
+        f.write('age": "1"}\n')  # the last line, finished: the next poll gets it
+    assert progress_events(path, after=4) == ([{"stage": "review", "message": "1"}], 5)
+
+
 def test_requests_are_counted_by_route_template_and_status(tmp_path, data_root):
     """The metrics middleware (pure ASGI) labels by the route template and the status that went out."""
     from fastapi.testclient import TestClient

@@ -23,7 +23,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 
-from safetrigger.artifacts import PROGRESS, REPORT_DIR, REPORT_HTML, REPORT_MARKDOWN, REPORT_METRICS, last_progress
+from safetrigger.artifacts import (
+    PROGRESS, REPORT_DIR, REPORT_HTML, REPORT_MARKDOWN, REPORT_METRICS, last_progress, progress_events,
+)
 from safetrigger.config import REPO_ROOT, RunConfig, default_data_root
 
 from .config import GatewayConfig, JobPolicy
@@ -230,10 +232,21 @@ class JobsService:
                 "start_time": info.start_time, "end_time": info.end_time, "report_ready": self.report_dir(job_id) is not None,
                 "name": (info.metadata or {}).get("name")}
 
+    def progress_file(self, job_id: str) -> Path | None:
+        found = sorted(self.job_dir(job_id).rglob(PROGRESS), key=lambda p: p.stat().st_mtime)
+        return found[-1] if found else None
+
     def progress(self, job_id: str) -> dict[str, Any] | None:
         """The newest line of the run's structured progress file (`progress.jsonl`), not parsed log text."""
-        found = sorted(self.job_dir(job_id).rglob(PROGRESS), key=lambda p: p.stat().st_mtime)
-        return last_progress(found[-1]) if found else None
+        path = self.progress_file(job_id)
+        return last_progress(path) if path else None
+
+    async def events(self, job_id: str, key_id: str, after: int, limit: int) -> dict[str, Any]:
+        """The run's progress events after offset `after` (a client polls with `next`): structured, no log text."""
+        await self.own_job(job_id, key_id)
+        path = self.progress_file(job_id)
+        events, nxt = progress_events(path, after, limit) if path else ([], after)
+        return {"id": job_id, "events": events, "next": nxt}
 
     def report_dir(self, job_id: str) -> Path | None:
         found = sorted(self.job_dir(job_id).rglob(f"{REPORT_DIR}/{REPORT_METRICS}"))

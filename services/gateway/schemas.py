@@ -55,8 +55,8 @@ JOB_LIST_LINKS = {
         "type": "array", "items": {"type": "object", "required": ["id", "status"],
                                    "properties": {"id": {"type": "string"}, "status": {"type": "string"}}}}}}}},
     "links": {name: {"operationId": op, "parameters": {"job_id": "$response.body#/jobs/0/id"}}
-              for name, op in (("Status", "job_status"), ("Logs", "job_logs"), ("Report", "job_report"),
-                               ("Cancel", "cancel_job"))},
+              for name, op in (("Status", "job_status"), ("Logs", "job_logs"), ("Progress", "job_progress"),
+                               ("Report", "job_report"), ("Cancel", "cancel_job"))},
 }
 
 PROMOTE = {"type": "object", "required": ["job", "adapter"], "additionalProperties": False,

@@ -3,7 +3,10 @@ only its own jobs (another's id is a 404)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
 from .. import schemas
 from ..state import GatewayDep, JobsKey
 
@@ -30,6 +33,13 @@ async def status(job_id: str, gw: GatewayDep, key: JobsKey):
 @router.get("/v1/jobs/{job_id}/logs", operation_id="job_logs")
 async def logs(job_id: str, gw: GatewayDep, key: JobsKey, follow: bool = False):
     return await gw.jobs.logs(job_id, key.id, follow)
+
+
+@router.get("/v1/jobs/{job_id}/progress", operation_id="job_progress")
+async def progress(job_id: str, gw: GatewayDep, key: JobsKey, after: Annotated[int, Query(ge=0, le=10**9)] = 0,
+                   limit: Annotated[int, Query(ge=1, le=1000)] = 200):
+    """The run's progress events (time, stage, message) after the first `after`; poll again from `next`."""
+    return await gw.jobs.events(job_id, key.id, after, limit)
 
 
 @router.delete("/v1/jobs/{job_id}", operation_id="cancel_job")
