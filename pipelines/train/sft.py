@@ -24,7 +24,8 @@ def build_sft_trainer(c: dict[str, Any]):
     ds = datasets.load_dataset("json", data_files=c["data"], split="train").select_columns(["prompt", "completion"])
     tok = AutoTokenizer.from_pretrained(c["model_path"])
     model = AutoModelForCausalLM.from_pretrained(c["model_path"], dtype=torch.float32)
-    args = SFTConfig(max_length=c["max_length"], completion_only_loss=True, packing=False, **hf_args(c))
+    args = SFTConfig(max_length=c["max_length"], completion_only_loss=True, packing=False, **hf_args(c),
+                     train_sampling_strategy="group_by_length" if c.get("length_grouped") else "random")
     lora = c["lora"]
     return SFTTrainer(
         model=model, args=args, train_dataset=ds, processing_class=tok,
@@ -35,7 +36,7 @@ def build_sft_trainer(c: dict[str, Any]):
 
 def sft_loop_config(data_path: str | Path, model_path: str, cfg) -> dict[str, Any]:
     return loop_config(cfg.sft, data=str(Path(data_path).resolve()), model_path=model_path,
-                       max_length=cfg.sft_data.max_length, lora=cfg.sft.lora.model_dump())
+                       max_length=cfg.sft_data.max_length, lora=cfg.sft.lora.model_dump(), length_grouped=cfg.sft.length_grouped)
 
 
 def train_sft(data_path: str | Path, model_path: str, out_dir: str | Path, cfg, name: str = "sft", emit=None,
