@@ -237,16 +237,13 @@ class SFTTrainConfig(TrainSettings):
     lora: LoraSettings = LoraSettings()
     # Batches of similar lengths (transformers' length-grouped sampler). At batch 4, random batches spend about a
     # third of the SFT compute on padding (35% on the think run's 91 examples of 50-505 tokens; 33% in
-    # tests/test_train_mechanics.py), grouped ones 4-6%: Ray Train x1 went from 47.7 to 55.3 tokens/s. Off by
-    # default: grouped, both workers of the embedded main job reach their longest batches at once, and its SFT
-    # (2 workers beside the idle engine, max_length 768) was killed by Ray's OOM policy at 24.0 of 25.3 GB, twice.
-    # Padding-free batches are not an option on CPU: with SDPA, transformers does not separate packed sequences
-    # by position ids (the second one's logits moved by 17).
-    length_grouped: bool = False
+    # tests/test_train_mechanics.py), grouped ones 4-6%. Padding-free batches are not an option on CPU: with SDPA,
+    # transformers does not separate packed sequences by position ids (the second one's logits moved by 17).
+    length_grouped: bool = True
 
     def key_fields(self) -> dict:
-        """`length_grouped` joins the key only when on, so the keys of runs from before it existed stay."""
-        return {k: v for k, v in super().key_fields().items() if k != "length_grouped" or v}
+        """`length_grouped` joins the key only when off, so the keys of runs from before it existed stay."""
+        return {k: v for k, v in super().key_fields().items() if k != "length_grouped" or not v}
 
 
 class AnswerJudgeConfig(_Strict):

@@ -122,7 +122,7 @@ def test_the_delta_filter_keeps_exactly_the_queries_far_enough_apart(model_path)
 
 @pytest.mark.stack
 def test_length_grouped_sft_batches_cut_the_padding_and_still_see_every_example_once(model_path, tmp_path):
-    """`sft.length_grouped` batches examples of similar token counts: over an epoch the padding
+    """`sft.length_grouped` (the default) batches examples of similar token counts: over an epoch the padding
     share falls well below random batching's, and each example is still seen exactly once. (The sampler sorts
     within megabatches of up to 50 batches, fewer on small sets: 160 examples give it 10.)"""
     from pipelines.train.sft import build_sft_trainer, sft_loop_config
