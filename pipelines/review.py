@@ -15,6 +15,7 @@ a row of its own (`<query_id>#<i>`), for the SFT data stage to select from by th
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from services.policy import PolicyEndpoint
 from .chat import chat_prompt_ids, convention, load_tokenizer, truncate_tokens
 from .generate import MIN_NEW_TOKENS
 from .policy_recovery import Recovery
-from .rows import Review, replace
+from .rows import Review
 from .serve_batch import first_choice, run_through_policy
 from .stage_store import StageStore, chunked
 

@@ -101,9 +101,6 @@ class DpoPair:
     rewards: list[float]  # every sample's reward, in sample order
 
 
-STAGE_ROWS: tuple[type, ...] = (Trajectory, Judgement, Review, SampleSet, Verdict, SftExample, DpoPair)
-
-
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -111,8 +108,8 @@ def _hints(cls: type) -> dict[str, Any]:
 
 @functools.cache
 def arrow_schema(cls: type) -> pa.Schema:
-    """The Arrow schema of a row type, from its field annotations (an unsupported annotation fails at import
-    of the stage, not at its first commit)."""
+    """The Arrow schema of a row type, from its field annotations (an unsupported annotation fails when a store
+    of that type is first written or reopened)."""
     hints = _hints(cls)
     out = []
     for f in dataclasses.fields(cls):
@@ -169,9 +166,5 @@ def from_table(cls: type[R], table: pa.Table) -> list[R]:
     return [cls(**{n: cols[n][i] for n in names}) for i in range(table.num_rows)]
 
 
-def replace(record: R, **changes: Any) -> R:
-    return dataclasses.replace(record, **changes)  # type: ignore[type-var]
-
-
-__all__ = ["DpoPair", "Judgement", "Review", "SftExample", "SampleSet", "STAGE_ROWS", "Trajectory", "Verdict", "arrow_schema", "as_record",
-           "defaults", "from_table", "replace", "to_table"]
+__all__ = ["DpoPair", "Judgement", "Review", "SftExample", "SampleSet", "Trajectory", "Verdict", "arrow_schema",
+           "as_record", "defaults", "from_table", "to_table"]

@@ -31,15 +31,18 @@ def progress_events(path: Path, after: int = 0, limit: int = 200) -> tuple[list[
                 if not line.endswith("\n") or len(events) >= limit:
                     break
                 seen += 1
-                if seen <= after:
-                    continue
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(event, dict) and "stage" in event:
+                if seen > after and (event := _event(line)) is not None:
                     events.append(event)
     return events, max(seen, after)
+
+
+def _event(line: str) -> dict | None:
+    """One progress line as its event, or None for a line cut by a kill mid-write."""
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) and "stage" in event else None
 
 
 def last_progress(path: Path) -> dict | None:
@@ -49,10 +52,5 @@ def last_progress(path: Path) -> dict | None:
     last = None
     with path.open(encoding="utf-8", errors="replace") as f:
         for line in f:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(event, dict) and "stage" in event:
-                last = event
+            last = _event(line) or last
     return last
