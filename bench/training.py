@@ -87,7 +87,11 @@ def child(args) -> None:
     wall = time.perf_counter() - t
     tokens = float(metrics.get("num_input_tokens_seen") or 0)
     runtime = float(metrics.get("train_runtime") or 0)
-    print("RESULT " + json.dumps({"tokens": tokens, "train_runtime": runtime, "wall": wall,
+    import resource
+
+    # this process's peak: the whole of a plain run; for Ray Train only the driver (workers are raylet's children)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    print("RESULT " + json.dumps({"tokens": tokens, "train_runtime": runtime, "wall": wall, "peak_rss_gb": peak_gb,
                                   "tok_s": tokens / runtime if runtime else 0.0}), flush=True)
 
 
@@ -130,6 +134,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray Train worker counts to run")
+    ap.add_argument("--plain-only", action="store_true", help="only the single-process trainer (memory, settings)")
     ap.add_argument("--kinds", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--kind", choices=["sft", "dpo"])
@@ -140,7 +145,7 @@ def main() -> None:
         return
     rows = []
     for kind in args.kinds:
-        plan = [("plain", 1)] + [("ray", w) for w in args.workers]
+        plan = [("plain", 1)] + ([] if args.plain_only else [("ray", w) for w in args.workers])
         results = {}
         for path, workers in plan:
             cmd = [sys.executable, __file__, "--child", "--kind", kind, "--path", path, "--workers", str(workers),
@@ -152,7 +157,8 @@ def main() -> None:
                 raise SystemExit(f"{kind}/{path}/{workers} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
             results[(path, workers)] = r = json.loads(line[len("RESULT "):])
             print(f"{kind:3} {path:5} workers={workers}: {r['tok_s']:7.1f} tok/s training, "
-                  f"{r['train_runtime']:6.1f}s training, {r['wall']:6.1f}s wall", flush=True)
+                  f"{r['train_runtime']:6.1f}s training, {r['wall']:6.1f}s wall"
+                  + (f", peak RSS {r['peak_rss_gb']:.2f} GB" if path == "plain" else ""), flush=True)
         base = results[("plain", 1)]["tok_s"]
         for (path, workers), r in results.items():
             rows.append((kind, f"{path} x{workers}", r["tok_s"], r["tok_s"] / base if base else 0.0, r["wall"]))
