@@ -65,7 +65,10 @@ class ThinkBuild:
     part_max_tokens: int = 32  # one line of a structured review
     review_attempts: int = 4  # per harmful request: greedy, then sampled until one review is well formed
     epochs: int = 2
-    batch_size: int = 8
+    batch_size: int = 8  # examples per optimizer step
+    # sequences per forward pass, accumulated to `batch_size`: in batches of 8 the padding to the longest row was
+    # compute spent for nothing (training took 269 of the build's 517 s on an AVX512-BF16 EPYC)
+    micro_batch_size: int = 1
     learning_rate: float = 2e-3
     lora_r: int = 32
     seed: int = 0
@@ -211,7 +214,10 @@ def train_merged(model: Any, tok: Any, examples: list[Row], spec: ThinkBuild, sc
     from trl import SFTConfig, SFTTrainer
 
     rows = [{"prompt": prompt, "completion": completion} for prompt, completion in examples]
-    args = SFTConfig(output_dir=str(scratch), per_device_train_batch_size=spec.batch_size, num_train_epochs=spec.epochs,
+    if spec.batch_size % spec.micro_batch_size:
+        raise ValueError(f"batch_size {spec.batch_size} is not a multiple of micro_batch_size {spec.micro_batch_size}")
+    args = SFTConfig(output_dir=str(scratch), per_device_train_batch_size=spec.micro_batch_size,
+                     gradient_accumulation_steps=spec.batch_size // spec.micro_batch_size, num_train_epochs=spec.epochs,
                      learning_rate=spec.learning_rate, lr_scheduler_type="constant", logging_steps=50,
                      save_strategy="no", report_to="none", use_cpu=True, seed=spec.seed, completion_only_loss=True,
                      max_length=512, disable_tqdm=True, dataloader_num_workers=0,
