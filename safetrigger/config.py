@@ -239,6 +239,7 @@ class SFTTrainConfig(TrainSettings):
     # third of the SFT compute on padding (35% on the think run's 91 examples of 50-505 tokens; 33% in
     # tests/test_train_mechanics.py), grouped ones 4-6%. Padding-free batches are not an option on CPU: with SDPA,
     # transformers does not separate packed sequences by position ids (the second one's logits moved by 17).
+    # Micro-batches of one (the embedded configs, for memory) have no padding to cut: it changes nothing there.
     length_grouped: bool = True
 
     def key_fields(self) -> dict:
