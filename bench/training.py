@@ -188,7 +188,7 @@ def print_share_of_peak(rows, args) -> None:
           f"bfloat16 {peaks['bfloat16']:.1f} GFLOP/s; model {params / 1e6:.0f}M parameters")
     for kind, path, tps, _, _ in rows:
         s = getattr(cfg, kind)
-        dtype = "bfloat16" if training_precision(s.precision, s.use_gpu, cpu).bf16 else "float32"
+        dtype = training_precision(s.precision, s.use_gpu, cpu).dtype
         used = training_gflops(tps, params)
         print(f"{kind} {path}: {used:.1f} GFLOP/s = {100 * used / peaks[dtype]:.0f}% of the measured {dtype} peak "
               "(target >= 35%)")

@@ -73,6 +73,10 @@ class ThinkBuild:
     lora_r: int = 32
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+
 
 Example = tuple[str, str, str]  # (request, reasoning, answer)
 Row = tuple[str, str]  # (prompt, completion) as the trainer sees it: loss on the completion only
@@ -214,8 +218,6 @@ def train_merged(model: Any, tok: Any, examples: list[Row], spec: ThinkBuild, sc
     from trl import SFTConfig, SFTTrainer
 
     rows = [{"prompt": prompt, "completion": completion} for prompt, completion in examples]
-    if spec.batch_size % spec.micro_batch_size:
-        raise ValueError(f"batch_size {spec.batch_size} is not a multiple of micro_batch_size {spec.micro_batch_size}")
     args = SFTConfig(output_dir=str(scratch), per_device_train_batch_size=spec.micro_batch_size,
                      gradient_accumulation_steps=spec.batch_size // spec.micro_batch_size, num_train_epochs=spec.epochs,
                      learning_rate=spec.learning_rate, lr_scheduler_type="constant", logging_steps=50,

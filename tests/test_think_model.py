@@ -71,6 +71,12 @@ def test_a_missing_gsm8k_file_names_itself(tmp_path, model_path):
         think_model.build_think_model(Path(model_path), tmp_path / "out", tmp_path)
 
 
+def test_a_batch_that_micro_batches_do_not_fill_is_refused_before_anything_runs():
+    with pytest.raises(ValueError, match="batch_size 8 is not a multiple of micro_batch_size 3"):
+        think_model.ThinkBuild(micro_batch_size=3)
+    assert think_model.ThinkBuild(micro_batch_size=4).batch_size == 8
+
+
 def _fake_build(base, out, data_root, spec=None, emit=None):
     time.sleep(0.5)
     (out / "config.json").write_text("{}")
