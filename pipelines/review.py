@@ -21,7 +21,7 @@ from typing import Any
 
 from safetrigger.config import RunConfig
 from safetrigger.method import (
-    REVIEW_PART_CUES, SAFE_CLOSE, SAFE_OPEN, Trajectory, review_messages, review_prefill, stable_hash, structured_review_text,
+    REVIEW_PART_CUES, SAFE_CLOSE, SAFE_OPEN, Judgement, Trajectory, review_messages, review_prefill, stable_hash, structured_review_text,
 )
 from safetrigger.method.sft import candidate_id
 from services.policy import PolicyEndpoint
@@ -85,10 +85,22 @@ def _post(row: dict[str, Any]) -> dict[str, Any]:
             "sampling": row["sampling_json"]}
 
 
+def opened_queries(cfg: RunConfig, judgements: list[Judgement] | None) -> dict[str, str]:
+    """The answer opener of each query whose self-judge verdict was unsafe (`review.answer_opener`)."""
+    opener = cfg.review.answer_opener
+    if opener is None:
+        return {}
+    if judgements is None:
+        raise ValueError("review.answer_opener is set but the review stage got no self-judge verdicts")
+    return {j.query_id: opener.strip() + " " for j in judgements if j.verdict_unsafe}
+
+
 def run_review(
-    trajectories: list[Trajectory], endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore, adapter: str = ""
+    trajectories: list[Trajectory], endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore, adapter: str = "",
+    judgements: list[Judgement] | None = None,
 ) -> list[Review]:
-    """One row per review candidate (`review.candidates`; id `candidate_id`), resuming from what the store holds."""
+    """One row per review candidate (`review.candidates`; id `candidate_id`), resuming from what the store holds.
+    With `review.answer_opener`, the answers of queries the policy judged unsafe (`judgements`) start with it."""
     n = cfg.review.candidates
     todo = [t for t in trajectories if needs_review(t)]
     done = store.of(Review).done_ids()
@@ -101,7 +113,7 @@ def run_review(
                            concurrency=g.concurrency, fanout=g.fanout,
                            recovery=Recovery.of(g), chunk_rows=g.chunk_rows, total=len(todo) * n)
         return store.read()
-    _structured(pending, endpoint, cfg, store, model, done)
+    _structured(pending, endpoint, cfg, store, model, done, opened_queries(cfg, judgements))
     return store.read()
 
 
@@ -111,8 +123,10 @@ def _as_candidates(trajectories: list[Trajectory], n: int, skip: set[str]) -> li
             if (cid := candidate_id(t.query_id, i, n)) not in skip]
 
 
-def _structured(pending, endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore, model: str, done: set[str]) -> None:
-    """The block's parts once per query; then `review.candidates` answers after it, each its own row."""
+def _structured(pending, endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore, model: str, done: set[str],
+                opened: dict[str, str]) -> None:
+    """The block's parts once per query; then `review.candidates` answers after it, each its own row, started
+    with the query's opener where it has one."""
     g, n = cfg.generation, cfg.review.candidates
     rounds = Path(f"{store.root}.rounds")
     parts: dict[str, list[str]] = {t.query_id: [] for t in pending}
@@ -123,7 +137,7 @@ def _structured(pending, endpoint: PolicyEndpoint, cfg: RunConfig, store: StageS
         rstore = StageStore(rounds / name, row=Review)
         live = [t for t in pending if t.query_id in parts]
         have = rstore.done_ids()
-        written = {q: structured_review_text(p) for q, p in parts.items()}
+        written = {q: structured_review_text(p) + ("" if line else opened.get(q, "")) for q, p in parts.items()}
         if line:
             asked = [t for t in live if t.query_id not in have]
         else:
@@ -144,7 +158,7 @@ def _structured(pending, endpoint: PolicyEndpoint, cfg: RunConfig, store: StageS
                 tokens[q] += results[q].completion_tokens
                 parts[q].append(results[q].review)
             continue
-        final = [replace(r, review=structured_review_text(parts[q]) + r.review,
+        final = [replace(r, review=structured_review_text(parts[q]) + opened.get(q, "") + r.review,
                          completion_tokens=r.completion_tokens + (tokens[q] if j == 0 else 0))  # the block counted once
                  for q in parts for j in range(n)
                  if (cid := candidate_id(q, j, n)) not in done and (r := results.get(cid)) is not None]

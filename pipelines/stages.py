@@ -67,7 +67,7 @@ def _judge(job: Job, r: Results, store) -> list[Any]:
 def _review(job: Job, r: Results, store) -> list[Any]:
     from .review import run_review
 
-    return run_review(r["generate"], job.policy(), job.cfg, store)
+    return run_review(r["generate"], job.policy(), job.cfg, store, judgements=r.get("judge"))
 
 
 def _review_judge(job: Job, r: Results, store) -> list[Any]:
@@ -197,6 +197,8 @@ def _selection_stages(cfg: RunConfig | None) -> tuple[list[Stage], tuple[str, ..
 def pipeline_stages(cfg: RunConfig | None = None) -> list[Stage]:
     """Self-generation to ST-D's eval answers. Each key recipe: the stage's config slice and its inputs' keys."""
     selection, selected = _selection_stages(cfg)
+    # the answer opener follows the self-judge's verdicts, so the review reads them (and their key) only then
+    opened = ("judge",) if cfg is not None and cfg.review.answer_opener is not None else ()
     return [
         Stage("generate", (QUERIES,), lambda c, k: (
             "generate", c.model.model_dump(),
@@ -205,9 +207,9 @@ def pipeline_stages(cfg: RunConfig | None = None) -> list[Stage]:
             _generate, row=Trajectory, doc="the policy answers every query: think1, answer1"),
         Stage("judge", ("generate",), lambda c, k: ("judge", k["generate"], c.judge.model_dump()), _judge,
               row=Judgement, doc="the policy judges its own reasoning (awareness)"),
-        Stage("review", ("generate",), lambda c, k: ("review", k["generate"], c.review.key_slice(),
-                                                     c.judge.max_reasoning_tokens), _review,
-              row=Review, doc="unsafe training queries: <safe> block + answer2"),
+        Stage("review", ("generate", *opened), lambda c, k: ("review", k["generate"], c.review.key_slice(),
+                                                             c.judge.max_reasoning_tokens, *(k[s] for s in opened)),
+              _review, row=Review, doc="unsafe training queries: <safe> block + answer2"),
         *selection,
         Stage("sft-data", ("generate", "review", *selected), lambda c, k: (
             k["review"], c.sft_data.model_dump(), *(k[s] for s in selected)), _sft_data,

@@ -328,6 +328,21 @@ class ReviewConfig(_Strict):
     # a query none of whose candidates is judged safe: dropped (`drop`), or trained on its first well-formed
     # candidate as the paper would (`first`: a safe candidate is still preferred where there is one)
     when_none_safe: Literal["drop", "first"] = "drop"
+    # structured: the answer after the closed block starts with this text wherever the policy's own self-judge
+    # (stage `judge`) called the query unsafe, and the policy writes the rest. For a model that judges risks but
+    # is too small to write a refusal after its review (SmolLM2-135M: 4 of 313 such answers refused): its own
+    # verdict decides, the opener puts it into words it can continue. None: the whole answer is the policy's.
+    answer_opener: str | None = Field(None, min_length=1, max_length=200)
+
+    @model_validator(mode="after")
+    def _opener_needs_structure(self) -> "ReviewConfig":
+        if self.answer_opener is not None:
+            if self.mode != "structured":
+                raise ValueError("review.answer_opener needs review.mode structured: a free review writes its block "
+                                 "and answer in one completion, so there is no answer to open")
+            if not self.answer_opener.strip() or "<" in self.answer_opener:
+                raise ValueError("review.answer_opener must be plain text (no tags)")
+        return self
 
     @model_validator(mode="after")
     def _distinct_candidates(self) -> "ReviewConfig":
@@ -343,6 +358,7 @@ class ReviewConfig(_Strict):
         before they existed keep their keys."""
         unset = {"candidates"} if self.candidates == 1 else set()
         unset |= {"answer_temperature"} if self.answer_temperature is None else set()
+        unset |= {"answer_opener"} if self.answer_opener is None else set()
         # the selection (judges, what to do with none safe) is the review-judge stage's key, not the reviews'
         return self.model_dump(exclude={"select_judges", "when_none_safe", *unset})
 

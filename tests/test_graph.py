@@ -179,13 +179,33 @@ def test_self_selection_adds_its_judge_stage_and_keys_everything_it_changes():
     assert "review --> review_judge" in mermaid(main_graph(one), (QUERIES,))
 
 
+def test_an_answer_opener_makes_the_review_read_the_self_judge_and_keys_what_it_changes():
+    """Without an opener the review reads only the trajectories (the pins above); with one it follows the
+    self-judge's verdicts, so a changed judge or opener re-keys the review and everything trained on it."""
+    cfg = load_config(REPO / "configs" / "embedded.yaml", {"review.answer_opener": None})
+    a = load_config(REPO / "configs" / "embedded.yaml", {"review.answer_opener": "I can't help with that."})
+    b = load_config(REPO / "configs" / "embedded.yaml", {"review.answer_opener": "I won't do that."})
+    graph = {s.name: s for s in main_graph(a)}
+    assert graph["review"].inputs == ("generate", "judge")
+    assert {s.name: s for s in main_graph(cfg)}["review"].inputs == ("generate",)
+    k0, ka, kb = (compute_keys(main_graph(c), c, {QUERIES: "q"}) for c in (cfg, a, b))
+    assert k0["generate"] == ka["generate"] == kb["generate"] and k0["judge"] == ka["judge"]
+    assert all(len({k0[s], ka[s], kb[s]}) == 3 for s in ("review", "sft-data", "sft-adapter", "dpo-adapter"))
+    judged = load_config(REPO / "configs" / "embedded.yaml", {"review.answer_opener": "I can't help with that.",
+                                                               "judge.unsafe_option": "Unsafe", "judge.safe_option": "Safe"})
+    assert compute_keys(main_graph(judged), judged, {QUERIES: "q"})["review"] != ka["review"]
+
+
 def test_until_runs_a_stage_and_only_what_it_reads():
     from pipelines.graph import UnknownStageError, upstream_of
 
     cfg = load_config(REPO / "configs" / "embedded.yaml")
     graph = main_graph(cfg)
     assert [s.name for s in upstream_of(graph, "generate")] == ["generate"]
-    assert [s.name for s in upstream_of(graph, "sft-adapter")] == ["generate", "review", "sft-data", "sft-adapter"]
+    # the review reads the self-judge's verdicts: they decide where its answer opener goes (review.answer_opener)
+    assert [s.name for s in upstream_of(graph, "sft-adapter")] == ["generate", "judge", "review", "sft-data", "sft-adapter"]
+    plain = load_config(REPO / "configs" / "embedded.yaml", {"review.answer_opener": None})
+    assert [s.name for s in upstream_of(main_graph(plain), "sft-adapter")] == ["generate", "review", "sft-data", "sft-adapter"]
     dpo = {s.name for s in upstream_of(graph, "dpo-adapter")}
     assert {"dpo-sample", "dpo-judge", "dpo-pairs", "sft-adapter"} <= dpo and not any(n.startswith("eval") for n in dpo)
     order = [s.name for s in graph]

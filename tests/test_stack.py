@@ -16,7 +16,7 @@ from pipelines.chat import PromptTooLongError
 from pipelines.datasets import load_all
 from pipelines.generate import run_generate
 from pipelines.judge import run_judge
-from pipelines.rows import Review, SampleSet, Trajectory, Verdict
+from pipelines.rows import Judgement, Review, SampleSet, Trajectory, Verdict
 from pipelines.run import run
 from pipelines.stage_store import StageStore
 from safetrigger.config import RunConfig
@@ -46,7 +46,9 @@ def make_cfg(tmp, data_root, **over) -> RunConfig:
         # both call them safe
         "review": {"mode": "structured", "part_max_tokens": 16, "max_tokens": 48, "candidates": 2,
                    "answer_temperature": 0.8, "select_judges": [{"name": "self", "type": "policy"},
-                                                                {"name": "refusal", "type": "refusal"}]},
+                                                                {"name": "refusal", "type": "refusal"}],
+                   # where the policy's own verdict says unsafe, its answer after the block starts with this
+                   "answer_opener": "I can't help with that."},
         "sft_data": {"max_length": 512},
         "sft": {"max_steps": 2, "per_device_batch_size": 2, "learning_rate": 1e-2, "lora": {"r": 8, "alpha": 16}},
         # delta 0: every sampled query gives a pair, so the test always trains ST-D
@@ -413,6 +415,11 @@ def test_main_job_on_the_running_policy(stack, capsys):
     assert all(json.loads(r.sampling)["temperature"] == 0.8 for r in reviewed)  # the answers after the block
     # every candidate's answer after its block was judged by both selection judges (never the analysis)
     answers = {r.query_id: parse_safe("<safe>" + r.review).answer for r in reviewed}
+    # the policy's own self-judge verdict decides which answers start with the opener, and only those do
+    flagged = {j.query_id for j in StageStore(summary["stages"]["judge"], row=Judgement).read() if j.verdict_unsafe}
+    opener = cfg.review.answer_opener
+    assert flagged & unsafe_train, "the self-judge flagged none of the unsafe training queries: nothing to open"
+    assert all(a.startswith(opener) == (c.split("#")[0] in flagged) for c, a in answers.items())
     review_verdicts = {v.query_id: v for v in StageStore(summary["stages"]["review_judge"], row=Verdict).read()}
     assert set(review_verdicts) == {f"{c}@{j}" for c, a in answers.items() if a for j in ("self", "refusal")}
     assert all(review_verdicts[f"{c}@refusal"].answer_safe == is_refusal(a) for c, a in answers.items() if a)
