@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from safetrigger.config import RunConfig
-from safetrigger.method import SplitSource, query_messages, safe_position
+from safetrigger.method import SAFE_CLOSE, SplitSource, query_messages, safe_position
 from safetrigger.method.reasoning import THINK_OPEN, THINK_SOURCES
 from safetrigger.method.sft import Candidate, Target, candidate_id, check_length, general_target, select_candidate, unsafe_target
 
@@ -34,7 +34,7 @@ def build_sft_examples(
     tok = load_tokenizer(model_path)
     reviewed = {r.query_id: r for r in reviews}
     judged = {v.query_id: v for v in verdicts or []}
-    examples, drops, kept, positions = [], Counter(), Counter(), Counter()
+    examples, drops, kept, positions, opened = [], Counter(), Counter(), Counter(), Counter()
     selection: dict[str, Counter] = defaultdict(Counter)
 
     def count(text: str) -> int:
@@ -61,14 +61,22 @@ def build_sft_examples(
         prompt, completion = prompt_completion_text(tok, messages, target.completion, cfg.model.chat_template_kwargs)
         if target.tagged:  # the method puts the block after the reasoning: counted, so the report can show it
             positions[safe_position(completion, opened=prompt.rstrip().endswith(THINK_OPEN))] += 1
+            opened[t.kind] += _opens(completion, cfg.review.answer_opener)
         examples.append(SftExample(query_id=t.query_id, kind=t.kind, tagged=target.tagged, prompt=prompt,
                                    completion=completion))
     stats = {"kept": dict(kept), "dropped": dict(drops), "max_length": cfg.sft_data.max_length,
              "safe_position": dict(positions)}
+    if cfg.review.answer_opener is not None:  # tagged targets whose answer starts with it, per kind
+        stats["opened"] = {k: opened[k] for k in sorted(kept) if k != "general"}
     if cfg.review.candidates > 1 or cfg.review.select_judges:
         stats["selection"] = {"candidates": cfg.review.candidates, "judges": [j.name for j in cfg.review.select_judges],
                               "per_kind": {k: dict(c) for k, c in sorted(selection.items())}}
     return examples, stats
+
+
+def _opens(completion: str, opener: str | None) -> bool:
+    return opener is not None and SAFE_CLOSE in completion and \
+        completion.split(SAFE_CLOSE, 1)[1].lstrip().startswith(opener.strip())
 
 
 def _candidates(t: Trajectory, reviewed: dict[str, Review], judged: dict[str, Verdict], cfg: RunConfig, think: bool,

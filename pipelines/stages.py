@@ -81,7 +81,8 @@ def _sft_data(job: Job, r: Results, path: Path) -> dict[str, Any]:
 
     examples, stats = build_sft_examples(r["generate"], r["review"], job.cfg, job.model_path, r.get("review-judge"))
     write_jsonl(path, examples)
-    job.emit(f"[sft-data] {len(examples)} examples -> {path}; kept {stats['kept']}, dropped {stats['dropped']}")
+    job.emit(f"[sft-data] {len(examples)} examples -> {path}; kept {stats['kept']}, dropped {stats['dropped']}"
+             + (f"; answers opened by the policy's unsafe verdict {stats['opened']}" if "opened" in stats else ""))
     if "selection" in stats:
         job.emit("\n" + format_selection_table(stats) + "\n")
     return {"path": str(path), "examples": len(examples), "stats": stats}
