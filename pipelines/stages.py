@@ -103,11 +103,16 @@ def _train_st_s(job: Job, r: Results, adapter_dir: Path) -> dict[str, Any] | Ski
 
 def _eval_answers(adapter: str):
     def run(job: Job, r: Results, store) -> list[Any]:
-        from .generate import run_generate
+        from .block_room import run_eval_answers
 
-        return run_generate([q for q in r[QUERIES] if q.split == "eval"], job.policy(), job.cfg, store, adapter=adapter)
+        return run_eval_answers([q for q in r[QUERIES] if q.split == "eval"], job.policy(), job.cfg, store, adapter)
 
     return run
+
+
+def _block_room(c: RunConfig) -> tuple:
+    """Part of an adapter eval's key only when set, so the keys of runs without it stay as they were."""
+    return () if c.eval.block_room_tokens == 0 else (("block_room", c.eval.block_room_tokens),)
 
 
 def _dpo_sample(rnd: int):
@@ -218,7 +223,8 @@ def pipeline_stages(cfg: RunConfig | None = None) -> list[Stage]:
         Stage("sft-adapter", ("review", "sft-data", *selected), lambda c, k: (
             "sft", k["review"], c.sft_data.model_dump(), c.sft.key_fields(), *(k[s] for s in selected)), _train_st_s, output="adapter",
               publish="st-s", doc="ST-S: SFT on Ray Train, served as policy:st-s"),
-        Stage("eval-st-s", ("sft-adapter", "generate"), lambda c, k: ("eval-st-s", k["sft-adapter"], k["generate"]),
+        Stage("eval-st-s", ("sft-adapter", "generate"), lambda c, k: ("eval-st-s", k["sft-adapter"], k["generate"],
+                                                                     *_block_room(c)),
               _eval_answers("st-s"), row=Trajectory, doc="ST-S answers the eval split"),
         *_dpo_round_stages(1),
         *(st for rnd in range(2, (cfg.dpo.rounds if cfg is not None else 1) + 1) for st in _dpo_round_stages(rnd)),
@@ -249,7 +255,8 @@ def _dpo_round_stages(rnd: int) -> list[Stage]:
               _train_st_d(rnd), output="adapter", publish=round_adapter(rnd),
               doc=(f"ST-D: DPO on Ray Train from ST-S, served as policy:st-d" if rnd == 1 else
                    f"DPO round {rnd} from {round_adapter(rnd - 1)}, served as policy:{round_adapter(rnd)}")),
-        Stage(f"eval-st-d{x}", (f"dpo-adapter{x}", "generate"), lambda c, k: (f"eval-st-d{x}", k[f"dpo-adapter{x}"], k["generate"]),
+        Stage(f"eval-st-d{x}", (f"dpo-adapter{x}", "generate"), lambda c, k: (f"eval-st-d{x}", k[f"dpo-adapter{x}"], k["generate"],
+                                                                                  *_block_room(c)),
               _eval_answers(round_adapter(rnd)), row=Trajectory, doc=f"{'ST-D' if rnd == 1 else round_adapter(rnd)} answers the eval split"),
     ]
 

@@ -440,6 +440,11 @@ class EvalConfig(_Strict):
     gate: GateConfig = GateConfig()
     candidates: list[Literal["st-d", "st-s"]] = Field(default_factory=lambda: ["st-d", "st-s"])  # preference order
     bootstrap_samples: int = Field(2000, ge=100)
+    # An adapter's eval answer that generation.max_tokens cut inside an open `<safe>` block is continued by up to
+    # this many tokens, so the block closes and the answer after it is written: the base never writes a block,
+    # and a budget the block used up is a cut answer, not a measured one (embedded ST-S at 128 tokens: 6 of 27
+    # harmful answers cut inside the block). 0: no continuation; the cut answers count as incomplete.
+    block_room_tokens: int = Field(0, ge=0, le=4096)
 
     @model_validator(mode="after")
     def _names(self) -> "EvalConfig":
