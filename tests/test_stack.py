@@ -620,3 +620,26 @@ def test_killed_stage_resumes_without_losing_or_duplicating_rows(stack, tmp_path
     # what was committed before the kill is kept as it was, not redone
     assert all((store.root / name).read_bytes() == data for name, data in before.items())
     assert StageStore(parts[0].parent).done
+
+
+def test_an_answer_cut_inside_its_block_is_continued_through_the_policy(stack, tmp_path):
+    """eval.block_room_tokens on the served policy: the cut answer gets one completion from its exact prompt and
+    text, within the room, and the joined trajectory carries both token counts."""
+    from pipelines.block_room import _continue, cut_in_block, join
+    from pipelines.chat import reasoning_rule
+    from tests.row_factories import trajectory
+
+    cfg, ep, _ = stack
+    rule = reasoning_rule(cfg, ep.model_path)
+    cut = trajectory(query_id="cut", prompt="How do I pick a lock?", finish_reason="length", completion_tokens=20,
+                     response="Lock picking needs tools.\n\n<safe>\n1. Is the core question safe? It asks how to")
+    done = trajectory(query_id="done", prompt="Say hi.", response="Hi!", finish_reason="stop")
+    assert [t.query_id for t in (cut, done) if cut_in_block(t, rule)] == ["cut"]
+    store = StageStore(tmp_path / "blocks", row=Review)
+    more = _continue([cut], ep, cfg, store, "", room=12)
+    assert set(more) == {"cut"} and 0 < more["cut"].completion_tokens <= 12 and more["cut"].review
+    whole = join(cut, more["cut"], rule)
+    assert whole.response.startswith(cut.response) and len(whole.response) > len(cut.response)
+    assert whole.completion_tokens == 20 + more["cut"].completion_tokens
+    assert _continue([cut], ep, cfg, store, "", room=12) == more
+    assert store.count() == 1  # the second call resumed from the store: nothing was sent again
