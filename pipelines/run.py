@@ -221,7 +221,7 @@ def _tables(job: Job, results: dict[str, Any], data_line: str = "") -> dict[str,
     """Awareness (the policy judging its own reasoning), `<safe>` trigger rates per model, DPO pair statistics."""
     from .awareness import awareness_table, format_table
     from .dpo_data import format_pair_table
-    from .sft_data import format_selection_table
+    from .sft_data import format_opener_line, format_selection_table
     from .trigger import format_trigger_table, trigger_rows
 
     table = awareness_table(results["judge"])
@@ -232,8 +232,10 @@ def _tables(job: Job, results: dict[str, Any], data_line: str = "") -> dict[str,
     pair_text = "\n\n".join(
         (f"DPO round {r}:\n\n" if rounds > 1 else "") + format_pair_table(stats)
         for r in range(1, rounds + 1) if (stats := _value(results, f"dpo-pairs{round_suffix(r)}", "stats")))
-    selection_text = format_selection_table(_value(results, "sft-data", "stats"))
-    markdown = "\n\n".join(x for x in (data_line, text, trigger_text, selection_text, pair_text) if x)
+    sft_stats = _value(results, "sft-data", "stats")
+    selection_text = format_selection_table(sft_stats)
+    opener_text = format_opener_line(sft_stats or {}, job.cfg.review.answer_opener)
+    markdown = "\n\n".join(x for x in (data_line, text, trigger_text, opener_text, selection_text, pair_text) if x)
     (job.out / "awareness.md").write_text(markdown + "\n")
     job.emit("\n" + text + "\n\n" + trigger_text + "\n")
     return {"awareness": [asdict(r) for r in table], "trigger": [asdict(r) for r in triggers], "markdown": markdown}

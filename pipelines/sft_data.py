@@ -104,6 +104,16 @@ def _count_selection(c: Counter, candidates: list[Candidate], chosen: Target) ->
     c["accepted"] += chosen.completion is not None
 
 
+def format_opener_line(stats: dict[str, Any], opener: str | None) -> str:
+    """How many unsafe SFT targets answer after the block with `review.answer_opener` (the policy's own unsafe
+    verdict put it there), so a reader of the report knows what the refusals it measures were trained on."""
+    if opener is None or "opened" not in stats:
+        return ""
+    parts = ", ".join(f"{k} {n} of {stats['kept'].get(k, 0)}" for k, n in stats["opened"].items())
+    return (f"SFT targets whose answer after the block starts with the configured opener {opener!r} (where the "
+            f"policy's own self-judge called the query unsafe; the rest of each answer is the policy's): {parts}.")
+
+
 def format_selection_table(stats: dict[str, Any]) -> str:
     """Self-selected answers per kind: how many candidates were well formed, judged safe, and how many queries
     kept a target (acceptance)."""

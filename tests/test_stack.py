@@ -442,7 +442,8 @@ def test_main_job_on_the_running_policy(stack, capsys):
     selection = stats["selection"]["per_kind"]
     assert sum(c["queries"] for c in selection.values()) == len(unsafe_train)
     assert sum(c["accepted"] for c in selection.values()) == sum(ex["tagged"] for ex in examples)
-    assert "Self-selected answers" in (tmp / "run" / "awareness.md").read_text()
+    awareness = (tmp / "run" / "awareness.md").read_text()
+    assert "Self-selected answers" in awareness and f"the configured opener {opener!r}" in awareness
     # ST-S was trained on Ray Train, published to the registry and served hot for the eval split
     from services import adapters
 
