@@ -22,7 +22,7 @@ from .chat import chat_prompt_ids, load_tokenizer, reasoning_rule
 from .generate import MIN_NEW_TOKENS, run_generate
 from .policy_recovery import Recovery
 from .rows import Review
-from .serve_batch import first_choice, run_through_policy
+from .serve_batch import completion_row, run_through_policy
 from .stage_store import StageStore, chunked
 
 
@@ -70,7 +70,7 @@ def _continue(cut: list[Trajectory], endpoint: PolicyEndpoint, cfg: RunConfig, s
         if left >= MIN_NEW_TOKENS:  # else it stays cut, and counted as incomplete
             rows.append({"query_id": t.query_id, "prompt_ids": ids, "max_tokens": min(room, left)})
     g = cfg.generation
-    run_through_policy(rows, endpoint, _ContinueRequest(endpoint.served_model(adapter), cfg), _post, store,
+    run_through_policy(rows, endpoint, _ContinueRequest(endpoint.served_model(adapter), cfg), completion_row, store,
                        "eval/block-room", batch_size=g.batch_size, concurrency=g.concurrency, fanout=g.fanout,
                        recovery=Recovery.of(g), chunk_rows=g.chunk_rows, total=len(cut))
     return {r.query_id: r for r in store.read()}
@@ -89,11 +89,3 @@ class _ContinueRequest:
         kwargs = {"model": self.model, "prompt": [int(i) for i in row["prompt_ids"]], **sampling}
         return {"query_id": row["query_id"], "sampling_json": json.dumps(sampling, sort_keys=True),
                 "method": "completions", "dtype": "CompletionRequest", "request_kwargs": kwargs}
-
-
-def _post(row: dict[str, Any]) -> dict[str, Any]:
-    choice = first_choice(row)
-    return {"query_id": row["query_id"], "review": choice["text"] or "",
-            "finish_reason": str(choice.get("finish_reason") or ""),
-            "completion_tokens": int((row.get("usage") or {}).get("completion_tokens") or 0),
-            "sampling": row["sampling_json"]}

@@ -30,7 +30,7 @@ from .chat import chat_prompt_ids, convention, load_tokenizer, truncate_tokens
 from .generate import MIN_NEW_TOKENS
 from .policy_recovery import Recovery
 from .rows import Review
-from .serve_batch import first_choice, run_through_policy
+from .serve_batch import completion_row, run_through_policy
 from .stage_store import StageStore, chunked
 
 
@@ -77,14 +77,6 @@ class _Pre:
                 "method": "completions", "dtype": "CompletionRequest", "request_kwargs": kwargs}
 
 
-def _post(row: dict[str, Any]) -> dict[str, Any]:
-    choice = first_choice(row)
-    return {"query_id": row["query_id"], "review": choice["text"] or "",
-            "finish_reason": str(choice.get("finish_reason") or ""),
-            "completion_tokens": int((row.get("usage") or {}).get("completion_tokens") or 0),
-            "sampling": row["sampling_json"]}
-
-
 def opened_queries(cfg: RunConfig, judgements: list[Judgement] | None) -> dict[str, str]:
     """The answer opener of each query whose self-judge verdict was unsafe (`review.answer_opener`)."""
     opener = cfg.review.answer_opener
@@ -109,7 +101,7 @@ def run_review(
     g = cfg.generation
     if cfg.review.mode == "free":
         rows = plan_review_rows(_as_candidates(pending, n, done), cfg, endpoint.model_path)
-        run_through_policy(rows, endpoint, _Pre(model, cfg), _post, store, "review", batch_size=g.batch_size,
+        run_through_policy(rows, endpoint, _Pre(model, cfg), completion_row, store, "review", batch_size=g.batch_size,
                            concurrency=g.concurrency, fanout=g.fanout,
                            recovery=Recovery.of(g), chunk_rows=g.chunk_rows, total=len(todo) * n)
         return store.read()
@@ -145,7 +137,7 @@ def _structured(pending, endpoint: PolicyEndpoint, cfg: RunConfig, store: StageS
             written = {candidate_id(q, j, n): w for q, w in written.items() for j in range(n)}
         rows = plan_review_rows(asked, cfg, endpoint.model_path, written,
                                 max_tokens=cfg.review.part_max_tokens if line else cfg.review.max_tokens)
-        run_through_policy(rows, endpoint, _Pre(model, cfg, name, line), _post, rstore, f"review/{name}",
+        run_through_policy(rows, endpoint, _Pre(model, cfg, name, line), completion_row, rstore, f"review/{name}",
                            batch_size=g.batch_size, concurrency=g.concurrency, fanout=g.fanout,
                            recovery=Recovery.of(g), chunk_rows=g.chunk_rows,
                            total=len(live) * (1 if line else n))

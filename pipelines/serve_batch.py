@@ -41,6 +41,15 @@ class PolicyRequestError(RuntimeError):
     pass
 
 
+def completion_row(row: Row) -> dict[str, Any]:
+    """A `Review`-shaped row of a completion request's answer: the text it continued with, why it stopped, its tokens."""
+    choice = first_choice(row)
+    return {"query_id": row["query_id"], "review": choice["text"] or "",
+            "finish_reason": str(choice.get("finish_reason") or ""),
+            "completion_tokens": int((row.get("usage") or {}).get("completion_tokens") or 0),
+            "sampling": row["sampling_json"]}
+
+
 def first_choice(row: Row) -> dict[str, Any]:
     """The first choice of a response row, or a clear error when the policy answered with an error."""
     choices = row.get("choices")
