@@ -13,7 +13,7 @@ from typing import Any
 
 from safetrigger.config import AnswerJudgeConfig, RunConfig
 
-from .graph import Job, Keys, Skip, Stage
+from .graph import Job, Skip, Stage
 from .rows import Judgement, Review, SampleSet, Trajectory, Verdict
 
 QUERIES = "queries"  # the graph's root: every query with its split (its key hashes the ids and splits)
@@ -253,7 +253,7 @@ def _dpo_round_stages(rnd: int) -> list[Stage]:
             "dpo", k[f"dpo-pairs{x}"], {f: v for f, v in d(c).key_fields().items() if f not in ("judge", "enabled", "rejected")},
             *(() if rnd == 1 else (k[prev],))),
               _train_st_d(rnd), output="adapter", publish=round_adapter(rnd),
-              doc=(f"ST-D: DPO on Ray Train from ST-S, served as policy:st-d" if rnd == 1 else
+              doc=("ST-D: DPO on Ray Train from ST-S, served as policy:st-d" if rnd == 1 else
                    f"DPO round {rnd} from {round_adapter(rnd - 1)}, served as policy:{round_adapter(rnd)}")),
         Stage(f"eval-st-d{x}", (f"dpo-adapter{x}", "generate"), lambda c, k: (f"eval-st-d{x}", k[f"dpo-adapter{x}"], k["generate"],
                                                                                   *_block_room(c)),
