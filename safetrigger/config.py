@@ -444,7 +444,7 @@ class EvalConfig(_Strict):
     # this many tokens, so the block closes and the answer after it is written: the base never writes a block,
     # and a budget the block used up is a cut answer, not a measured one (embedded ST-S at 128 tokens: 6 of 27
     # harmful answers cut inside the block). 0: no continuation; the cut answers count as incomplete.
-    block_room_tokens: int = Field(0, ge=0, le=4096)
+    block_room_tokens: int = Field(0, ge=0, le=32768)
 
     @model_validator(mode="after")
     def _names(self) -> "EvalConfig":

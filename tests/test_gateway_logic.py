@@ -576,6 +576,7 @@ def _job(data_root, **over):
     ({"dpo": {"judge": {"type": "deployment", **JUDGE, "app_name": "gateway"}}}, "dpo.judge"),
     ({"review": {"candidates": 8}}, "review.candidates 8 exceeds"),
     ({"dpo": {"rounds": 3}}, "dpo.rounds 3 exceeds"),
+    ({"eval": {"block_room_tokens": 5000}}, "eval.block_room_tokens 5000 exceeds"),
     ({"guards": [{"name": "mine", "model": {"source": "Qwen/Qwen3-8B"}}]}, "guards: deploying a judge model is the operator's"),
     ({"review": {"candidates": 2, "select_judges": [{"name": "g", "type": "deployment", **JUDGE, "model_id": "x"}]}},
      "review.select_judges[0]: deployment judge"),

@@ -62,7 +62,7 @@ class JobPolicy(_Strict):
     max_active_per_key: int = Field(2, ge=1)  # PENDING or RUNNING jobs of one key
     max_workers: int = Field(4, ge=1)  # Ray Train workers of SFT and DPO
     max_epochs: float = Field(10, gt=0)
-    max_new_tokens: int = Field(4096, ge=16)  # generation, review and DPO sampling
+    max_new_tokens: int = Field(4096, ge=16)  # generation, review, DPO sampling and eval block room
     max_dpo_samples: int = Field(16, ge=2)
     max_review_candidates: int = Field(4, ge=1)  # self-selected answers: reviews sampled per query
     max_dpo_rounds: int = Field(2, ge=1)  # iterative DPO: each round samples, trains and evaluates again

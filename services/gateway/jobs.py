@@ -123,6 +123,7 @@ def within_policy(run: RunConfig, policy: JobPolicy) -> None:
               ("generation.max_tokens", run.generation.max_tokens, policy.max_new_tokens),
               ("review.max_tokens", run.review.max_tokens, policy.max_new_tokens),
               ("dpo.max_tokens", run.dpo.max_tokens, policy.max_new_tokens),
+              ("eval.block_room_tokens", run.eval.block_room_tokens, policy.max_new_tokens),
               ("dpo.num_samples", run.dpo.num_samples, policy.max_dpo_samples),
               ("review.candidates", run.review.candidates, policy.max_review_candidates),
               ("dpo.rounds", run.dpo.rounds, policy.max_dpo_rounds),
