@@ -9,20 +9,18 @@ itself, not a longer answer.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from safetrigger.config import RunConfig
-from safetrigger.method import Incomplete, Query, ReasoningRule, Trajectory, incomplete, query_messages, split_reasoning, stable_hash
+from safetrigger.method import Incomplete, Query, ReasoningRule, Trajectory, incomplete, query_messages, split_reasoning
 from services.policy import PolicyEndpoint
 
 from .chat import chat_prompt_ids, load_tokenizer, reasoning_rule
 from .generate import MIN_NEW_TOKENS, run_generate
 from .policy_recovery import Recovery
 from .rows import Review
-from .serve_batch import completion_row, run_through_policy
+from .serve_batch import SampledCompletion, completion_row, run_through_policy
 from .stage_store import StageStore, chunked
 
 
@@ -70,22 +68,11 @@ def _continue(cut: list[Trajectory], endpoint: PolicyEndpoint, cfg: RunConfig, s
         if left >= MIN_NEW_TOKENS:  # else it stays cut, and counted as incomplete
             rows.append({"query_id": t.query_id, "prompt_ids": ids, "max_tokens": min(room, left)})
     g = cfg.generation
-    run_through_policy(rows, endpoint, _ContinueRequest(endpoint.served_model(adapter), cfg), completion_row, store,
+    # sampled as the first pass was, seeded apart from it
+    request = SampledCompletion(endpoint.served_model(adapter), {"temperature": g.temperature, "top_p": g.top_p}, g.seed,
+                                "block-room")
+    run_through_policy(rows, endpoint, request, completion_row, store,
                        "eval/block-room", batch_size=g.batch_size, concurrency=g.concurrency, fanout=g.fanout,
                        recovery=Recovery.of(g), chunk_rows=g.chunk_rows, total=len(cut))
     return {r.query_id: r for r in store.read()}
 
-
-class _ContinueRequest:
-    """Picklable preprocess: a completion from the prompt and the text so far, sampled as the first pass was."""
-
-    def __init__(self, model: str, cfg: RunConfig) -> None:
-        g = cfg.generation
-        self.model, self.temperature, self.top_p, self.seed = model, g.temperature, g.top_p, g.seed
-
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        sampling = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": int(row["max_tokens"]),
-                    "seed": (self.seed + stable_hash("block-room" + row["query_id"])) % 2**31}
-        kwargs = {"model": self.model, "prompt": [int(i) for i in row["prompt_ids"]], **sampling}
-        return {"query_id": row["query_id"], "sampling_json": json.dumps(sampling, sort_keys=True),
-                "method": "completions", "dtype": "CompletionRequest", "request_kwargs": kwargs}

@@ -14,14 +14,13 @@ a row of its own (`<query_id>#<i>`), for the SFT data stage to select from by th
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from safetrigger.config import RunConfig
 from safetrigger.method import (
-    REVIEW_PART_CUES, SAFE_CLOSE, SAFE_OPEN, Judgement, Trajectory, review_messages, review_prefill, stable_hash, structured_review_text,
+    REVIEW_PART_CUES, SAFE_CLOSE, SAFE_OPEN, Judgement, Trajectory, review_messages, review_prefill, structured_review_text,
 )
 from safetrigger.method.sft import candidate_id
 from services.policy import PolicyEndpoint
@@ -30,7 +29,7 @@ from .chat import chat_prompt_ids, convention, load_tokenizer, truncate_tokens
 from .generate import MIN_NEW_TOKENS
 from .policy_recovery import Recovery
 from .rows import Review
-from .serve_batch import completion_row, run_through_policy
+from .serve_batch import SampledCompletion, completion_row, run_through_policy
 from .stage_store import StageStore, chunked
 
 
@@ -58,23 +57,16 @@ def plan_review_rows(
     return rows
 
 
-class _Pre:
-    def __init__(self, model: str, cfg: RunConfig, round_name: str = "", line: bool = False) -> None:
-        self.model, self.temperature, self.top_p, self.seed = model, cfg.review.temperature, cfg.generation.top_p, cfg.generation.seed
-        self.round_name, self.line = round_name, line
-        if round_name == "answer" and cfg.review.answer_temperature is not None:
-            self.temperature = cfg.review.answer_temperature
-
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        sampling: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": int(row["max_tokens"]),
-                                    "seed": (self.seed + stable_hash("review" + self.round_name + row["query_id"])) % 2**31}
-        if self.line:  # one line of the block: at least a word, stop at the line's end
-            sampling.update(stop=["\n"], min_tokens=2)
-        elif self.round_name:  # the answer after the closed block: a small model starts the block over
-            sampling.update(stop=[SAFE_OPEN, SAFE_CLOSE])
-        kwargs = {"model": self.model, "prompt": [int(i) for i in row["prompt_ids"]], **sampling}
-        return {"query_id": row["query_id"], "sampling_json": json.dumps(sampling, sort_keys=True),
-                "method": "completions", "dtype": "CompletionRequest", "request_kwargs": kwargs}
+def _review_request(model: str, cfg: RunConfig, round_name: str = "", line: bool = False) -> SampledCompletion:
+    temperature = cfg.review.temperature
+    if round_name == "answer" and cfg.review.answer_temperature is not None:
+        temperature = cfg.review.answer_temperature
+    sampling: dict[str, Any] = {"temperature": temperature, "top_p": cfg.generation.top_p}
+    if line:  # one line of the block: at least a word, stop at the line's end
+        sampling.update(stop=["\n"], min_tokens=2)
+    elif round_name:  # the answer after the closed block: a small model starts the block over
+        sampling.update(stop=[SAFE_OPEN, SAFE_CLOSE])
+    return SampledCompletion(model, sampling, cfg.generation.seed, "review" + round_name)
 
 
 def opened_queries(cfg: RunConfig, judgements: list[Judgement] | None) -> dict[str, str]:
@@ -101,7 +93,7 @@ def run_review(
     g = cfg.generation
     if cfg.review.mode == "free":
         rows = plan_review_rows(_as_candidates(pending, n, done), cfg, endpoint.model_path)
-        run_through_policy(rows, endpoint, _Pre(model, cfg), completion_row, store, "review", batch_size=g.batch_size,
+        run_through_policy(rows, endpoint, _review_request(model, cfg), completion_row, store, "review", batch_size=g.batch_size,
                            concurrency=g.concurrency, fanout=g.fanout,
                            recovery=Recovery.of(g), chunk_rows=g.chunk_rows, total=len(todo) * n)
         return store.read()
@@ -137,7 +129,7 @@ def _structured(pending, endpoint: PolicyEndpoint, cfg: RunConfig, store: StageS
             written = {candidate_id(q, j, n): w for q, w in written.items() for j in range(n)}
         rows = plan_review_rows(asked, cfg, endpoint.model_path, written,
                                 max_tokens=cfg.review.part_max_tokens if line else cfg.review.max_tokens)
-        run_through_policy(rows, endpoint, _Pre(model, cfg, name, line), completion_row, rstore, f"review/{name}",
+        run_through_policy(rows, endpoint, _review_request(model, cfg, name, line), completion_row, rstore, f"review/{name}",
                            batch_size=g.batch_size, concurrency=g.concurrency, fanout=g.fanout,
                            recovery=Recovery.of(g), chunk_rows=g.chunk_rows,
                            total=len(live) * (1 if line else n))

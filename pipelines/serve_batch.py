@@ -14,6 +14,7 @@ stage alike (`policy_recovery`).
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from typing import Any, Callable, Iterator, Literal
 
@@ -25,6 +26,7 @@ from ray.data import DataContext
 from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
+from safetrigger.method import stable_hash
 from services.policy import PolicyEndpoint
 
 from .policy_recovery import PolicyUnavailableError, Recovery, replica_loss, wait_for_policy
@@ -39,6 +41,21 @@ _DTYPES = {"CompletionRequest": CompletionRequest, "ChatCompletionRequest": Chat
 
 class PolicyRequestError(RuntimeError):
     pass
+
+
+class SampledCompletion:
+    """Picklable preprocess: a completion request from a row's exact prompt ids, with its own `max_tokens` and a
+    seed per row (`salt` + query id), so a re-run samples the same text. The answer comes back by `completion_row`."""
+
+    def __init__(self, model: str, sampling: dict[str, Any], seed: int, salt: str) -> None:
+        self.model, self.sampling, self.seed, self.salt = model, sampling, seed, salt
+
+    def __call__(self, row: Row) -> dict[str, Any]:
+        sampling = {**self.sampling, "max_tokens": int(row["max_tokens"]),
+                    "seed": (self.seed + stable_hash(self.salt + row["query_id"])) % 2**31}
+        kwargs = {"model": self.model, "prompt": [int(i) for i in row["prompt_ids"]], **sampling}
+        return {"query_id": row["query_id"], "sampling_json": json.dumps(sampling, sort_keys=True),
+                "method": "completions", "dtype": "CompletionRequest", "request_kwargs": kwargs}
 
 
 def completion_row(row: Row) -> dict[str, Any]:
