@@ -20,7 +20,8 @@ from typing import Any
 
 from safetrigger.config import RunConfig
 from safetrigger.method import (
-    REVIEW_PART_CUES, SAFE_CLOSE, SAFE_OPEN, Judgement, Trajectory, review_messages, review_prefill, structured_review_text,
+    REVIEW_PART_CUES, SAFE_CLOSE, SAFE_OPEN, Judgement, Trajectory, part_opening, review_messages, review_prefill,
+    structured_review_text,
 )
 from safetrigger.method.sft import candidate_id
 from services.policy import PolicyEndpoint
@@ -69,14 +70,21 @@ def _review_request(model: str, cfg: RunConfig, round_name: str = "", line: bool
     return SampledCompletion(model, sampling, cfg.generation.seed, "review" + round_name)
 
 
+def flagged_queries(cfg: RunConfig, judgements: list[Judgement] | None) -> set[str]:
+    """The queries whose self-judge verdict was unsafe, where the review opens its parts or answer."""
+    if not cfg.review.reads_verdicts():
+        return set()
+    if judgements is None:
+        raise ValueError("review.answer_opener or review.verdict_word is set but the review stage got no self-judge verdicts")
+    return {j.query_id for j in judgements if j.verdict_unsafe}
+
+
 def opened_queries(cfg: RunConfig, judgements: list[Judgement] | None) -> dict[str, str]:
     """The answer opener of each query whose self-judge verdict was unsafe (`review.answer_opener`)."""
     opener = cfg.review.answer_opener
     if opener is None:
         return {}
-    if judgements is None:
-        raise ValueError("review.answer_opener is set but the review stage got no self-judge verdicts")
-    return {j.query_id: opener.strip() + " " for j in judgements if j.verdict_unsafe}
+    return {q: opener.strip() + " " for q in flagged_queries(cfg, judgements)}
 
 
 def run_review(
@@ -97,7 +105,8 @@ def run_review(
                            concurrency=g.concurrency, fanout=g.fanout,
                            recovery=Recovery.of(g), chunk_rows=g.chunk_rows, total=len(todo) * n)
         return store.read()
-    _structured(pending, endpoint, cfg, store, model, done, opened_queries(cfg, judgements))
+    _structured(pending, endpoint, cfg, store, model, done, opened_queries(cfg, judgements),
+                flagged_queries(cfg, judgements))
     return store.read()
 
 
@@ -108,9 +117,9 @@ def _as_candidates(trajectories: list[Trajectory], n: int, skip: set[str]) -> li
 
 
 def _structured(pending, endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore, model: str, done: set[str],
-                opened: dict[str, str]) -> None:
-    """The block's parts once per query; then `review.candidates` answers after it, each its own row, started
-    with the query's opener where it has one."""
+                opened: dict[str, str], flagged: set[str]) -> None:
+    """The block's parts once per query, the yes/no ones of `flagged` queries started with `review.verdict_word`;
+    then `review.candidates` answers after it, each its own row, started with the query's opener where it has one."""
     g, n = cfg.generation, cfg.review.candidates
     rounds = Path(f"{store.root}.rounds")
     parts: dict[str, list[str]] = {t.query_id: [] for t in pending}
@@ -121,7 +130,8 @@ def _structured(pending, endpoint: PolicyEndpoint, cfg: RunConfig, store: StageS
         rstore = StageStore(rounds / name, row=Review)
         live = [t for t in pending if t.query_id in parts]
         have = rstore.done_ids()
-        written = {q: structured_review_text(p) + ("" if line else opened.get(q, "")) for q, p in parts.items()}
+        opening = {q: part_opening(i, cfg.review.verdict_word, q in flagged) for q in parts}
+        written = {q: structured_review_text(p, opening[q]) + ("" if line else opened.get(q, "")) for q, p in parts.items()}
         if line:
             asked = [t for t in live if t.query_id not in have]
         else:
@@ -140,7 +150,7 @@ def _structured(pending, endpoint: PolicyEndpoint, cfg: RunConfig, store: StageS
                     del parts[q]
                     continue
                 tokens[q] += results[q].completion_tokens
-                parts[q].append(results[q].review)
+                parts[q].append(f"{opening[q]}{results[q].review}")
             continue
         final = [replace(r, review=structured_review_text(parts[q]) + opened.get(q, "") + r.review,
                          completion_tokens=r.completion_tokens + (tokens[q] if j == 0 else 0))  # the block counted once

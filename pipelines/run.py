@@ -234,7 +234,7 @@ def _tables(job: Job, results: dict[str, Any], data_line: str = "") -> dict[str,
         for r in range(1, rounds + 1) if (stats := _value(results, f"dpo-pairs{round_suffix(r)}", "stats")))
     sft_stats = _value(results, "sft-data", "stats")
     selection_text = format_selection_table(sft_stats)
-    opener_text = format_opener_line(sft_stats or {}, job.cfg.review.answer_opener)
+    opener_text = format_opener_line(sft_stats or {}, job.cfg.review.answer_opener, job.cfg.review.verdict_word)
     markdown = "\n\n".join(x for x in (data_line, text, trigger_text, opener_text, selection_text, pair_text) if x)
     (job.out / "awareness.md").write_text(markdown + "\n")
     job.emit("\n" + text + "\n\n" + trigger_text + "\n")

@@ -104,14 +104,17 @@ def _count_selection(c: Counter, candidates: list[Candidate], chosen: Target) ->
     c["accepted"] += chosen.completion is not None
 
 
-def format_opener_line(stats: dict[str, Any], opener: str | None) -> str:
+def format_opener_line(stats: dict[str, Any], opener: str | None, verdict_word: str | None = None) -> str:
     """How many unsafe SFT targets answer after the block with `review.answer_opener` (the policy's own unsafe
     verdict put it there), so a reader of the report knows what the refusals it measures were trained on."""
+    words = (f" Where the policy's own self-judge called the query unsafe, the block's yes/no parts start with "
+             f"{verdict_word.strip()!r} (review.verdict_word) and the policy wrote the reasons.") if verdict_word else ""
     if opener is None or "opened" not in stats:
-        return ""
+        return words.strip()
     parts = ", ".join(f"{k} {n} of {stats['kept'].get(k, 0)}" for k, n in stats["opened"].items())
     return (f"SFT targets whose answer after the block starts with the configured opener {opener!r} (where the "
-            f"policy's own self-judge called the query unsafe; the rest of each answer is the policy's): {parts}.")
+            f"policy's own self-judge called the query unsafe; the rest of each answer is the policy's): {parts}."
+            + words)
 
 
 def format_selection_table(stats: dict[str, Any]) -> str:

@@ -203,8 +203,9 @@ def _selection_stages(cfg: RunConfig | None) -> tuple[list[Stage], tuple[str, ..
 def pipeline_stages(cfg: RunConfig | None = None) -> list[Stage]:
     """Self-generation to ST-D's eval answers. Each key recipe: the stage's config slice and its inputs' keys."""
     selection, selected = _selection_stages(cfg)
-    # the answer opener follows the self-judge's verdicts, so the review reads them (and their key) only then
-    opened = ("judge",) if cfg is not None and cfg.review.answer_opener is not None else ()
+    # the answer opener and verdict word follow the self-judge's verdicts, so the review reads them (and their key)
+    # only then
+    opened = ("judge",) if cfg is not None and cfg.review.reads_verdicts() else ()
     return [
         Stage("generate", (QUERIES,), lambda c, k: (
             "generate", c.model.model_dump(),

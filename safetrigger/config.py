@@ -333,16 +333,28 @@ class ReviewConfig(_Strict):
     # is too small to write a refusal after its review (SmolLM2-135M: 4 of 313 such answers refused): its own
     # verdict decides, the opener puts it into words it can continue. None: the whole answer is the policy's.
     answer_opener: str | None = Field(None, min_length=1, max_length=200)
+    # structured: the block's yes/no parts (is the core question safe? are my thoughts safe?) start with this word
+    # wherever the same self-judge called the query unsafe, and the policy writes the reason. SmolLM2-135M, left
+    # to itself after the cue, wrote the next cue or another question in most parts ("2. Is the answer safe?");
+    # started with its own verdict it wrote the reason ("No, it is not."). None: every part is the policy's.
+    verdict_word: str | None = Field(None, min_length=1, max_length=40)
 
     @model_validator(mode="after")
     def _opener_needs_structure(self) -> "ReviewConfig":
-        if self.answer_opener is not None:
+        for name in ("answer_opener", "verdict_word"):
+            text = getattr(self, name)
+            if text is None:
+                continue
             if self.mode != "structured":
-                raise ValueError("review.answer_opener needs review.mode structured: a free review writes its block "
-                                 "and answer in one completion, so there is no answer to open")
-            if not self.answer_opener.strip() or "<" in self.answer_opener:
-                raise ValueError("review.answer_opener must be plain text (no tags)")
+                raise ValueError(f"review.{name} needs review.mode structured: a free review writes its block "
+                                 "and answer in one completion, so there is no part or answer to open")
+            if not text.strip() or "<" in text or "\x00" in text or (name == "verdict_word" and "\n" in text):
+                raise ValueError(f"review.{name} must be plain text (no tags, NULs{', newlines' if name == 'verdict_word' else ''})")
         return self
+
+    def reads_verdicts(self) -> bool:
+        """Whether the review follows the self-judge's verdicts (its opener or verdict word goes where they flag)."""
+        return self.answer_opener is not None or self.verdict_word is not None
 
     @model_validator(mode="after")
     def _distinct_candidates(self) -> "ReviewConfig":
@@ -359,6 +371,7 @@ class ReviewConfig(_Strict):
         unset = {"candidates"} if self.candidates == 1 else set()
         unset |= {"answer_temperature"} if self.answer_temperature is None else set()
         unset |= {"answer_opener"} if self.answer_opener is None else set()
+        unset |= {"verdict_word"} if self.verdict_word is None else set()
         # the selection (judges, what to do with none safe) is the review-judge stage's key, not the reviews'
         return self.model_dump(exclude={"select_judges", "when_none_safe", *unset})
 

@@ -88,8 +88,9 @@ def think_row(request: str, reasoning: str, answer: str) -> Row:
 
 # Raised whenever the way a build turns its data into training rows changes (the spec and files are hashed apart).
 # 2: reviews as one row per part, the cue in the prompt. 3: no empty part (the base model often ended the line at
-# once). 4: sampled attempts until a review is well formed (greedy alone: 5 of 18).
-RECIPE_VERSION = 4
+# once). 4: sampled attempts until a review is well formed (greedy alone: 5 of 18). 5: a looping review is not
+# well formed (method.sft).
+RECIPE_VERSION = 5
 
 
 def recipe_id(spec: ThinkBuild = ThinkBuild()) -> str:

@@ -179,21 +179,27 @@ def test_self_selection_adds_its_judge_stage_and_keys_everything_it_changes():
     assert "review --> review_judge" in mermaid(main_graph(one), (QUERIES,))
 
 
+NO_VERDICTS = {"review.answer_opener": None, "review.verdict_word": None}
+
+
 def test_an_answer_opener_makes_the_review_read_the_self_judge_and_keys_what_it_changes():
-    """Without an opener the review reads only the trajectories (the pins above); with one it follows the
-    self-judge's verdicts, so a changed judge or opener re-keys the review and everything trained on it."""
-    cfg = load_config(REPO / "configs" / "embedded.yaml", {"review.answer_opener": None})
-    a = load_config(REPO / "configs" / "embedded.yaml", {"review.answer_opener": "I can't help with that."})
-    b = load_config(REPO / "configs" / "embedded.yaml", {"review.answer_opener": "I won't do that."})
-    graph = {s.name: s for s in main_graph(a)}
-    assert graph["review"].inputs == ("generate", "judge")
+    """Without an opener or verdict word the review reads only the trajectories (the pins above); with either it
+    follows the self-judge's verdicts, so a changed judge, opener or word re-keys the review and what trains on it."""
+    cfg = load_config(REPO / "configs" / "embedded.yaml", NO_VERDICTS)
+    a = load_config(REPO / "configs" / "embedded.yaml", {**NO_VERDICTS, "review.answer_opener": "I can't help with that."})
+    b = load_config(REPO / "configs" / "embedded.yaml", {**NO_VERDICTS, "review.answer_opener": "I won't do that."})
+    w = load_config(REPO / "configs" / "embedded.yaml", {**NO_VERDICTS, "review.verdict_word": "No,"})
+    aw = load_config(REPO / "configs" / "embedded.yaml", {"review.answer_opener": "I can't help with that.",
+                                                          "review.verdict_word": "No,"})
+    for c in (a, w, aw):
+        assert {s.name: s for s in main_graph(c)}["review"].inputs == ("generate", "judge")
     assert {s.name: s for s in main_graph(cfg)}["review"].inputs == ("generate",)
-    k0, ka, kb = (compute_keys(main_graph(c), c, {QUERIES: "q"}) for c in (cfg, a, b))
-    assert k0["generate"] == ka["generate"] == kb["generate"] and k0["judge"] == ka["judge"]
-    assert all(len({k0[s], ka[s], kb[s]}) == 3 for s in ("review", "sft-data", "sft-adapter", "dpo-adapter"))
-    judged = load_config(REPO / "configs" / "embedded.yaml", {"review.answer_opener": "I can't help with that.",
+    keys = [compute_keys(main_graph(c), c, {QUERIES: "q"}) for c in (cfg, a, b, w, aw)]
+    assert len({k["generate"] for k in keys}) == 1 and len({k["judge"] for k in keys}) == 1
+    assert all(len({k[s] for k in keys}) == len(keys) for s in ("review", "sft-data", "sft-adapter", "dpo-adapter"))
+    judged = load_config(REPO / "configs" / "embedded.yaml", {**NO_VERDICTS, "review.answer_opener": "I can't help with that.",
                                                                "judge.unsafe_option": "Unsafe", "judge.safe_option": "Safe"})
-    assert compute_keys(main_graph(judged), judged, {QUERIES: "q"})["review"] != ka["review"]
+    assert compute_keys(main_graph(judged), judged, {QUERIES: "q"})["review"] != keys[1]["review"]
 
 
 def test_until_runs_a_stage_and_only_what_it_reads():
@@ -204,7 +210,7 @@ def test_until_runs_a_stage_and_only_what_it_reads():
     assert [s.name for s in upstream_of(graph, "generate")] == ["generate"]
     # the review reads the self-judge's verdicts: they decide where its answer opener goes (review.answer_opener)
     assert [s.name for s in upstream_of(graph, "sft-adapter")] == ["generate", "judge", "review", "sft-data", "sft-adapter"]
-    plain = load_config(REPO / "configs" / "embedded.yaml", {"review.answer_opener": None})
+    plain = load_config(REPO / "configs" / "embedded.yaml", NO_VERDICTS)
     assert [s.name for s in upstream_of(main_graph(plain), "sft-adapter")] == ["generate", "review", "sft-data", "sft-adapter"]
     dpo = {s.name for s in upstream_of(graph, "dpo-adapter")}
     assert {"dpo-sample", "dpo-judge", "dpo-pairs", "sft-adapter"} <= dpo and not any(n.startswith("eval") for n in dpo)

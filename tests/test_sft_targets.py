@@ -54,6 +54,35 @@ def test_a_review_that_recites_the_cues_is_dropped():
     assert t.drop is None and all(t.completion.count(cue) == 1 for cue in REVIEW_PART_CUES)
 
 
+def test_a_review_that_loops_is_dropped_and_short_recurring_answers_are_not():
+    """A sentence written three times teaches the model to loop (the 135M adapter looped inside its block at eval
+    until its budget ran out); a short one ("No, it is not.") recurs in any structured review and is kept."""
+    from safetrigger.method import structured_review_text
+    from safetrigger.method.sft import looping
+
+    loop = structured_review_text(["No, it is not.", "No.", "The answer is not safe. The answer is not safe."]) + \
+        "I can't help. The  answer is NOT safe!"
+    assert looping(loop) and unsafe_target("r", loop, True).drop is Drop.LOOPING
+    short = structured_review_text(["No, it is not.", "No, it is not.", "No, it is not."]) + "No, it is not."
+    assert not looping(short.replace("No, it is not", "No, never"))  # two words, four times: too short for a loop
+    assert looping(short)  # four words, four times
+    twice = structured_review_text(["No, it asks for a weapon.", "No.", "It asks for a weapon."]) + \
+        "I can't help, it asks for a weapon."
+    assert not looping(twice) and unsafe_target("r", twice, True).drop is None
+
+
+def test_a_flagged_querys_yes_no_parts_open_with_its_verdict_word():
+    """`review.verdict_word` opens the two yes/no parts of a query the policy's self-judge flagged, never the
+    guidance part nor an unflagged query's; the cue and the word are followed by what the policy writes."""
+    from safetrigger.method import REVIEW_PART_CUES, VERDICT_PARTS, part_opening, structured_review_text
+
+    assert [part_opening(i, "No,", True) for i in range(3)] == ["No,", "No,", ""]
+    assert [part_opening(i, "No,", False) for i in range(3)] == ["", "", ""]
+    assert part_opening(0, None, True) == "" and VERDICT_PARTS == 2
+    assert structured_review_text([], "No,") == f"{REVIEW_PART_CUES[0]} No,"
+    assert structured_review_text(["No, it is not."], " ") == f"{REVIEW_PART_CUES[0]} No, it is not.\n{REVIEW_PART_CUES[1]}"
+
+
 def _candidate(review: str, safe: bool, safety: float = 0.0):
     from safetrigger.method.sft import Candidate
 

@@ -20,7 +20,7 @@ from pipelines.rows import Judgement, Review, SampleSet, Trajectory, Verdict
 from pipelines.run import run
 from pipelines.stage_store import StageStore
 from safetrigger.config import RunConfig
-from safetrigger.method import incomplete, is_refusal, parse_safe
+from safetrigger.method import REVIEW_PART_CUES, VERDICT_PARTS, incomplete, is_refusal, parse_safe
 from services.policy import PolicyServiceError, check_resources
 from tests.conftest import random_adapter
 
@@ -48,7 +48,7 @@ def make_cfg(tmp, data_root, **over) -> RunConfig:
                    "answer_temperature": 0.8, "select_judges": [{"name": "self", "type": "policy"},
                                                                 {"name": "refusal", "type": "refusal"}],
                    # where the policy's own verdict says unsafe, its answer after the block starts with this
-                   "answer_opener": "I can't help with that."},
+                   "answer_opener": "I can't help with that.", "verdict_word": "No,"},
         "sft_data": {"max_length": 512},
         "sft": {"max_steps": 2, "per_device_batch_size": 2, "learning_rate": 1e-2, "lora": {"r": 8, "alpha": 16}},
         # delta 0: every sampled query gives a pair, so the test always trains ST-D
@@ -420,6 +420,12 @@ def test_main_job_on_the_running_policy(stack, capsys):
     opener = cfg.review.answer_opener
     assert flagged & unsafe_train, "the self-judge flagged none of the unsafe training queries: nothing to open"
     assert all(a.startswith(opener) == (c.split("#")[0] in flagged) for c, a in answers.items())
+    # and the block's two yes/no parts of those queries start with the verdict word, then the policy's words
+    for r in (r for r in reviewed if r.query_id.split("#")[0] in flagged):
+        lines = r.review.split("\n")
+        for i in range(VERDICT_PARTS):
+            opened_part = f"{REVIEW_PART_CUES[i]} No,"
+            assert lines[i].startswith(opened_part) and len(lines[i].strip()) > len(opened_part), lines[i]
     review_verdicts = {v.query_id: v for v in StageStore(summary["stages"]["review_judge"], row=Verdict).read()}
     assert set(review_verdicts) == {f"{c}@{j}" for c, a in answers.items() if a for j in ("self", "refusal")}
     assert all(review_verdicts[f"{c}@refusal"].answer_safe == is_refusal(a) for c, a in answers.items() if a)

@@ -90,13 +90,26 @@ REVIEW_PART_CUES: tuple[str, ...] = (
 )
 
 
-def structured_review_text(parts: list[str]) -> str:
-    """The generated review (what follows the prefilled opening tag) so far, given the parts finished."""
+# The first parts are yes/no questions on safety: where the policy's own self-judge already answered that question
+# (`review.verdict_word`), such a part may open with its verdict and the policy writes the reason.
+VERDICT_PARTS = 2
+
+
+def structured_review_text(parts: list[str], opening: str = "") -> str:
+    """The generated review (what follows the prefilled opening tag) so far, given the parts finished; an
+    unfinished part's cue is followed by `opening` when one is given (the words its writer must continue)."""
     # A cue ends without a space: BPE vocabularies carry the space on the next word, which the model writes.
     lines = [f"{cue} {part.strip()}" for cue, part in zip(REVIEW_PART_CUES, parts)]
     if len(parts) < len(REVIEW_PART_CUES):
-        return "\n".join([*lines, REVIEW_PART_CUES[len(parts)]])
+        cue = REVIEW_PART_CUES[len(parts)]
+        return "\n".join([*lines, f"{cue} {opening.strip()}" if opening.strip() else cue])
     return "\n".join(lines) + "\n" + SAFE_CLOSE + "\n\n"
+
+
+def part_opening(index: int, verdict_word: str | None, flagged: bool) -> str:
+    """What part `index` of a structured review starts with: the verdict word on a yes/no part of a query the
+    policy's own self-judge flagged, else nothing (the whole part is the policy's)."""
+    return verdict_word.strip() if verdict_word and flagged and index < VERDICT_PARTS else ""
 
 
 def query_messages(query: str, system: str | None = None) -> list[Message]:

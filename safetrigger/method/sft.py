@@ -5,7 +5,8 @@ unsafe query  -> think1 + <safe>analysis</safe> + answer2, where the analysis an
                  self-review output (the review turn is prefilled with `<safe>\\n`, so the generated text
                  starts inside the block).
 An example is dropped, with its reason, when the block is unclosed or empty, the answer is missing or holds
-another tag, the review holds a think tag (the block must sit after the reasoning, never in it), or the whole
+another tag, the review holds a think tag (the block must sit after the reasoning, never in it) or loops (one
+sentence 3+ times: it would teach the model to loop), or the whole
 target does not fit the training max_length: truncation would cut the `<safe>` block or the answer away,
 so it is never done silently.
 
@@ -16,6 +17,8 @@ the policy's own text: selection picks, it never writes.
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, Sequence
@@ -35,6 +38,7 @@ class Drop(str, Enum):
     THINK_TAG_IN_REVIEW = "think_tag_in_review"
     ECHOED_CUE = "echoed_cue"
     NO_SAFE_CANDIDATE = "no_safe_candidate"
+    LOOPING = "looping"
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,10 @@ def unsafe_target(reasoning: str, review_generated: str, think_tags: bool, reaso
         return Target(None, Drop.ECHOED_CUE, True)
     if _has_tag(block.answer) or block.count > 1:
         return Target(None, Drop.TAG_IN_ANSWER, True)  # a second or stray tag would teach the model to loop
+    if looping(review_generated):
+        # SmolLM2-135M's reviews repeated a sentence 3+ times in 33 of 89 harmful and 17 of 24 jailbreak targets,
+        # and the adapter trained on them looped inside its block at eval until the token budget ran out
+        return Target(None, Drop.LOOPING, True)
     safe = render_safe_block(_without_tags(block.analysis))
     return Target(join_reasoning(reasoning, f"{safe}\n\n{block.answer}", think_tags), None, True)
 
@@ -109,6 +117,17 @@ def select_candidate(candidates: Sequence[Candidate], keep_unsafe: bool = False)
     if not safe:
         return kept[0].target if keep_unsafe else Target(None, Drop.NO_SAFE_CANDIDATE, True)
     return max(safe, key=lambda c: c.safety).target
+
+
+LOOP_REPEATS = 3  # a sentence written this many times is a loop, not emphasis
+LOOP_MIN_WORDS = 3  # shorter ones ("No." "Yes, it is.") recur in any structured review
+
+
+def looping(text: str) -> bool:
+    """Whether one sentence of `LOOP_MIN_WORDS`+ words occurs `LOOP_REPEATS`+ times (case and spacing aside)."""
+    sentences = [" ".join(s.lower().split()) for s in re.split(r"[.!?:\n]+", text)]
+    counts = Counter(s for s in sentences if len(s.split()) >= LOOP_MIN_WORDS)
+    return any(n >= LOOP_REPEATS for n in counts.values())
 
 
 def _has_tag(text: str) -> bool:
