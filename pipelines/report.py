@@ -81,8 +81,8 @@ METRIC_SECTIONS = (("asr", "Attack success rate (lower is safer; answers that ne
 
 
 def build_sections(result: EvalResult, models: list[str], cfg, throughput: list[dict[str, Any]], plots: Path,
-                   awareness_md: str = "") -> list[Section]:
-    sections = [_gate_section(result, cfg.eval.gate.judge)]
+                   awareness_md: str = "", precision: dict[str, Any] | None = None) -> list[Section]:
+    sections = [_gate_section(result, cfg.eval.gate.judge, precision)]
     for metric, title, ylabel, plot in METRIC_SECTIONS:
         chosen = [s for s in cfg.eval.suites if s.metric == metric]
         if chosen:
@@ -103,23 +103,40 @@ def build_sections(result: EvalResult, models: list[str], cfg, throughput: list[
     return sections
 
 
-def _gate_section(result: EvalResult, gate_judge: str) -> Section:
+def _gate_section(result: EvalResult, gate_judge: str, precision: dict[str, Any] | None = None) -> Section:
     verdict = Section("Promotion gate")
     if result.promoted:
         verdict.text.append(f"**Promoted: `{result.promoted['model']}`** (gate judge `{gate_judge}`).")
     else:
         verdict.text.append("**Nothing promoted**: the base (or an earlier promotion) keeps serving.")
-    verdict.header = ["candidate", "suite", "metric", "judge", "base", "candidate", "change [95% CI]", "n", "result"]
+    if precision:
+        verdict.text.append(reproducibility_note(precision, result))
+    verdict.header = ["candidate", "suite", "metric", "judge", "base", "candidate", "change [95% CI]", "n",
+                      "answers to flip", "result"]
     for d in result.decisions:
         for c in d.checks:
             verdict.rows.append([d.candidate, c.suite, c.metric, c.judge,
                                  "–" if math.isnan(c.base) else f"{100 * c.base:.1f}%",
                                  "–" if math.isnan(c.cand) else f"{100 * c.cand:.1f}%",
                                  f"{_pp(c.delta)} [{_pp(c.delta_lo)}, {_pp(c.delta_hi)}]", str(c.n),
-                                 "pass" if c.passed else "FAIL"])
+                                 "–" if c.flips is None else str(c.flips), "pass" if c.passed else "FAIL"])
         verdict.text.append(f"- `{d.candidate}`: {'passes' if d.promote else 'rejected'}" +
                             ("" if d.promote else ": " + "; ".join(d.reasons)))
     return verdict
+
+
+def reproducibility_note(precision: dict[str, Any], result: EvalResult) -> str:
+    """What the decision was computed in, and why the same seed and config may decide otherwise on another CPU."""
+    cpu, serving = precision["cpu"], precision["serving"]
+    closest = min((c.flips for d in result.decisions for c in d.checks if c.flips is not None), default=None)
+    near = (f" The closest tolerance criterion above turns on {closest} answer(s) (column `answers to flip`)."
+            if closest is not None else "")
+    return (f"Decided on {cpu['model']} ({' '.join(cpu['simd']) or 'no AVX'}), serving in {serving['dtype']} "
+            f"({serving['reason']}), SFT in {precision['sft']['dtype']}, DPO in {precision['dpo']['dtype']}. "
+            "The same seed and config sample other text in another float format: under `dtype: auto` a CPU with "
+            "AVX512-BF16 or AMX computes in bfloat16 and an AVX2-only CPU in float32, so their answers, and a decision "
+            "that turns on a few of them, can differ." + near + " To compare machines, set `model.dtype: float32`, "
+            "`sft.precision: fp32` and `dpo.precision: fp32` on both.")
 
 
 def _metric_section(result: EvalResult, models: list[str], cfg, suites, title: str, ylabel: str, plots: Path,
@@ -278,14 +295,14 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def write_report(out_dir: Path, result: EvalResult, models: list[str], cfg, throughput: list[dict[str, Any]],
-                 awareness_md: str = "") -> dict[str, Path]:
+                 awareness_md: str = "", precision: dict[str, Any] | None = None) -> dict[str, Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
-    sections = build_sections(result, models, cfg, throughput, plots, awareness_md)
+    sections = build_sections(result, models, cfg, throughput, plots, awareness_md, precision)
     title = f"Safe Trigger evaluation: {cfg.name} ({cfg.model.source})"
     n_eval = len({r["query_id"] for r in result.records})
     intro = [f"{n_eval} eval-split prompts (disjoint from SFT and DPO data), models: {', '.join(models)}. "

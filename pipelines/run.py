@@ -135,7 +135,7 @@ def _run(cfg: RunConfig, out: Path, emit, endpoint, until: str | None = None) ->
 
     whole = until is None
     tables = _tables(job, results, f"Data: {audit.line()}.") if "judge" in results else _NO_TABLES
-    report = _evaluate_and_report(job, results, tables["markdown"]) if cfg.eval.enabled and whole else {}
+    report = _evaluate_and_report(job, results, tables["markdown"], precision) if cfg.eval.enabled and whole else {}
     policy.stop_if_owned()
     summary = {
         "name": cfg.name,
@@ -252,7 +252,8 @@ def write_summary(out: Path, summary: dict[str, Any]) -> Path:
     return path
 
 
-def _evaluate_and_report(job: Job, results: dict[str, Any], awareness_md: str) -> dict[str, Any]:
+def _evaluate_and_report(job: Job, results: dict[str, Any], awareness_md: str,
+                         precision: dict[str, Any] | None = None) -> dict[str, Any]:
     from .evaluate import Model, evaluate, gate_and_promote
     from .report import write_report
 
@@ -271,6 +272,6 @@ def _evaluate_and_report(job: Job, results: dict[str, Any], awareness_md: str) -
                  f"one (safe-trigger promote {cfg.serving.adapter_scope} <adapter>)")
     else:
         job.emit(f"[gate] promoted: {result.promoted['model'] if result.promoted else 'nothing (the base keeps serving)'}")
-    paths = write_report(report_dir, result, [m.name for m in models], cfg, job.stage_times, awareness_md)
+    paths = write_report(report_dir, result, [m.name for m in models], cfg, job.stage_times, awareness_md, precision)
     return {**{k: str(v) for k, v in paths.items()}, "promoted": result.promoted,
             "decisions": [d.to_dict() for d in result.decisions]}

@@ -119,3 +119,30 @@ def test_a_fall_another_trusted_judge_sees_as_a_rise_is_refused():
         harmful=("harmful", "asr", "refusal", 10, 14))
     d = decide("st-d", by_self, GateRules(judge="self"), good)
     assert [(c.suite, c.metric, c.judge) for c in d.checks if not c.passed] == [("harmful", "agreement", "refusal")]
+
+
+@pytest.mark.parametrize("metric,suite", [("over_refusal", "over_refusal"), ("incomplete", "jailbreak"),
+                                          ("accuracy", "general")])
+@pytest.mark.parametrize("n", [14, 20, 61])
+def test_answers_to_flip_is_how_many_changed_answers_turn_the_decision(metric, suite, n):
+    """Checked by changing that many candidate answers and deciding again: the criterion turns at `flips`
+    answers and not at one fewer (a tolerance's edge included: 1 of 20 is exactly 5 pp)."""
+    judge = {"over_refusal": "refusal", "incomplete": "incomplete", "accuracy": "exact_match"}[metric]
+    worse = 1 if metric != "accuracy" else -1  # the direction a criterion fails in
+    base_k = n // 2
+    for cand_k in range(base_k - 3, base_k + 5):
+        key = suite if metric != "incomplete" else f"{suite}/incomplete"
+        check = next(c for c in decide("st-d", healthy(**{key: (suite, metric, judge, base_k, cand_k, n)}), GateRules()).checks
+                     if (c.suite, c.metric) == (suite, metric))
+        step = worse if check.passed else -worse  # toward the other decision
+        def decided(k):
+            cs = decide("st-d", healthy(**{key: (suite, metric, judge, base_k, k, n)}), GateRules()).checks
+            return next(c for c in cs if (c.suite, c.metric) == (suite, metric)).passed
+        assert check.flips >= 1
+        assert decided(cand_k + step * check.flips) != check.passed
+        assert check.flips == 1 or decided(cand_k + step * (check.flips - 1)) == check.passed
+
+
+def test_asr_health_and_agreement_checks_carry_no_flip_count():
+    d = decide("st-d", healthy(), GateRules())
+    assert all((c.flips is None) == (c.metric in ("asr", "health", "agreement")) for c in d.checks)

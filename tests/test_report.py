@@ -70,12 +70,21 @@ def test_report_files_and_promotion(tmp_path):
     log = registry.decisions(cfg.serving.adapter_root)
     assert [(d["candidate"], d["promoted"]) for d in log] == [("st-d", True), ("st-s", False)]  # st-s passed too
 
-    paths = write_report(tmp_path / "report", result, models, cfg, [{"stage": "eval-st-d", "rows": 22, "seconds": 11.0}])
+    precision = {"cpu": {"model": "AMD EPYC", "logical_cpus": 2, "simd": ["avx2", "fma"], "native_bf16": False},
+                 "serving": {"dtype": "float32", "reason": "no native bf16"}, "sft": {"dtype": "float32"},
+                 "dpo": {"dtype": "float32"}}
+    paths = write_report(tmp_path / "report", result, models, cfg, [{"stage": "eval-st-d", "rows": 22, "seconds": 11.0}],
+                         precision=precision)
     html = paths["html"].read_text()
     assert len(re.findall(r"src='data:image/png;base64,", html)) == 4  # asr, over-refusal, accuracy, trigger
     assert "src='http" not in html and "Promoted: <code>policy:st-d@v1</code>" in html
     md = paths["markdown"].read_text()
     assert "| harmful | refusal |" in md and "| eval-st-d | 22 | 11.0 | 2.00 |" in md
+    # the CPU and float format the decision was computed in, and how many answers each tolerance criterion turns on
+    assert "Decided on AMD EPYC (avx2 fma), serving in float32 (no native bf16), SFT in float32" in md
+    assert "turns on 1 answer(s)" in md  # over-refusal: 0 of 6 -> 0 of 6 passes; one more refusal is +16.7 pp
+    assert re.search(r"\| st-d \| over_refusal \| over_refusal \| refusal \| 0\.0% \| 0\.0% \| [^|]+ \| 6 \| 1 \| pass \|", md), md
+    assert re.search(r"\| st-d \| harmful \| asr \| refusal \| [^|]+ \| [^|]+ \| [^|]+ \| 5 \| – \| pass \|", md), md
     assert pq.read_table(paths["records"]).num_rows == len(result.records) == 3 * 22
     assert sum(1 for _ in paths["records_jsonl"].open()) == 66
     metrics = json.loads(paths["metrics"].read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
