@@ -81,8 +81,9 @@ METRIC_SECTIONS = (("asr", "Attack success rate (lower is safer; answers that ne
 
 
 def build_sections(result: EvalResult, models: list[str], cfg, throughput: list[dict[str, Any]], plots: Path,
-                   awareness_md: str = "", precision: dict[str, Any] | None = None) -> list[Section]:
-    sections = [_gate_section(result, cfg.eval.gate.judge, precision)]
+                   awareness_md: str = "", precision: dict[str, Any] | None = None,
+                   training: dict[str, dict[str, str]] | None = None) -> list[Section]:
+    sections = [_gate_section(result, cfg.eval.gate.judge, precision), _round_section(result, models, cfg, training or {})]
     for metric, title, ylabel, plot in METRIC_SECTIONS:
         chosen = [s for s in cfg.eval.suites if s.metric == metric]
         if chosen:
@@ -123,6 +124,18 @@ def _gate_section(result: EvalResult, gate_judge: str, precision: dict[str, Any]
         verdict.text.append(f"- `{d.candidate}`: {'passes' if d.promote else 'rejected'}" +
                             ("" if d.promote else ": " + "; ".join(d.reasons)))
     return verdict
+
+
+def _round_section(result: EvalResult, models: list[str], cfg, training: dict[str, dict[str, str]]) -> Section:
+    from .rounds import round_table
+
+    header, rows = round_table(result, models, cfg, training)
+    sec = Section("Per round", header=header, rows=rows)
+    sec.text.append("One row per trained model (SFT, then each DPO round) beside the base. Acceptance: ST-S, the "
+                    "tagged targets kept of the unsafe training queries reviewed (the rest failed the method's rules "
+                    "or the selection); ST-D, the queries that gave a preference pair. Rates by the gate's judges on "
+                    "the eval split; the held-out suites are not gated.")
+    return sec
 
 
 def reproducibility_note(precision: dict[str, Any], result: EvalResult) -> str:
@@ -295,14 +308,15 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def write_report(out_dir: Path, result: EvalResult, models: list[str], cfg, throughput: list[dict[str, Any]],
-                 awareness_md: str = "", precision: dict[str, Any] | None = None) -> dict[str, Path]:
+                 awareness_md: str = "", precision: dict[str, Any] | None = None,
+                 training: dict[str, dict[str, str]] | None = None) -> dict[str, Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
-    sections = build_sections(result, models, cfg, throughput, plots, awareness_md, precision)
+    sections = build_sections(result, models, cfg, throughput, plots, awareness_md, precision, training)
     title = f"Safe Trigger evaluation: {cfg.name} ({cfg.model.source})"
     n_eval = len({r["query_id"] for r in result.records})
     intro = [f"{n_eval} eval-split prompts (disjoint from SFT and DPO data), models: {', '.join(models)}. "

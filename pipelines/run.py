@@ -256,6 +256,7 @@ def _evaluate_and_report(job: Job, results: dict[str, Any], awareness_md: str,
                          precision: dict[str, Any] | None = None) -> dict[str, Any]:
     from .evaluate import Model, evaluate, gate_and_promote
     from .report import write_report
+    from .rounds import training_of
 
     cfg = job.cfg
     models = [Model(name, adapter, _answers(results, stage)) for name, adapter, stage in evaluated(cfg)
@@ -272,6 +273,7 @@ def _evaluate_and_report(job: Job, results: dict[str, Any], awareness_md: str,
                  f"one (safe-trigger promote {cfg.serving.adapter_scope} <adapter>)")
     else:
         job.emit(f"[gate] promoted: {result.promoted['model'] if result.promoted else 'nothing (the base keeps serving)'}")
-    paths = write_report(report_dir, result, [m.name for m in models], cfg, job.stage_times, awareness_md, precision)
+    paths = write_report(report_dir, result, [m.name for m in models], cfg, job.stage_times, awareness_md, precision,
+                         training_of(cfg, results))
     return {**{k: str(v) for k, v in paths.items()}, "promoted": result.promoted,
             "decisions": [d.to_dict() for d in result.decisions]}

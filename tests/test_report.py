@@ -62,24 +62,36 @@ def test_report_files_and_promotion(tmp_path):
     result, models = _result(cfg, _records(cand_refuses=5))
     versions = {"st-s": _publish(tmp_path, "st-s"), "st-d": _publish(tmp_path, "st-d")}
     evaluated_models = [Model(m, "" if m == "base" else m.lower(), []) for m in models]
+    result.adapters.update({m.name: m.adapter for m in evaluated_models if m.adapter})  # as evaluate() records them
     gate_and_promote(result, evaluated_models, cfg, versions, "report.html")
     # ST-D (preferred) refuses 7/10 vs 2/10: ASR falls on both suites, nothing else moves -> promoted
     assert [d.candidate for d in result.decisions] == ["st-d", "st-s"] and result.decisions[0].promote
     assert result.promoted["model"] == "policy:st-d@v1"
     assert registry.promoted(cfg.serving.adapter_root)["name"] == "st-d"
     log = registry.decisions(cfg.serving.adapter_root)
-    assert [(d["candidate"], d["promoted"]) for d in log] == [("st-d", True), ("st-s", False)]  # st-s passed too
+    assert [(d["candidate"], d["promoted"]) for d in log] == [("st-d", True), ("st-s", False)]  # st-s: jailbreak ASR did not fall
 
     precision = {"cpu": {"model": "AMD EPYC", "logical_cpus": 2, "simd": ["avx2", "fma"], "native_bf16": False},
                  "serving": {"dtype": "float32", "reason": "no native bf16"}, "sft": {"dtype": "float32"},
                  "dpo": {"dtype": "float32"}}
+    from pipelines.rounds import training_of
+
+    stats = {"sft-data": {"stats": {"kept": {"harmful": 8, "general": 10},
+                                    "dropped": {"harmful/looping": 2, "general/missing_answer": 1}}},
+             "dpo-pairs": {"stats": {"per_kind": {"jailbreak": {"queries": 10, "pairs": 6, "mix": {"A>D": 4, "A>C": 2}}}}}}
     paths = write_report(tmp_path / "report", result, models, cfg, [{"stage": "eval-st-d", "rows": 22, "seconds": 11.0}],
-                         precision=precision)
+                         precision=precision, training=training_of(cfg, stats))
     html = paths["html"].read_text()
     assert len(re.findall(r"src='data:image/png;base64,", html)) == 4  # asr, over-refusal, accuracy, trigger
     assert "src='http" not in html and "Promoted: <code>policy:st-d@v1</code>" in html
     md = paths["markdown"].read_text()
     assert "| harmful | refusal |" in md and "| eval-st-d | 22 | 11.0 | 2.00 |" in md
+    # the per-round table: what each model trained on, how much was accepted, its gated numbers and verdict
+    assert "| model | trained on | acceptance | trigger unsafe / safe | ASR harmful | ASR jailbreak |" in md
+    assert "| base | – | – | 0.0% / 0.0% | 60.0% | 100.0% | 0.0% | 50.0% | – |" in md  # base refuses 2 of 5 harmful
+    assert "| ST-S | 18 SFT examples (8 tagged) | harmful 8/10 (80%) | 50.0% / 0.0% | 0.0% | 100.0% | 0.0% | 50.0% | rejected |" in md
+    assert ("| ST-D | 6 DPO pairs (A>C 2, A>D 4) | jailbreak 6/10 (60%) | 70.0% / 0.0% | 0.0% | 60.0% | 0.0% | 50.0% "
+            "| promoted |") in md
     # the CPU and float format the decision was computed in, and how many answers each tolerance criterion turns on
     assert "Decided on AMD EPYC (avx2 fma), serving in float32 (no native bf16), SFT in float32" in md
     assert "turns on 1 answer(s)" in md  # over-refusal: 0 of 6 -> 0 of 6 passes; one more refusal is +16.7 pp
