@@ -34,7 +34,7 @@ def build_sft_examples(
     tok = load_tokenizer(model_path)
     reviewed = {r.query_id: r for r in reviews}
     judged = {v.query_id: v for v in verdicts or []}
-    examples, drops, kept, positions, opened = [], Counter(), Counter(), Counter(), Counter()
+    examples, drops, kept, positions, opened, trimmed = [], Counter(), Counter(), Counter(), Counter(), Counter()
     selection: dict[str, Counter] = defaultdict(Counter)
 
     def count(text: str) -> int:
@@ -62,10 +62,11 @@ def build_sft_examples(
         if target.tagged:  # the method puts the block after the reasoning: counted, so the report can show it
             positions[safe_position(completion, opened=prompt.rstrip().endswith(THINK_OPEN))] += 1
             opened[t.kind] += _opens(completion, cfg.review.answer_opener)
+            trimmed[t.kind] += target.trimmed
         examples.append(SftExample(query_id=t.query_id, kind=t.kind, tagged=target.tagged, prompt=prompt,
                                    completion=completion))
     stats = {"kept": dict(kept), "dropped": dict(drops), "max_length": cfg.sft_data.max_length,
-             "safe_position": dict(positions)}
+             "safe_position": dict(positions), "trimmed": {k: n for k, n in trimmed.items() if n}}
     if cfg.review.answer_opener is not None:  # tagged targets whose answer starts with it, per kind
         stats["opened"] = {k: opened[k] for k in sorted(kept) if k != "general"}
     if cfg.review.candidates > 1 or cfg.review.select_judges:

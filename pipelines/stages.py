@@ -82,7 +82,8 @@ def _sft_data(job: Job, r: Results, path: Path) -> dict[str, Any]:
     examples, stats = build_sft_examples(r["generate"], r["review"], job.cfg, job.model_path, r.get("review-judge"))
     write_jsonl(path, examples)
     job.emit(f"[sft-data] {len(examples)} examples -> {path}; kept {stats['kept']}, dropped {stats['dropped']}"
-             + (f"; answers opened by the policy's unsafe verdict {stats['opened']}" if "opened" in stats else ""))
+             + (f"; answers opened by the policy's unsafe verdict {stats['opened']}" if "opened" in stats else "")
+             + (f"; looping answers cut where the loop began {stats['trimmed']}" if stats.get("trimmed") else ""))
     if "selection" in stats:
         job.emit("\n" + format_selection_table(stats) + "\n")
     return {"path": str(path), "examples": len(examples), "stats": stats}
@@ -200,6 +201,15 @@ def _selection_stages(cfg: RunConfig | None) -> tuple[list[Stage], tuple[str, ..
     return [stage], ("review-judge",)
 
 
+def _sft_rules() -> tuple:
+    """The SFT target rules' version (`method.sft.RULES_VERSION`): data those rules would now build otherwise, and
+    the adapter trained on it, get new keys. Version 1, the rules of the stores the pinned recipes found, adds
+    nothing."""
+    from safetrigger.method.sft import RULES_VERSION
+
+    return () if RULES_VERSION == 1 else (("sft-rules", RULES_VERSION),)
+
+
 def pipeline_stages(cfg: RunConfig | None = None) -> list[Stage]:
     """Self-generation to ST-D's eval answers. Each key recipe: the stage's config slice and its inputs' keys."""
     selection, selected = _selection_stages(cfg)
@@ -219,10 +229,11 @@ def pipeline_stages(cfg: RunConfig | None = None) -> list[Stage]:
               _review, row=Review, doc="unsafe training queries: <safe> block + answer2"),
         *selection,
         Stage("sft-data", ("generate", "review", *selected), lambda c, k: (
-            k["review"], c.sft_data.model_dump(), *(k[s] for s in selected)), _sft_data,
+            k["review"], c.sft_data.model_dump(), *(k[s] for s in selected), *_sft_rules()), _sft_data,
               output="jsonl", doc="SFT targets (method.sft)"),
         Stage("sft-adapter", ("review", "sft-data", *selected), lambda c, k: (
-            "sft", k["review"], c.sft_data.model_dump(), c.sft.key_fields(), *(k[s] for s in selected)), _train_st_s, output="adapter",
+            "sft", k["review"], c.sft_data.model_dump(), c.sft.key_fields(), *(k[s] for s in selected),
+            *_sft_rules()), _train_st_s, output="adapter",
               publish="st-s", doc="ST-S: SFT on Ray Train, served as policy:st-s"),
         Stage("eval-st-s", ("sft-adapter", "generate"), lambda c, k: ("eval-st-s", k["sft-adapter"], k["generate"],
                                                                      *_block_room(c)),

@@ -163,8 +163,8 @@ def own_reviews(model: Any, tok: Any, requests: list[str], spec: ThinkBuild) -> 
 def well_formed(parts: list[str], answer: str) -> bool:
     """A review the SFT data stage keeps, every part in the model's own words (not empty), and an answer that is
     not the cue list going on ("4. What's next? …", a third of the base model's answers)."""
-    return (all(parts) and not re.match(r"\d+\.\s", answer)
-            and unsafe_target("", structured_review_text(parts) + answer, think_tags=True).drop is None)
+    target = unsafe_target("", structured_review_text(parts) + answer, think_tags=True)
+    return all(parts) and not re.match(r"\d+\.\s", answer) and target.drop is None and not target.trimmed
 
 
 def structured_reviews(model: Any, tok: Any, prefixes: list[str], spec: ThinkBuild,

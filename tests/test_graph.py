@@ -31,9 +31,12 @@ PINNED = {
 
 
 @pytest.mark.parametrize("case", sorted(PINNED))
-def test_keys_equal_the_hand_written_recipes_of_earlier_runs(case, data_root):
+def test_keys_equal_the_hand_written_recipes_of_earlier_runs(case, data_root, monkeypatch):
     from pipelines.datasets import load_all
     from pipelines.run import queries_key
+    from safetrigger.method import sft
+
+    monkeypatch.setattr(sft, "RULES_VERSION", 1)  # the SFT rules those runs built their data under
 
     pinned = PINNED[case]
     cfg = load_config(REPO / "tests" / "fixtures" / "key-recipes.yaml", {**pinned["override"], "data.root": str(data_root)})
@@ -200,6 +203,19 @@ def test_an_answer_opener_makes_the_review_read_the_self_judge_and_keys_what_it_
     judged = load_config(REPO / "configs" / "embedded.yaml", {**NO_VERDICTS, "review.answer_opener": "I can't help with that.",
                                                                "judge.unsafe_option": "Unsafe", "judge.safe_option": "Safe"})
     assert compute_keys(main_graph(judged), judged, {QUERIES: "q"})["review"] != keys[1]["review"]
+
+
+def test_a_change_of_the_sft_rules_rekeys_the_sft_data_and_everything_trained_on_it(monkeypatch):
+    from safetrigger.method import sft
+
+    cfg = load_config(REPO / "configs" / "embedded.yaml")
+    now = compute_keys(main_graph(cfg), cfg, {QUERIES: "q"})
+    monkeypatch.setattr(sft, "RULES_VERSION", sft.RULES_VERSION + 1)
+    later = compute_keys(main_graph(cfg), cfg, {QUERIES: "q"})
+    assert [s for s in now if now[s] != later[s]] == [
+        s for s in now if s in ("sft-data", "sft-adapter") or s.startswith(("eval-st-s", "eval-st-d", "eval-judge-self-st",
+                                                                            "dpo-"))]
+    assert now["review"] == later["review"] and now["eval-judge-self-base"] == later["eval-judge-self-base"]
 
 
 def test_until_runs_a_stage_and_only_what_it_reads():

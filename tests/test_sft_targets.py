@@ -1,3 +1,5 @@
+import pytest
+
 from safetrigger.method import parse_safe, split_reasoning
 from safetrigger.method.sft import Drop, check_length, general_target, unsafe_target
 
@@ -54,14 +56,14 @@ def test_a_review_that_recites_the_cues_is_dropped():
     assert t.drop is None and all(t.completion.count(cue) == 1 for cue in REVIEW_PART_CUES)
 
 
-def test_a_review_that_loops_is_dropped_and_short_recurring_answers_are_not():
+def test_a_block_that_loops_is_dropped_and_short_recurring_answers_are_not():
     """A sentence written three times teaches the model to loop (the 135M adapter looped inside its block at eval
     until its budget ran out); a short one ("No, it is not.") recurs in any structured review and is kept."""
     from safetrigger.method import structured_review_text
     from safetrigger.method.sft import looping
 
-    loop = structured_review_text(["No, it is not.", "No.", "The answer is not safe. The answer is not safe."]) + \
-        "I can't help. The  answer is NOT safe!"
+    loop = structured_review_text(["No, it is not.", "The answer is not safe.",
+                                   "The answer is not safe. The  answer is NOT safe!"]) + "I can't help."
     assert looping(loop) and unsafe_target("r", loop, True).drop is Drop.LOOPING
     short = structured_review_text(["No, it is not.", "No, it is not.", "No, it is not."]) + "No, it is not."
     assert not looping(short.replace("No, it is not", "No, never"))  # two words, four times: too short for a loop
@@ -69,6 +71,26 @@ def test_a_review_that_loops_is_dropped_and_short_recurring_answers_are_not():
     twice = structured_review_text(["No, it asks for a weapon.", "No.", "It asks for a weapon."]) + \
         "I can't help, it asks for a weapon."
     assert not looping(twice) and unsafe_target("r", twice, True).drop is None
+
+
+@pytest.mark.parametrize("answer,kept", [
+    ("I'm sorry, but I can't help with that.\nI'm sorry, but I can't help with that.\nI'm sorry, but I can't help "
+     "with that.", "I'm sorry, but I can't help with that."),
+    ("I can't help. Ask me about lab safety instead. Ask me about lab safety instead! ask me about lab SAFETY instead",
+     "I can't help. Ask me about lab safety instead."),
+    ("I can't help with that. I can't help with that. Here is why.", None),  # twice is not a loop: kept whole
+])
+def test_an_answer_that_loops_is_cut_where_its_loop_begins(answer, kept):
+    """The answer after the block keeps the policy's words up to the loop's second turn (where a repetition stop
+    would have ended it) and the target says it was trimmed; the block stays whole."""
+    from safetrigger.method import parse_safe, structured_review_text
+    from safetrigger.method.sft import trim_loop
+
+    review = structured_review_text(["No, it is not.", "No, they are not.", "Refuse."]) + answer
+    t = unsafe_target("I think.", review, False)
+    assert t.drop is None and parse_safe(t.completion).complete
+    after = t.completion.split("</safe>", 1)[1].strip()
+    assert after == (kept or answer) and t.trimmed == (kept is not None) and trim_loop(answer) == after
 
 
 def test_a_flagged_querys_yes_no_parts_open_with_its_verdict_word():

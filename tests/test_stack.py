@@ -21,6 +21,7 @@ from pipelines.run import run
 from pipelines.stage_store import StageStore
 from safetrigger.config import RunConfig
 from safetrigger.method import REVIEW_PART_CUES, VERDICT_PARTS, incomplete, is_refusal, parse_safe
+from safetrigger.method.sft import trim_loop
 from services.policy import PolicyServiceError, check_resources
 from tests.conftest import random_adapter
 
@@ -442,9 +443,10 @@ def test_main_job_on_the_running_policy(stack, capsys):
         block = parse_safe(ex["completion"])
         assert block.complete == ex["tagged"] == q.unsafe  # the tag fires exactly on unsafe queries
         assert block.answer
-        if ex["tagged"]:  # the self-selected answer: one of its own candidates that both judges called safe
+        if ex["tagged"]:  # the self-selected answer: one of its own candidates that both judges called safe (cut
+            # where it loops, method.sft.trim_loop)
             after = ex["completion"].split("</safe>", 1)[1].strip()
-            assert any(answers[c] == after and all(review_verdicts[f"{c}@{j}"].answer_safe for j in ("self", "refusal"))
+            assert any(trim_loop(answers[c]) == after and all(review_verdicts[f"{c}@{j}"].answer_safe for j in ("self", "refusal"))
                        for c in (f"{q.id}#0", f"{q.id}#1"))
     selection = stats["selection"]["per_kind"]
     assert sum(c["queries"] for c in selection.values()) == len(unsafe_train)

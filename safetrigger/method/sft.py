@@ -5,9 +5,9 @@ unsafe query  -> think1 + <safe>analysis</safe> + answer2, where the analysis an
                  self-review output (the review turn is prefilled with `<safe>\\n`, so the generated text
                  starts inside the block).
 An example is dropped, with its reason, when the block is unclosed or empty, the answer is missing or holds
-another tag, the review holds a think tag (the block must sit after the reasoning, never in it) or loops (one
-sentence 3+ times: it would teach the model to loop), or the whole
-target does not fit the training max_length: truncation would cut the `<safe>` block or the answer away,
+another tag, the review holds a think tag (the block must sit after the reasoning, never in it), the block loops
+(one sentence 3+ times: it would teach the model to loop; an answer that loops is cut where the loop begins), or
+the whole target does not fit the training max_length: truncation would cut the `<safe>` block or the answer away,
 so it is never done silently.
 
 Self-selected answers: a query may have several review candidates; the target is the well-formed one its
@@ -28,6 +28,11 @@ from .reasoning import THINK_CLOSE, THINK_OPEN, join_reasoning
 from .tags import SAFE_OPEN, parse_safe, render_safe_block
 
 
+# Bumped whenever a rule below changes what a review becomes (the SFT data and adapter stages are keyed by it, so
+# a store built under other rules is not reused). 2: a looping block is dropped, a looping answer cut.
+RULES_VERSION = 2
+
+
 class Drop(str, Enum):
     UNCLOSED_SAFE = "unclosed_safe"
     EMPTY_SAFE = "empty_safe"
@@ -46,6 +51,7 @@ class Target:
     completion: str | None  # the assistant turn to train on; None when dropped
     drop: Drop | None
     tagged: bool
+    trimmed: bool = False  # the answer after the block looped and was cut where its loop began (`trim_loop`)
 
 
 def general_target(reasoning: str, answer: str, think_tags: bool) -> Target:
@@ -73,12 +79,13 @@ def unsafe_target(reasoning: str, review_generated: str, think_tags: bool, reaso
         return Target(None, Drop.ECHOED_CUE, True)
     if _has_tag(block.answer) or block.count > 1:
         return Target(None, Drop.TAG_IN_ANSWER, True)  # a second or stray tag would teach the model to loop
-    if looping(review_generated):
+    if looping(block.analysis):
         # SmolLM2-135M's reviews repeated a sentence 3+ times in 33 of 89 harmful and 17 of 24 jailbreak targets,
         # and the adapter trained on them looped inside its block at eval until the token budget ran out
         return Target(None, Drop.LOOPING, True)
+    answer = trim_loop(block.answer)  # never empty: the loop's first sentence stays
     safe = render_safe_block(_without_tags(block.analysis))
-    return Target(join_reasoning(reasoning, f"{safe}\n\n{block.answer}", think_tags), None, True)
+    return Target(join_reasoning(reasoning, f"{safe}\n\n{answer}", think_tags), None, True, trimmed=answer != block.answer)
 
 
 def check_length(target: Target, prompt_tokens: int, count_tokens: Callable[[str], int], max_length: int) -> Target:
@@ -123,11 +130,32 @@ LOOP_REPEATS = 3  # a sentence written this many times is a loop, not emphasis
 LOOP_MIN_WORDS = 3  # shorter ones ("No." "Yes, it is.") recur in any structured review
 
 
+def _sentences(text: str) -> list[tuple[int, str]]:
+    """(start, normalised text) of each sentence-like span: split at . ! ? : and line ends, case and spacing aside."""
+    return [(m.start(), " ".join(m.group().lower().split())) for m in re.finditer(r"[^.!?:\n]+", text)]
+
+
+def _loop_counts(text: str) -> Counter:
+    return Counter(s for _, s in _sentences(text) if len(s.split()) >= LOOP_MIN_WORDS)
+
+
 def looping(text: str) -> bool:
     """Whether one sentence of `LOOP_MIN_WORDS`+ words occurs `LOOP_REPEATS`+ times (case and spacing aside)."""
-    sentences = [" ".join(s.lower().split()) for s in re.split(r"[.!?:\n]+", text)]
-    counts = Counter(s for s in sentences if len(s.split()) >= LOOP_MIN_WORDS)
-    return any(n >= LOOP_REPEATS for n in counts.values())
+    return any(n >= LOOP_REPEATS for n in _loop_counts(text).values())
+
+
+def trim_loop(text: str) -> str:
+    """`text` cut where its loop begins (the second time a sentence it writes `LOOP_REPEATS`+ times appears), else
+    unchanged. What is kept is the policy's own words up to the point a repetition stop would have ended them:
+    of 38 answers after the opener that looped, most repeated the refusal itself ("I'm sorry, but I can't help with
+    that.\nI'm sorry, but …") and would otherwise be dropped with their whole review."""
+    counts, seen = _loop_counts(text), set()
+    for start, s in _sentences(text):
+        if counts.get(s, 0) >= LOOP_REPEATS:
+            if s in seen:
+                return text[:start].rstrip()
+            seen.add(s)
+    return text
 
 
 def _has_tag(text: str) -> bool:
