@@ -34,7 +34,8 @@ def training_of(cfg, results: dict[str, Any]) -> dict[str, dict[str, str]]:
             continue
         per_kind = pairs.get("per_kind", {})
         total = sum(c.get("pairs", 0) for c in per_kind.values())
-        mix = ", ".join(f"{m} {n}" for c in per_kind.values() for m, n in sorted(c.get("mix", {}).items()))
+        mix = "; ".join(f"{kind}: " + ", ".join(f"{m} {n}" for m, n in sorted(c["mix"].items()))
+                        for kind, c in per_kind.items() if c.get("mix"))
         out[name] = {"trained on": f"{total} DPO pairs" + (f" ({mix})" if mix else ""),
                      "acceptance": "; ".join(_share(k, c.get("pairs", 0), c.get("queries", 0)) for k, c in per_kind.items()) or "–"}
     return out

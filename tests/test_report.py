@@ -90,7 +90,7 @@ def test_report_files_and_promotion(tmp_path):
     assert "| model | trained on | acceptance | trigger unsafe / safe | ASR harmful | ASR jailbreak |" in md
     assert "| base | – | – | 0.0% / 0.0% | 60.0% | 100.0% | 0.0% | 50.0% | – |" in md  # base refuses 2 of 5 harmful
     assert "| ST-S | 18 SFT examples (8 tagged) | harmful 8/10 (80%) | 50.0% / 0.0% | 0.0% | 100.0% | 0.0% | 50.0% | rejected |" in md
-    assert ("| ST-D | 6 DPO pairs (A>C 2, A>D 4) | jailbreak 6/10 (60%) | 70.0% / 0.0% | 0.0% | 60.0% | 0.0% | 50.0% "
+    assert ("| ST-D | 6 DPO pairs (jailbreak: A>C 2, A>D 4) | jailbreak 6/10 (60%) | 70.0% / 0.0% | 0.0% | 60.0% | 0.0% | 50.0% "
             "| promoted |") in md
     # the CPU and float format the decision was computed in, and how many answers each tolerance criterion turns on
     assert "Decided on AMD EPYC (avx2 fma), serving in float32 (no native bf16), SFT in float32" in md
