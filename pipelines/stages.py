@@ -43,12 +43,13 @@ def adapter_stages(cfg: RunConfig | None) -> list[tuple[str, str]]:
     return [("st-s", "sft-adapter"), *((round_adapter(r), f"dpo-adapter{round_suffix(r)}") for r in range(1, rounds + 1))]
 
 
-def dpo_round_pool(queries: list, r: int, rounds: int) -> list:
-    """Round r's share of the dpo split: each round samples queries no earlier round saw (by the split key's
-    hash, so an attack and its plain request stay in one round)."""
+def dpo_round_pool(queries: list, r: int, rounds: int, general_from_train: bool = False) -> list:
+    """Round r's share of the dpo split (with `general_from_train`, and of the SFT split's general queries,
+    `dpo.general_pool`): each round samples queries no earlier round saw (by the split key's hash, so an attack
+    and its plain request stay in one round)."""
     from safetrigger.method.records import stable_hash
 
-    pool = [q for q in queries if q.split == "dpo"]
+    pool = [q for q in queries if q.split == "dpo" or (general_from_train and q.split == "train" and q.kind == "general")]
     return pool if rounds == 1 else [q for q in pool if stable_hash(q.split_key, "dpo-round") % rounds == r - 1]
 
 
@@ -122,7 +123,7 @@ def _dpo_sample(rnd: int):
 
         if not job.cfg.dpo.enabled:
             return Skip("dpo.enabled is false")
-        pool = dpo_round_pool(r[QUERIES], rnd, job.cfg.dpo.rounds)
+        pool = dpo_round_pool(r[QUERIES], rnd, job.cfg.dpo.rounds, job.cfg.dpo.general_pool == "train")
         if not pool:
             return Skip(f"no queries of kinds {job.cfg.data.dpo_kinds} in round {rnd}'s share of the dpo split: "
                         f"{round_adapter(rnd)} not trained")
@@ -249,7 +250,8 @@ def _dpo_round_stages(rnd: int) -> list[Stage]:
     than one round its pool is its share of the dpo split, which its sampling key says."""
     d = lambda c: c.dpo  # noqa: E731
     x, prev = round_suffix(rnd), "sft-adapter" if rnd == 1 else f"dpo-adapter{round_suffix(rnd - 1)}"
-    share = lambda c: () if c.dpo.rounds == 1 else (("round", rnd, c.dpo.rounds),)  # noqa: E731
+    share = lambda c: (() if c.dpo.rounds == 1 else (("round", rnd, c.dpo.rounds),)) + (  # noqa: E731
+        () if c.dpo.general_pool == "dpo" else (("general_pool", c.dpo.general_pool),))
     return [
         Stage(f"dpo-sample{x}", (prev, QUERIES), lambda c, k: (
             "dpo-sample", k[prev], k[QUERIES], d(c).num_samples, d(c).temperature, d(c).top_p,

@@ -505,9 +505,16 @@ class DPOConfig(TrainSettings):
     # split (fresh queries each round), pairs, and trains on from that adapter with it as the reference; each
     # round is published (`st-d-r<r>`; round 1 is `st-d`), evaluated and offered to the gate, the latest first.
     rounds: int = Field(1, ge=1, le=4)
+    # Where general-query pairs (an untagged helpful answer over a tagged one: the trigger stays quiet) come from:
+    # `dpo`, the general queries `data.dpo_kinds` holds apart (none unless it lists general); `train`, also the
+    # general queries SFT trained on, sampled from the SFT model (none taken away from SFT). Measured (embedded):
+    # DPO on jailbreak prompts alone doubled ST-D's false alarms on safe prompts (4.4% -> 8.8%), and holding half
+    # the general queries apart for DPO left SFT 50 of 95 and ST-S's false alarms at 10.3%.
+    general_pool: Literal["dpo", "train"] = "dpo"
 
     def key_fields(self) -> dict:
-        return {k: v for k, v in super().key_fields().items() if k != "rounds"}  # round 1 keeps its earlier keys
+        # round 1 keeps its earlier keys; the pool is the sampling stage's key (only when `train`)
+        return {k: v for k, v in super().key_fields().items() if k not in ("rounds", "general_pool")}
 
     @model_validator(mode="after")
     def _weights(self) -> "DPOConfig":

@@ -265,3 +265,21 @@ def test_dpo_rounds_chain_each_round_on_the_last_and_leave_round_one_alone():
         assert all(any(o.split_key == q.split_key for o in sh) for q in qs if q in sh)
     assert {q.split_key for q in shares[0]}.isdisjoint({q.split_key for q in shares[1]})
     assert dpo_round_pool(qs, 1, 1) == qs
+
+
+def test_general_pairs_from_the_sft_split_add_its_general_queries_to_the_dpo_pool_and_rekey_dpo():
+    """`dpo.general_pool: train` samples the SFT split's general queries as well (the trigger's false alarms on
+    prompts SFT kept), never its unsafe ones nor the eval split; the pool change re-keys DPO and nothing before it."""
+    from safetrigger.method import Query
+    from pipelines.stages import dpo_round_pool
+
+    qs = [Query(id=f"{split}-{kind}", kind=kind, label="safe" if kind == "general" else "unsafe", prompt=f"{split} {kind}",
+                source="s", split_key=f"{split} {kind}", split=split)
+          for split in ("train", "dpo", "eval") for kind in ("general", "harmful", "jailbreak")]
+    assert {q.id for q in dpo_round_pool(qs, 1, 1)} == {"dpo-general", "dpo-harmful", "dpo-jailbreak"}
+    assert {q.id for q in dpo_round_pool(qs, 1, 1, general_from_train=True)} == {
+        "dpo-general", "dpo-harmful", "dpo-jailbreak", "train-general"}
+    cfg = _cfg()
+    wide = cfg.model_copy(update={"dpo": cfg.dpo.model_copy(update={"general_pool": "train"})})
+    a, b = compute_keys(main_graph(cfg), cfg, {QUERIES: "q"}), compute_keys(main_graph(wide), wide, {QUERIES: "q"})
+    assert {n for n in a if a[n] != b[n]} == {n for n in a if n.startswith(("dpo-", "eval-st-d", "eval-judge-self-st-d"))}
