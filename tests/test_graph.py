@@ -280,6 +280,7 @@ def test_general_pairs_from_the_sft_split_add_its_general_queries_to_the_dpo_poo
     assert {q.id for q in dpo_round_pool(qs, 1, 1, general_from_train=True)} == {
         "dpo-general", "dpo-harmful", "dpo-jailbreak", "train-general"}
     cfg = _cfg()
+    cfg = cfg.model_copy(update={"dpo": cfg.dpo.model_copy(update={"general_pool": "dpo"})})
     wide = cfg.model_copy(update={"dpo": cfg.dpo.model_copy(update={"general_pool": "train"})})
     a, b = compute_keys(main_graph(cfg), cfg, {QUERIES: "q"}), compute_keys(main_graph(wide), wide, {QUERIES: "q"})
     assert {n for n in a if a[n] != b[n]} == {n for n in a if n.startswith(("dpo-", "eval-st-d", "eval-judge-self-st-d"))}
