@@ -79,12 +79,10 @@ def flagged_queries(cfg: RunConfig, judgements: list[Judgement] | None) -> set[s
     return {j.query_id for j in judgements if j.verdict_unsafe}
 
 
-def opened_queries(cfg: RunConfig, judgements: list[Judgement] | None) -> dict[str, str]:
-    """The answer opener of each query whose self-judge verdict was unsafe (`review.answer_opener`)."""
+def answer_openers(cfg: RunConfig, flagged: set[str]) -> dict[str, str]:
+    """The answer opener of each flagged query (`review.answer_opener`), with the space the policy goes on after."""
     opener = cfg.review.answer_opener
-    if opener is None:
-        return {}
-    return {q: opener.strip() + " " for q in flagged_queries(cfg, judgements)}
+    return {} if opener is None else {q: opener.strip() + " " for q in flagged}
 
 
 def run_review(
@@ -105,8 +103,7 @@ def run_review(
                            concurrency=g.concurrency, fanout=g.fanout,
                            recovery=Recovery.of(g), chunk_rows=g.chunk_rows, total=len(todo) * n)
         return store.read()
-    _structured(pending, endpoint, cfg, store, model, done, opened_queries(cfg, judgements),
-                flagged_queries(cfg, judgements))
+    _structured(pending, endpoint, cfg, store, model, done, flagged_queries(cfg, judgements))
     return store.read()
 
 
@@ -117,10 +114,11 @@ def _as_candidates(trajectories: list[Trajectory], n: int, skip: set[str]) -> li
 
 
 def _structured(pending, endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore, model: str, done: set[str],
-                opened: dict[str, str], flagged: set[str]) -> None:
+                flagged: set[str]) -> None:
     """The block's parts once per query, the yes/no ones of `flagged` queries started with `review.verdict_word`;
-    then `review.candidates` answers after it, each its own row, started with the query's opener where it has one."""
+    then `review.candidates` answers after it, each its own row, a flagged query's started with its opener."""
     g, n = cfg.generation, cfg.review.candidates
+    opened = answer_openers(cfg, flagged)
     rounds = Path(f"{store.root}.rounds")
     parts: dict[str, list[str]] = {t.query_id: [] for t in pending}
     tokens: dict[str, int] = {t.query_id: 0 for t in pending}

@@ -8,14 +8,14 @@ from typing import Any
 
 from safetrigger.evaluation.suites import trigger_by_model
 
-from .stages import evaluated, round_suffix
+from .stages import round_model
 
 
-def training_of(cfg, results: dict[str, Any]) -> dict[str, dict[str, str]]:
-    """Per evaluated model's display name: `trained on` and `acceptance` cells from the SFT data and DPO pair
-    statistics (ST-S: tagged targets kept of the unsafe training queries reviewed; ST-D: pairs of queries sampled)."""
+def training_of(sft: dict[str, Any], pairs: dict[int, dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Per evaluated model's display name: `trained on` and `acceptance` cells from the SFT data statistics (`sft`)
+    and each DPO round's pair statistics (`pairs`, by round). ST-S: tagged targets kept of the unsafe training
+    queries reviewed; ST-D: queries that gave a pair."""
     out = {"base": {"trained on": "–", "acceptance": "–"}}
-    sft = _stats(results, "sft-data")
     if sft:
         kept, dropped = sft.get("kept", {}), sft.get("dropped", {})
         unsafe = [k for k in kept if k != "general"] + [k.split("/")[0] for k in dropped if not k.startswith("general/")]
@@ -25,19 +25,16 @@ def training_of(cfg, results: dict[str, Any]) -> dict[str, dict[str, str]]:
             cells.append(_share(kind, kept.get(kind, 0), kept.get(kind, 0) + lost))
         out["ST-S"] = {"trained on": f"{sum(kept.values())} SFT examples ({sum(v for k, v in kept.items() if k != 'general')} tagged)",
                        "acceptance": "; ".join(cells) or "–"}
-    for name, _, stage in evaluated(cfg):
-        if not name.startswith("ST-D"):
+    for r, stats in pairs.items():
+        if not stats:
             continue
-        r = 1 if name == "ST-D" else int(name.rsplit("r", 1)[1])
-        pairs = _stats(results, f"dpo-pairs{round_suffix(r)}")
-        if not pairs:
-            continue
-        per_kind = pairs.get("per_kind", {})
+        per_kind = stats.get("per_kind", {})
         total = sum(c.get("pairs", 0) for c in per_kind.values())
         mix = "; ".join(f"{kind}: " + ", ".join(f"{m} {n}" for m, n in sorted(c["mix"].items()))
                         for kind, c in per_kind.items() if c.get("mix"))
-        out[name] = {"trained on": f"{total} DPO pairs" + (f" ({mix})" if mix else ""),
-                     "acceptance": "; ".join(_share(k, c.get("pairs", 0), c.get("queries", 0)) for k, c in per_kind.items()) or "–"}
+        out[round_model(r)] = {"trained on": f"{total} DPO pairs" + (f" ({mix})" if mix else ""),
+                               "acceptance": "; ".join(_share(k, c.get("pairs", 0), c.get("queries", 0))
+                                                       for k, c in per_kind.items()) or "–"}
     return out
 
 
@@ -70,8 +67,3 @@ def round_table(result, models: list[str], cfg, training: dict[str, dict[str, st
 
 def _share(kind: str, k: int, n: int) -> str:
     return f"{kind} {k}/{n}" + (f" ({100 * k / n:.0f}%)" if n else "")
-
-
-def _stats(results: dict[str, Any], stage: str) -> dict[str, Any]:
-    r = results.get(stage)
-    return r.get("stats", {}) if isinstance(r, dict) else {}

@@ -273,7 +273,9 @@ def _evaluate_and_report(job: Job, results: dict[str, Any], awareness_md: str,
                  f"one (safe-trigger promote {cfg.serving.adapter_scope} <adapter>)")
     else:
         job.emit(f"[gate] promoted: {result.promoted['model'] if result.promoted else 'nothing (the base keeps serving)'}")
+    training = training_of(_value(results, "sft-data", "stats"),
+                           {r: _value(results, f"dpo-pairs{round_suffix(r)}", "stats") for r in range(1, cfg.dpo.rounds + 1)})
     paths = write_report(report_dir, result, [m.name for m in models], cfg, job.stage_times, awareness_md, precision,
-                         training_of(cfg, results))
+                         training)
     return {**{k: str(v) for k, v in paths.items()}, "promoted": result.promoted,
             "decisions": [d.to_dict() for d in result.decisions]}

@@ -31,10 +31,15 @@ def round_adapter(r: int) -> str:
     return "st-d" + round_suffix(r)
 
 
+def round_model(r: int) -> str:
+    """DPO round r's model as reports name it: `ST-D`, then `ST-D r<r>`."""
+    return "ST-D" if r == 1 else f"ST-D r{r}"
+
+
 def evaluated(cfg: RunConfig | None) -> list[tuple[str, str, str]]:
     """EVALUATED, then ST-D of every later DPO round (`dpo.rounds`)."""
     rounds = cfg.dpo.rounds if cfg is not None else 1
-    return [*EVALUATED, *((f"ST-D r{r}", round_adapter(r), f"eval-st-d{round_suffix(r)}") for r in range(2, rounds + 1))]
+    return [*EVALUATED, *((round_model(r), round_adapter(r), f"eval-st-d{round_suffix(r)}") for r in range(2, rounds + 1))]
 
 
 def adapter_stages(cfg: RunConfig | None) -> list[tuple[str, str]]:

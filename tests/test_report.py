@@ -76,11 +76,10 @@ def test_report_files_and_promotion(tmp_path):
                  "dpo": {"dtype": "float32"}}
     from pipelines.rounds import training_of
 
-    stats = {"sft-data": {"stats": {"kept": {"harmful": 8, "general": 10},
-                                    "dropped": {"harmful/looping": 2, "general/missing_answer": 1}}},
-             "dpo-pairs": {"stats": {"per_kind": {"jailbreak": {"queries": 10, "pairs": 6, "mix": {"A>D": 4, "A>C": 2}}}}}}
+    sft = {"kept": {"harmful": 8, "general": 10}, "dropped": {"harmful/looping": 2, "general/missing_answer": 1}}
+    pairs = {1: {"per_kind": {"jailbreak": {"queries": 10, "pairs": 6, "mix": {"A>D": 4, "A>C": 2}}}}}
     paths = write_report(tmp_path / "report", result, models, cfg, [{"stage": "eval-st-d", "rows": 22, "seconds": 11.0}],
-                         precision=precision, training=training_of(cfg, stats))
+                         precision=precision, training=training_of(sft, pairs))
     html = paths["html"].read_text()
     assert len(re.findall(r"src='data:image/png;base64,", html)) == 4  # asr, over-refusal, accuracy, trigger
     assert "src='http" not in html and "Promoted: <code>policy:st-d@v1</code>" in html
