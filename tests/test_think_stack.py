@@ -16,7 +16,7 @@ from tests.test_stack import make_cfg
 
 pytestmark = pytest.mark.stack
 
-PORT = 8432
+PORT = 8434
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,15 @@ def trained(tmp_path_factory, data_root):
     return tmp, sft, dpo
 
 
+def _cmdline(p) -> list[str]:
+    import psutil
+
+    try:
+        return p.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
+
+
 def lora_b(path):
     return {k: v for k, v in load_file(path / "adapter_model.safetensors").items() if "lora_B" in k}
 
@@ -111,9 +120,11 @@ def test_a_worker_killed_mid_sft_resumes_from_its_checkpoint_to_the_same_adapter
 
     def kill_a_worker_after_step_3() -> None:
         wait_for_a_registered_checkpoint(tmp_path, "faulted", 3)
-        # by process title (the state API needs the dashboard, which a plain run does not start)
-        workers = sorted(p.pid for p in psutil.process_iter(["cmdline"])
-                         if "RayTrainWorker" in " ".join(p.info["cmdline"] or []))
+        # by process title (the state API needs the dashboard, which a plain run does not start), among this
+        # process's descendants only: the local cluster's raylet is our child, and another test process on the
+        # machine (pytest -n) runs Ray Train workers of its own
+        workers = sorted(p.pid for p in psutil.Process().children(recursive=True)
+                         if "RayTrainWorker" in " ".join(_cmdline(p)))
         if workers:
             os.kill(workers[-1], signal.SIGKILL)
             killed.append(workers[-1])
