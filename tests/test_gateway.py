@@ -15,10 +15,13 @@ from services import adapters, registry
 from services.gateway.auth import hash_key
 from services.gateway.config import GatewayConfig
 from tests.conftest import REPO, random_adapter, stream_text
+from tests.ray_cluster import HeadPorts, head_node
 
 pytestmark = pytest.mark.stack
 
 PORT, DASHBOARD = 8432, 8275
+# the jobs API needs the Ray job server, whose agent must get its own port (tests/ray_cluster.py)
+HEAD = HeadPorts(gcs=6393, dashboard=DASHBOARD, agent=52420, client=6394, workers=(22000, 22999))
 APP, JOBS, SLOW, PEEK, LOAD = "st-app-key", "st-jobs-key", "st-slow-key", "st-peek-key", "st-load-key"
 LOAD_CONCURRENCY = 2
 BLOCK = "<safe>\n1. The core question asks for a weapon: unsafe.\n2. My thoughts were unsafe.\n3. Refuse kindly.\n</safe>\n\n"
@@ -29,14 +32,13 @@ def _run_cfg(tmp, data_root) -> RunConfig:
         "name": "gateway-test", "output_dir": str(tmp / "run"), "model": {"max_model_len": 1024},
         "serving": {"cpus_per_replica": 2, "kv_cache_space_gib": 1, "http_port": PORT, "max_num_seqs": 16,
                     "adapter_root": str(tmp / "adapters")},
-        "ray": {"num_cpus": 8, "dashboard": True, "dashboard_port": DASHBOARD},
+        "ray": {"address": f"127.0.0.1:{HEAD.gcs}"},
         "data": {"root": str(data_root), "sources": [{"type": "queries", "path": "repo:data/demo_queries.jsonl"}]},
     })
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, data_root):
-    import ray
     from ray import serve
 
     from pipelines.runtime import init_ray, set_threads
@@ -45,30 +47,30 @@ def gw(tmp_path_factory, data_root):
 
     tmp = tmp_path_factory.mktemp("gateway")
     cfg = _run_cfg(tmp, data_root)
-    set_threads(1)
-    init_ray(cfg)
-    ep = start_policy(cfg)
-    keys = [
-        # the harness prefills the assistant turn with a <safe> block (_prefilled): an operator's grant, per key
-        {"id": "app", "sha256": hash_key(APP), "scopes": ["inference"], "requests_per_minute": 6000, "burst": 200,
-         "engine_fields": PREFILL_FIELDS},
-        {"id": "jobs", "sha256": hash_key(JOBS), "scopes": ["jobs", "inference"]},
-        {"id": "peek", "sha256": hash_key(PEEK), "scopes": ["inference", "jobs"], "show_safety": True,
-         "engine_fields": PREFILL_FIELDS},
-        {"id": "slow", "sha256": hash_key(SLOW), "scopes": ["inference"], "requests_per_minute": 1, "burst": 2},
-        {"id": "load", "sha256": hash_key(LOAD), "scopes": ["inference"], "requests_per_minute": 6000, "burst": 500,
-         "max_concurrent": LOAD_CONCURRENCY},
-    ]
-    gcfg = pointed_at(GatewayConfig(adapter_root=cfg.serving.adapter_root, keys=keys,
-                                    limits={"max_tokens": 64, "max_prompt_chars": 4000, "max_body_bytes": 20_000},
-                                    ray_dashboard_url=f"http://127.0.0.1:{DASHBOARD}", artifact_root=str(tmp / "jobs"),
-                                    allowed_data_roots=[str(data_root)], policy_model_source=cfg.model.source), ep)
-    assert gcfg.policy_via == "handle" and gcfg.deployment == ep.deployment_name  # the default names agree
-    assert ep.base_url is None  # the policy app has no HTTP route: the gateway is the one door
-    prefix = start_gateway(gcfg)
-    yield f"http://127.0.0.1:{PORT}{prefix}", cfg, ep, tmp
-    serve.shutdown()
-    ray.shutdown()
+    with head_node(HEAD, "gw"):
+        set_threads(1)
+        init_ray(cfg)
+        ep = start_policy(cfg)
+        keys = [
+            # the harness prefills the assistant turn with a <safe> block (_prefilled): an operator's grant, per key
+            {"id": "app", "sha256": hash_key(APP), "scopes": ["inference"], "requests_per_minute": 6000, "burst": 200,
+             "engine_fields": PREFILL_FIELDS},
+            {"id": "jobs", "sha256": hash_key(JOBS), "scopes": ["jobs", "inference"]},
+            {"id": "peek", "sha256": hash_key(PEEK), "scopes": ["inference", "jobs"], "show_safety": True,
+             "engine_fields": PREFILL_FIELDS},
+            {"id": "slow", "sha256": hash_key(SLOW), "scopes": ["inference"], "requests_per_minute": 1, "burst": 2},
+            {"id": "load", "sha256": hash_key(LOAD), "scopes": ["inference"], "requests_per_minute": 6000, "burst": 500,
+             "max_concurrent": LOAD_CONCURRENCY},
+        ]
+        gcfg = pointed_at(GatewayConfig(adapter_root=cfg.serving.adapter_root, keys=keys,
+                                        limits={"max_tokens": 64, "max_prompt_chars": 4000, "max_body_bytes": 20_000},
+                                        ray_dashboard_url=f"http://127.0.0.1:{DASHBOARD}", artifact_root=str(tmp / "jobs"),
+                                        allowed_data_roots=[str(data_root)], policy_model_source=cfg.model.source), ep)
+        assert gcfg.policy_via == "handle" and gcfg.deployment == ep.deployment_name  # the default names agree
+        assert ep.base_url is None  # the policy app has no HTTP route: the gateway is the one door
+        prefix = start_gateway(gcfg)
+        yield f"http://127.0.0.1:{PORT}{prefix}", cfg, ep, tmp
+        serve.shutdown()
 
 
 PREFILL_FIELDS = ["echo", "add_generation_prompt", "continue_final_message"]

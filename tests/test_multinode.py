@@ -3,9 +3,6 @@ own ports and temp dir): the tiny pipeline is submitted as a Ray Job and must pl
 Every process the nodes start is stopped by pid at the end."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,51 +13,26 @@ import yaml
 
 from safetrigger.config import REPO_ROOT
 from tests.conftest import sft_examples, wait_for_a_registered_checkpoint
+from tests.ray_cluster import HeadPorts, cluster_env, head_node, ray_start
 
 pytestmark = pytest.mark.stack
 
 GCS, DASHBOARD, SERVE_PORT = 6391, 8276, 8433
 
 
-def _ray_start(args: list[str], env: dict[str, str]) -> str:
-    out = subprocess.run([str(Path(sys.executable).parent / "ray"), "start", *args, "--disable-usage-stats"],
-                         env=env, capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    return out.stdout + out.stderr
-
-
-def _processes_of(session: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(session in part for part in p.info["cmdline"] or []):
-                found.append(p)
-                found += p.children(recursive=True)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return list({p.pid: p for p in found}.values())
+HEAD = HeadPorts(gcs=GCS, dashboard=DASHBOARD, agent=52400, client=6392, workers=(20000, 20999))
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multinode")
-    temp_dir = Path(f"/tmp/st-mn-{os.getpid()}")  # short: Ray's unix socket paths have a length limit
-    # Token auth is switched on by `ray start --head` whenever ~/.ray/auth_token exists, but a joining node does
-    # not pick the token up (Ray 2.59+); this cluster lives on 127.0.0.1 only, so it runs without.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = cluster_env()
     # logical CPUs (more than the cores, as in ray.num_cpus): the head holds the policy replica, its ingress and
     # Ray Data's stage actors, and must still fit one of the two Train workers
-    head = _ray_start(["--head", "--node-ip-address", "127.0.0.1", "--port", str(GCS), "--num-cpus", "8",
-                       "--resources", '{"node:head-test": 1}', "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                       "--dashboard-port", str(DASHBOARD), "--dashboard-agent-listen-port", "52400",
-                       "--metrics-export-port", "52401", "--ray-client-server-port", "6392",
-                       "--min-worker-port", "20000", "--max-worker-port", "20999", "--temp-dir", str(temp_dir)], env)
-    session = next(p for p in (temp_dir).iterdir() if p.name.startswith("session_2")).name
-    started = {p.pid for p in _processes_of(session)}
-    try:
-        _ray_start(["--address", f"127.0.0.1:{GCS}", "--node-ip-address", "127.0.0.1", "--num-cpus", "4",
-                    "--dashboard-agent-listen-port", "52410", "--metrics-export-port", "52411",
-                    "--min-worker-port", "21000", "--max-worker-port", "21999"], env)
+    with head_node(HEAD, "mn", num_cpus=8, resources='{"node:head-test": 1}'):
+        ray_start(["--address", f"127.0.0.1:{GCS}", "--node-ip-address", "127.0.0.1", "--num-cpus", "4",
+                   "--dashboard-agent-listen-port", "52410", "--metrics-export-port", "52411",
+                   "--min-worker-port", "21000", "--max-worker-port", "21999"], env)
         import ray
 
         ray.init(address=f"127.0.0.1:{GCS}")
@@ -68,23 +40,8 @@ def cluster(tmp_path_factory):
         while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.monotonic() < deadline:
             time.sleep(1)
         nodes = [n for n in ray.nodes() if n["Alive"]]
-        assert len(nodes) == 2, head
+        assert len(nodes) == 2, nodes
         yield tmp, env, nodes
-    finally:
-        import ray
-
-        ray.shutdown()
-        procs = {p.pid: p for p in _processes_of(session)} | {pid: psutil.Process(pid) for pid in started if psutil.pid_exists(pid)}
-        for p in procs.values():
-            try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
-        for p in alive:
-            p.kill()
-        psutil.wait_procs(alive, timeout=10)
-        assert not [p for p in _processes_of(session) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 @pytest.mark.timeout(1500)
@@ -114,6 +71,7 @@ def test_pipeline_job_uses_both_nodes(cluster, data_root):
     path.write_text(yaml.safe_dump(config))
     logs = _run_job(f"{sys.executable} -m apps.cli run {path}", 1300)
 
+    assert f"[done] {out / 'summary.json'}" in logs, logs[-3000:]  # what the job's user reads
     summary = json.loads((out / "summary.json").read_text())
     assert summary["queries"] == 24 and Path(summary["report"]["html"]).is_file()
     assert (Path(summary["stages"]["sft_adapter"]) / "adapter_model.safetensors").is_file()
