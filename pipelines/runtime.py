@@ -28,7 +28,8 @@ def init_ray(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address, namespace=cfg.ray.namespace)
+        ray.init(address=cfg.ray.address, namespace=cfg.ray.namespace,
+                 log_to_driver=os.environ.get("SAFE_TRIGGER_RAY_LOGS", "0") == "1")
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard, dashboard_port=cfg.ray.dashboard_port,
                  dashboard_host="127.0.0.1", namespace=cfg.ray.namespace,

@@ -474,7 +474,7 @@ def test_a_replica_killed_under_a_running_job_is_replaced_and_nothing_is_lost(gw
         streamer = threading.Thread(target=stream)
         streamer.start()
         assert started.wait(120)
-        [replica] = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+        [replica] = [a for a in list_actors(address=f"127.0.0.1:{HEAD.gcs}", filters=[("state", "=", "ALIVE")])
                      if a.class_name.startswith(f"ServeReplica:{ep.app_name}:{ep.deployment_name}")]
         os.kill(replica.pid, signal.SIGKILL)
         killed = time.monotonic()
