@@ -189,8 +189,8 @@ def _run_adapter(s: Stage, job: Job, key: str, results: dict[str, Any]) -> dict[
 
 
 def _publish(job: Job, name: str, adapter_dir: Path) -> int:
-    """Make this adapter the registry's current `name`, so running replicas serve it hot; re-published when the
-    registry holds another version (e.g. a later run's)."""
+    """Make this adapter the registry's current `name`, so running replicas serve it hot: the version that holds
+    its files already (made current again after another run's), else a new one."""
     from services import adapters
 
     s = job.cfg.serving

@@ -83,12 +83,20 @@ def publish(root: str | os.PathLike[str], name: str, src: str | os.PathLike[str]
     tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=base))
     for f in ADAPTER_FILES:
         shutil.copy2(src / f, tmp / f)
-    version = 1 + max((int(p.name[1:]) for p in base.glob("v[0-9]*") if p.name[1:].isdigit()), default=0)
+    version = 1 + max(_versions(base), default=0)
     os.rename(tmp, base / f"v{version:04d}")
+    _make_current(base, version)
+    return version
+
+
+def _versions(base: Path) -> list[int]:
+    return [int(p.name[1:]) for p in base.glob("v[0-9]*") if p.name[1:].isdigit()]
+
+
+def _make_current(base: Path, version: int) -> None:
     current_tmp = base / f".CURRENT.{os.getpid()}"
     current_tmp.write_text(f"{version}\n")
     os.replace(current_tmp, base / "CURRENT")
-    return version
 
 
 def current(root: str | os.PathLike[str], name: str) -> tuple[int, Path]:
@@ -117,11 +125,25 @@ def list_current(root: str | os.PathLike[str]) -> dict[str, int]:
 
 
 def ensure_published(root: str | os.PathLike[str], name: str, src: str | os.PathLike[str], base_model: str | None = None) -> int:
-    """The current version of `name` when it holds exactly `src`'s files, else a new version of them."""
+    """The current version of `name` when it holds exactly `src`'s files; else the newest version that does, made
+    current again (a run re-invoked after another config's run, which published its own adapter under the same
+    name, added a copy per invocation before); else a new version of them."""
+    _check_name(name)
+    base = Path(root) / name
     try:
-        _, path = current(root, name)
-        if all(filecmp.cmp(Path(src) / f, path / f, shallow=False) for f in ADAPTER_FILES):
-            return int(path.name[1:])
-    except (AdapterError, FileNotFoundError):
-        pass
+        now, _ = current(root, name)
+    except AdapterError:
+        now = None
+    for version in sorted(_versions(base), key=lambda v: (v != now, -v)):
+        if _same_files(Path(src), base / f"v{version:04d}"):
+            if version != now:
+                _make_current(base, version)
+            return version
     return publish(root, name, src, base_model)
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    try:
+        return all(filecmp.cmp(a / f, b / f, shallow=False) for f in ADAPTER_FILES)
+    except FileNotFoundError:
+        return False

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from services.adapters import AdapterError, current, list_current, publish
+from services.adapters import AdapterError, current, ensure_published, list_current, publish
 
 from .conftest import tiny_adapter
 
@@ -21,6 +21,20 @@ def test_publish_versions_and_current(tmp_path):
     publish(root, "st-d", adapter(tmp_path, "c"))
     assert list_current(root) == {"st-d": 1, "st-s": 2}
     assert not list((root / "st-s").glob(".incoming-*"))
+
+
+def test_ensure_published_reuses_a_version_holding_the_same_files(tmp_path):
+    root = tmp_path / "reg"
+    a, b = adapter(tmp_path, "a"), adapter(tmp_path, "b")
+    assert ensure_published(root, "st-d", a) == 1
+    assert ensure_published(root, "st-d", a) == 1  # already current
+    assert ensure_published(root, "st-d", b) == 2  # other files: a new version
+    # the first run again after the second: its version is current again, and no copy of it is added
+    assert ensure_published(root, "st-d", a) == 1 and current(root, "st-d")[0] == 1
+    assert sorted(p.name for p in (root / "st-d").glob("v*")) == ["v0001", "v0002"]
+    assert ensure_published(root, "st-d", b) == 2 and current(root, "st-d")[0] == 2
+    (a / "adapter_model.safetensors").write_bytes((a / "adapter_model.safetensors").read_bytes()[:-1] + b"\x01")
+    assert ensure_published(root, "st-d", a) == 3  # a changed byte is another adapter
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "", ".hidden", "x" * 65])
