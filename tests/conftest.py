@@ -11,8 +11,8 @@ from safetrigger.config import default_data_root  # noqa: E402
 DATA = Path(default_data_root())
 
 # The modules with a stack of their own, longest first (seconds each in a serial suite on 2 cores: 380, 240, 200,
-# 160, 140). `make test` runs two pytest processes, one module at a time each (`--dist loadfile`, collection order):
-# started first, the long ones end together instead of one of them running alone at the end.
+# 160, 140). `make test TEST_WORKERS=2` runs two pytest processes, one module at a time each (`--dist loadfile`, in
+# collection order): started first, the long ones end together instead of one of them running alone at the end.
 LONGEST_FIRST = ("test_stack.py", "test_gateway.py", "test_multinode.py", "test_think_stack.py", "test_train.py")
 
 
