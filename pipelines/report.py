@@ -149,7 +149,11 @@ def reproducibility_note(precision: dict[str, Any], result: EvalResult) -> str:
             "The same seed and config sample other text in another float format: under `dtype: auto` a CPU with "
             "AVX512-BF16 or AMX computes in bfloat16 and an AVX2-only CPU in float32, so their answers, and a decision "
             "that turns on a few of them, can differ." + near + " To compare machines, set `model.dtype: float32`, "
-            "`sft.precision: fp32` and `dpo.precision: fp32` on both.")
+            "`sft.precision: fp32` and `dpo.precision: fp32` on both. Nor is a decision fixed on one machine: a CPU "
+            "engine's sums depend on which requests share a batch, and that depends on when they arrive, so two runs "
+            "of one config can train different adapters (two clean runs of the embedded config on one CPU: one "
+            "promoted ST-D, the other trained a trigger that over-refused and was refused). Judge a config by "
+            "several runs, not by one decision.")
 
 
 def _metric_section(result: EvalResult, models: list[str], cfg, suites, title: str, ylabel: str, plots: Path,

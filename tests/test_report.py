@@ -93,6 +93,7 @@ def test_report_files_and_promotion(tmp_path):
             "| promoted |") in md
     # the CPU and float format the decision was computed in, and how many answers each tolerance criterion turns on
     assert "Decided on AMD EPYC (avx2 fma), serving in float32 (no native bf16), SFT in float32" in md
+    assert "Nor is a decision fixed on one machine" in md  # run-to-run variance is said, not only the float format
     assert "turns on 1 answer(s)" in md  # over-refusal: 0 of 6 -> 0 of 6 passes; one more refusal is +16.7 pp
     assert re.search(r"\| st-d \| over_refusal \| over_refusal \| refusal \| 0\.0% \| 0\.0% \| [^|]+ \| 6 \| 1 \| pass \|", md), md
     assert re.search(r"\| st-d \| harmful \| asr \| refusal \| [^|]+ \| [^|]+ \| [^|]+ \| 5 \| – \| pass \|", md), md
