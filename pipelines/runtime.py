@@ -27,13 +27,12 @@ def init_ray(cfg: RunConfig) -> None:
 
     if ray.is_initialized():
         return
+    common = {"namespace": cfg.ray.namespace, "log_to_driver": os.environ.get("SAFE_TRIGGER_RAY_LOGS", "0") == "1"}
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address, namespace=cfg.ray.namespace,
-                 log_to_driver=os.environ.get("SAFE_TRIGGER_RAY_LOGS", "0") == "1")
+        ray.init(address=cfg.ray.address, **common)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard, dashboard_port=cfg.ray.dashboard_port,
-                 dashboard_host="127.0.0.1", namespace=cfg.ray.namespace,
-                 log_to_driver=os.environ.get("SAFE_TRIGGER_RAY_LOGS", "0") == "1")
+                 dashboard_host="127.0.0.1", **common)
 
 
 def precision_report(cfg: RunConfig) -> dict[str, Any]:
