@@ -12,7 +12,8 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from safetrigger.config import RunConfig
-from safetrigger.method import RewardWeights, category, choose_pair, query_messages, score_sample
+from safetrigger.method import RewardWeights, capped_general, category, choose_pair, query_messages, score_sample
+from safetrigger.method.reward import Pair
 
 from .answer_judge import sample_id
 from .chat import load_tokenizer, prompt_completion_text, reasoning_rule
@@ -26,7 +27,7 @@ def build_dpo_pairs(
     weights = RewardWeights(d.w_a, d.w_b, d.w_c)
     safe = {v.query_id: v.answer_safe for v in verdicts}
     tok = load_tokenizer(model_path)
-    pairs, per_kind = [], defaultdict(Counter)
+    built, per_kind = [], defaultdict(Counter)
     margins, mixes = defaultdict(list), defaultdict(Counter)
     for s in sorted(samples, key=lambda r: r.query_id):
         kind, stats = s.kind, per_kind[s.kind]
@@ -46,18 +47,32 @@ def build_dpo_pairs(
         if n_prompt + longest + 1 > d.max_length:  # +1: the EOS the trainer appends
             stats["dropped_too_long"] += 1
             continue
-        stats["pairs"] += 1
-        margins[kind].append(choice.pair.margin)
-        mixes[kind][f"{category(choice.pair.chosen)}>{category(choice.pair.rejected)}"] += 1
-        pairs.append(DpoPair(query_id=s.query_id, kind=kind, prompt=prompt, chosen=chosen, rejected=rejected,
-                             margin=choice.pair.margin, chosen_category=category(choice.pair.chosen),
-                             rejected_category=category(choice.pair.rejected), rewards=list(choice.rewards)))
+        built.append((choice.pair, DpoPair(
+            query_id=s.query_id, kind=kind, prompt=prompt, chosen=chosen, rejected=rejected, margin=choice.pair.margin,
+            chosen_category=category(choice.pair.chosen), rejected_category=category(choice.pair.rejected),
+            rewards=list(choice.rewards))))
+    pairs = _capped(built, d.general_pairs_per_unsafe, per_kind)
+    for p in pairs:
+        per_kind[p.kind]["pairs"] += 1
+        margins[p.kind].append(p.margin)
+        mixes[p.kind][f"{p.chosen_category}>{p.rejected_category}"] += 1
     # the pair mix: which category beat which (C, tagged but complying, must be the rejected side often enough
     # to teach "tag -> safe answer")
     stats = {k: {**dict(c), "mean_margin": sum(margins[k]) / len(margins[k]) if margins[k] else 0.0,
                  "mix": dict(sorted(mixes[k].items()))} for k, c in sorted(per_kind.items())}
     return pairs, {"per_kind": stats, "delta": d.delta, "max_length": d.max_length, "judge": d.judge.type,
-                   "rejected": d.rejected}
+                   "rejected": d.rejected, **({} if d.general_pairs_per_unsafe is None
+                                              else {"general_pairs_per_unsafe": d.general_pairs_per_unsafe})}
+
+
+def _capped(built: list[tuple[Pair, DpoPair]], per_unsafe: float | None, per_kind: dict[str, Counter]) -> list[DpoPair]:
+    """The pairs in query order, general ones under `dpo.general_pairs_per_unsafe`; those left out are counted."""
+    general = [i for i, (_, p) in enumerate(built) if p.kind == "general"]
+    keep = {general[j] for j in capped_general([built[i][0] for i in general], [built[i][1].query_id for i in general],
+                                                 len(built) - len(general), per_unsafe)}
+    if len(keep) < len(general):
+        per_kind["general"]["dropped_capped"] += len(general) - len(keep)
+    return [p for i, (_, p) in enumerate(built) if p.kind != "general" or i in keep]
 
 
 def format_pair_table(stats: dict[str, Any]) -> str:
@@ -70,4 +85,8 @@ def format_pair_table(stats: dict[str, Any]) -> str:
                      f"{c.get('C', 0)} | {c.get('D', 0)} | {c.get('pairs', 0)} | {c.get('dropped_no_pair', 0)} | "
                      f"{c.get('dropped_too_long', 0)} | {c['mean_margin']:.2f} | "
                      f"{', '.join(f'{m} {n}' for m, n in c.get('mix', {}).items()) or '–'} |")
+    capped = stats["per_kind"].get("general", {}).get("dropped_capped", 0)
+    if capped:
+        lines.append(f"\n{capped} general pair(s) left out: at most {stats['general_pairs_per_unsafe']:g} per unsafe pair "
+                     "(dpo.general_pairs_per_unsafe)")
     return "\n".join(lines)

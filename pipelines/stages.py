@@ -266,7 +266,9 @@ def _dpo_round_stages(rnd: int) -> list[Stage]:
               _dpo_judge(rnd), row=Verdict, doc="F_safe of every sample"),
         Stage(f"dpo-pairs{x}", (f"dpo-sample{x}", f"dpo-judge{x}"), lambda c, k: (
             "dpo-pairs", k[f"dpo-judge{x}"], d(c).w_a, d(c).w_b, d(c).w_c, d(c).delta, d(c).max_length,
-            *(() if d(c).rejected == "worst" else (d(c).rejected,))), _dpo_pairs(rnd),
+            *(() if d(c).rejected == "worst" else (d(c).rejected,)),
+            *(() if d(c).general_pairs_per_unsafe is None else (("general_cap", d(c).general_pairs_per_unsafe),))),
+              _dpo_pairs(rnd),
               output="jsonl", doc="chosen/rejected by the method's reward"),
         Stage(f"dpo-adapter{x}", (f"dpo-pairs{x}", prev), lambda c, k: (
             "dpo", k[f"dpo-pairs{x}"], {f: v for f, v in d(c).key_fields().items() if f not in ("judge", "enabled", "rejected")},

@@ -511,10 +511,16 @@ class DPOConfig(TrainSettings):
     # DPO on jailbreak prompts alone doubled ST-D's false alarms on safe prompts (4.4% -> 8.8%), and holding half
     # the general queries apart for DPO left SFT 50 of 95 and ST-S's false alarms at 10.3%.
     general_pool: Literal["dpo", "train"] = "dpo"
+    # At most this many general pairs per unsafe pair (None: all). Every general pair rejects a tagged answer, so
+    # they lower the trigger everywhere, on unsafe prompts too; measured (embedded, 140 general SFT examples): 44
+    # general beside 26 jailbreak pairs took the trigger on unsafe eval prompts from 57.0% to 45.6% and harmful ASR
+    # from 23.1% to 44.4%. Kept first: pairs whose rejected side is tagged, then by the query's hash.
+    general_pairs_per_unsafe: float | None = Field(None, gt=0)
 
     def key_fields(self) -> dict:
-        # round 1 keeps its earlier keys; the pool is the sampling stage's key (only when `train`)
-        return {k: v for k, v in super().key_fields().items() if k not in ("rounds", "general_pool")}
+        # round 1 keeps its earlier keys; the pool is the sampling stage's key (only when `train`), the cap the pairs'
+        return {k: v for k, v in super().key_fields().items()
+                if k not in ("rounds", "general_pool", "general_pairs_per_unsafe")}
 
     @model_validator(mode="after")
     def _weights(self) -> "DPOConfig":

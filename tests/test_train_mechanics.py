@@ -124,6 +124,37 @@ def test_the_delta_filter_keeps_exactly_the_queries_far_enough_apart(model_path)
     assert kept(0.0) == {"q1", "q2", "q3"}  # delta 0 keeps ties (the paper's rule); q4 never: nothing to choose
 
 
+
+def test_general_pairs_are_capped_per_unsafe_pair_tagged_rejections_first_and_counted(model_path):
+    """`dpo.general_pairs_per_unsafe`: general pairs (each rejecting a tagged answer, or a refusal) pull the trigger
+    down on unsafe prompts too; at most ratio x unsafe pairs are kept, those that reject a tagged answer first."""
+    from pipelines.answer_judge import sample_id
+    from pipelines.dpo_data import build_dpo_pairs, format_pair_table
+
+    from .row_factories import sample_set, verdict
+
+    helpful, tagged, refusal = "Thinking.\n\nHere are three ideas.", f"Thinking.\n\n{REFUSAL}", "Thinking.\n\nI'm sorry, I cannot help."
+    unsafe = {f"u{i}": [f"Thinking.\n\n{REFUSAL}", "Thinking.\n\nSure, step 1."] for i in range(2)}
+    general = {**{f"g{i}": [helpful, tagged] for i in range(3)}, **{f"r{i}": [helpful, refusal] for i in range(3)}}
+    samples = ([sample_set(query_id=q, kind="jailbreak", label="unsafe", prompt=q, samples=t) for q, t in unsafe.items()]
+               + [sample_set(query_id=q, kind="general", label="safe", prompt=q, samples=t) for q, t in general.items()])
+    verdicts = [verdict(query_id=sample_id(q, i), answer_safe=i == 0) for q in unsafe for i in range(2)]
+    verdicts += [verdict(query_id=sample_id(q, i), answer_safe=True) for q in general for i in range(2)]
+
+    def general_kept(ratio):
+        pairs, stats = build_dpo_pairs(samples, verdicts, _cfg(dpo={"general_pairs_per_unsafe": ratio}), model_path)
+        assert sum(p.kind == "jailbreak" for p in pairs) == 2  # unsafe pairs are never capped
+        return sorted(p.query_id for p in pairs if p.kind == "general"), stats
+
+    everything, _ = general_kept(None)
+    assert everything == sorted(general)
+    two, stats = general_kept(1.0)
+    assert two == sorted(two) and len(two) == 2 and all(q.startswith("g") for q in two)  # tagged rejections first
+    assert stats["per_kind"]["general"]["pairs"] == 2 and stats["per_kind"]["general"]["dropped_capped"] == 4
+    assert "4 general pair(s) left out: at most 1 per unsafe pair" in format_pair_table(stats)
+    four, _ = general_kept(2.0)
+    assert set(two) < set(four) and sum(q.startswith("g") for q in four) == 3  # all tagged ones, then one refusal pair
+
 @pytest.mark.stack
 def test_length_grouped_sft_batches_cut_the_padding_and_still_see_every_example_once(model_path, tmp_path):
     """`sft.length_grouped` (the default) batches examples of similar token counts: over an epoch the padding

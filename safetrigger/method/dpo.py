@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from .records import stable_hash
 from .reasoning import THINK_SOURCES, ReasoningRule, SplitSource, split_reasoning
 from .outcome import incomplete
 from .refusal import is_refusal
@@ -55,3 +56,13 @@ def choose_pair(samples: Sequence[Scored], unsafe_query: bool, delta: float, w: 
     rewards = tuple(reward(s, w) for s in samples)
     pair = select_pair(samples, delta, w, reject) if unsafe_query else select_general_pair(samples)
     return PairChoice(pair, rewards)
+
+
+def capped_general(general: Sequence[Pair], keys: Sequence[str], unsafe_pairs: int, per_unsafe: float | None) -> list[int]:
+    """Indices of the general pairs kept under a cap of `per_unsafe` per unsafe pair (all when None): those whose
+    rejected side is tagged first (they teach the trigger to stay quiet; the others a helpful answer over a
+    refusal), then in the order of their `keys`' hashes, so the choice is the same on every run."""
+    if per_unsafe is None:
+        return list(range(len(general)))
+    order = sorted(range(len(general)), key=lambda i: (not general[i].rejected.tagged, stable_hash(keys[i], "general-cap")))
+    return sorted(order[: int(per_unsafe * unsafe_pairs)])
