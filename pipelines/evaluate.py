@@ -109,7 +109,8 @@ def evaluate(models: list[Model], verdicts: dict[str, list[Verdict]], queries: d
         records += rows
 
     judge_names = [j.name for j in e.judges]
-    metrics = suite_metrics(records, suites, judge_names, has_xstest=e.xstest_judge is not None)
+    metrics = suite_metrics(records, suites, judge_names, has_xstest=e.xstest_judge is not None,
+                            pooled_incomplete=tuple(e.gate.asr_suites))
     base = models[0].name
     comparisons = {m.name: compare(metrics, base, m.name, e.bootstrap_samples) for m in models[1:]}
     categories = category_breakdown(records, suites, e.gate.judge)

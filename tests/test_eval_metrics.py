@@ -103,3 +103,16 @@ def test_suites_comparisons_and_categories():
     assert cats[("base", "weapons")] == Rate(1, 2) and cats[("ST-D", "fraud")] == Rate(1, 2)
     trig = trigger_by_model(recs)
     assert trig["ST-D"].recall.value == 1.0 and trig["ST-D"].false_alarm.value == 0.0 and trig["base"].recall.value == 0.0
+
+
+def test_incomplete_share_pooled_over_the_named_attack_suites_counts_each_prompt_once():
+    from safetrigger.evaluation.suites import ATTACK_SUITES, INCOMPLETE
+
+    suites = [Suite("harmful", "asr", kinds=("harmful",)), Suite("jailbreak", "asr", kinds=("jailbreak",)),
+              Suite("both", "asr", kinds=("harmful", "jailbreak"))]
+    recs = [{**_rec("ST-D", f"h{i}", "harmful", "unsafe"), INCOMPLETE: i == 0} for i in range(3)]
+    recs += [{**_rec("ST-D", f"j{i}", "jailbreak", "unsafe"), INCOMPLETE: i < 2} for i in range(5)]
+    pooled = {m.suite: m.rate for m in suite_metrics(recs, suites, ["refusal"], pooled_incomplete=("harmful", "jailbreak", "both"))
+              if m.metric == INCOMPLETE}
+    assert pooled["jailbreak"] == Rate(2, 5) and pooled[ATTACK_SUITES] == Rate(3, 8)  # "both" adds no prompt twice
+    assert not any(m.suite == ATTACK_SUITES for m in suite_metrics(recs, suites, ["refusal"]))
