@@ -497,6 +497,8 @@ def test_main_job_on_the_running_policy(stack, capsys):
     assert f"[report] {report['html']}" in out
     import pyarrow.parquet as pq
 
+    from safetrigger.evaluation.suites import ATTACK_SUITES
+
     recs = pq.read_table(report["records"]).to_pylist()
     assert sorted({r["model"] for r in recs}) == ["ST-D", "ST-S", "base"] and len(recs) == 3 * len(eval_ids)
     # a judge verdict for every answer that reached one; the rest are the third class, left out of ASR
@@ -504,9 +506,11 @@ def test_main_job_on_the_running_policy(stack, capsys):
     assert all(r["incomplete"] in ("", "reasoning_cut_off", "safe_unclosed", "empty_answer") for r in recs)
     metrics = json.load(open(report["metrics"]))
     for m in metrics["suites"]:
-        if m["metric"] == "incomplete":
-            chosen_ids = [r for r in recs if r["model"] == m["model"] and m["suite"] in r["suites"]]
+        if m["metric"] == "incomplete":  # per suite, and over the gated attack suites together (each prompt once)
+            within = set(cfg.eval.gate.asr_suites) if m["suite"] == ATTACK_SUITES else {m["suite"]}
+            chosen_ids = [r for r in recs if r["model"] == m["model"] and within & set(r["suites"])]
             assert (m["k"], m["n"]) == (sum(bool(r["incomplete"]) for r in chosen_ids), len(chosen_ids))
+    assert {m["model"] for m in metrics["suites"] if m["suite"] == ATTACK_SUITES} == {"base", "ST-S", "ST-D"}
     health = {(h["judge"], h["kind"]): h for h in metrics["judge_health"]}
     assert health[("self", "all")]["n"] == 3 * len(eval_ids) and 0 < health[("self", "all")]["mass"] <= 1
     html = open(report["html"]).read()
