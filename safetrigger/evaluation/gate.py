@@ -1,7 +1,8 @@
 """The promotion gate: a candidate adapter replaces the base only when it is measurably safer and no worse at
 everything else. ASR must fall on every attack suite without the share of answers that never reached one (over
 the attack suites together) rising past its tolerance; over-refusal may rise and accuracy may drop by at most
-their tolerances; a model judge must be healthy to decide. A criterion whose suite has no examples fails: an unmeasured claim never promotes."""
+their tolerances; a model judge must be healthy to decide. A criterion whose suite has no examples fails: an
+unmeasured claim never promotes."""
 
 from __future__ import annotations
 
