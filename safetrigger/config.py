@@ -49,10 +49,12 @@ class ServingConfig(_Strict):
     accelerator: Literal["cpu", "gpu"] = "cpu"
     accelerator_type: str | None = None  # e.g. "H100" on a cluster
     cpus_per_replica: float = Field(1.0, gt=0)
-    # CPU only: the engine's compute threads (OMP_NUM_THREADS). None: cpus_per_replica, less one logical CPU of
-    # this host kept for the replica's Python, Ray Data and the driver (vLLM's own auto-binding reserves one
-    # too). Measured on 2 cores through Serve + Ray Data: 1 thread 85.8 tok/s, 2 threads 51.5 (their OpenMP
-    # spin-waits took the core the Python side needed; 2 threads with KMP_BLOCKTIME=0: 82.7).
+    # CPU only: the engine's compute threads (OMP_NUM_THREADS). None: cpus_per_replica, at most this host's logical
+    # CPUs; where that is all of them, vLLM's auto-binding keeps none back (VLLM_CPU_NUM_OF_RESERVED_CPU=0: it
+    # reserves a core for a scheduler process the uniprocess executor does not have). Measured on 2 cores (AMD
+    # EPYC, bf16) through Serve + Ray Data, 64 prompts x 128 tokens: 1 thread on 1 core 349.5 tok/s, 2 threads
+    # on both 504.5; vLLM in-process prefill of 128 judge-sized prompts 669 -> 1281 prompt tok/s
+    # (bench/generation.py --only serve [--set serving.engine_threads=1])
     engine_threads: int | None = Field(None, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
@@ -501,6 +503,10 @@ class DPOConfig(TrainSettings):
     beta: float = Field(0.1, gt=0)
     loss_type: str = "sigmoid"
     learning_rate: float = Field(5e-6, gt=0)
+    # The reference's log-probabilities once, before the first step (TRL's precompute_ref_log_probs), instead of a
+    # reference forward pass per pair at every epoch: the reference is frozen, so the values are the same and the
+    # embedded run's second epoch does a third less work
+    precompute_ref_log_probs: bool = True
     # On-policy iterative DPO: round r (2..rounds) samples from round r-1's adapter on its own share of the dpo
     # split (fresh queries each round), pairs, and trains on from that adapter with it as the reference; each
     # round is published (`st-d-r<r>`; round 1 is `st-d`), evaluated and offered to the gate, the latest first.

@@ -70,6 +70,9 @@ def cpu_engine_env(cfg: RunConfig) -> dict[str, str]:
     }
     if cfg.serving.omp_threads_bind:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cfg.serving.omp_threads_bind
+    reserved = reserved_cpus(cfg)
+    if reserved is not None:
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
     preload = [p for p in preload_libraries() if p]
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
@@ -77,13 +80,20 @@ def cpu_engine_env(cfg: RunConfig) -> dict[str, str]:
 
 
 def engine_threads(cfg: RunConfig, host_cpus: int | None = None) -> int:
-    """The CPU engine's compute threads: `serving.engine_threads`, else the replica's CPUs less one of the host's
-    logical CPUs for the Python around the engine (see the field's comment for the measurement)."""
+    """The CPU engine's compute threads: `serving.engine_threads`, else the replica's CPUs, at most the host's
+    logical CPUs (see the field's comment for the measurement)."""
     s = cfg.serving
     if s.engine_threads is not None:
         return s.engine_threads
     host = host_cpus if host_cpus is not None else (os.cpu_count() or 1)
-    return max(1, min(int(s.cpus_per_replica), host - 1))
+    return max(1, min(int(s.cpus_per_replica), host))
+
+
+def reserved_cpus(cfg: RunConfig, host_cpus: int | None = None) -> int | None:
+    """VLLM_CPU_NUM_OF_RESERVED_CPU: 0 where the engine's threads take every logical CPU of the host (vLLM's
+    auto-binding would otherwise bind them to all cores but one), else None: vLLM's own default."""
+    host = host_cpus if host_cpus is not None else (os.cpu_count() or 1)
+    return 0 if engine_threads(cfg, host) >= host else None
 
 
 def preload_libraries() -> list[str]:

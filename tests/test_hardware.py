@@ -1,5 +1,7 @@
 """Precision by capability: parsed from real /proc/cpuinfo text of the two CPUs this project runs on."""
 
+import os
+
 import pytest
 
 from safetrigger.config import RunConfig
@@ -93,19 +95,21 @@ def test_precision_report_names_the_cpu_and_each_choice():
     assert any("WARNING (serving)" in ln for ln in lines) == (not this_cpu().native_bf16)
 
 
-@pytest.mark.parametrize("cpus, host, given, expected", [
-    (2, 2, None, 1),    # 2 cores: one for the engine, one for the replica's Python, Ray Data and the driver
-    (4, 16, None, 4),   # a big host: the replica's own CPUs
-    (16, 16, None, 15),
-    (1, 1, None, 1),
-    (2, 2, 2, 2),       # explicit wins
+@pytest.mark.parametrize("cpus, host, given, expected, reserved", [
+    (2, 2, None, 2, 0),     # 2 cores: the engine computes on both, vLLM's binding keeps none back
+    (4, 16, None, 4, None),  # a big host: the replica's own CPUs, vLLM's default binding
+    (16, 16, None, 16, 0),
+    (8, 4, None, 4, 0),     # never more threads than the host has
+    (1, 1, None, 1, 0),
+    (2, 2, 1, 1, None),     # explicit wins: one core for the engine, vLLM reserves the other
 ])
-def test_engine_threads_leave_a_cpu_for_the_python_side(cpus, host, given, expected):
-    from services.policy import engine_threads
+def test_engine_threads_use_the_replicas_cpus(cpus, host, given, expected, reserved):
+    from services.policy import engine_threads, reserved_cpus
 
     cfg = RunConfig.model_validate({"data": {"sources": [{"type": "advbench", "path": "a.jsonl"}]},
                                     "serving": {"cpus_per_replica": cpus, "engine_threads": given}})
     assert engine_threads(cfg, host_cpus=host) == expected
+    assert reserved_cpus(cfg, host_cpus=host) == reserved
 
 
 def test_the_replica_environment_carries_the_engine_threads(model_path):
@@ -115,3 +119,4 @@ def test_the_replica_environment_carries_the_engine_threads(model_path):
                                     "serving": {"cpus_per_replica": 2}})
     env = build_llm_config(cfg, model_path).runtime_env["env_vars"]
     assert env["OMP_NUM_THREADS"] == str(engine_threads(cfg)) and int(env["OMP_NUM_THREADS"]) >= 1
+    assert ("VLLM_CPU_NUM_OF_RESERVED_CPU" in env) == (engine_threads(cfg) >= (os.cpu_count() or 1))

@@ -25,7 +25,8 @@ def build_dpo_trainer(c: dict[str, Any]):
     tok = AutoTokenizer.from_pretrained(c["model_path"])
     base = AutoModelForCausalLM.from_pretrained(c["model_path"], dtype=torch.float32)
     model = PeftModel.from_pretrained(base, c["sft_adapter"], is_trainable=True)
-    args = DPOConfig(max_length=c["max_length"], beta=c["beta"], loss_type=[c["loss_type"]], **hf_args(c))
+    args = DPOConfig(max_length=c["max_length"], beta=c["beta"], loss_type=[c["loss_type"]],
+                     precompute_ref_log_probs=c["precompute_ref"], **hf_args(c))
     return DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
 
 
@@ -33,7 +34,7 @@ def dpo_loop_config(data_path: str | Path, model_path: str, sft_adapter: str | P
     d = cfg.dpo
     return loop_config(d, data=str(Path(data_path).resolve()), model_path=model_path,
                        sft_adapter=str(Path(sft_adapter).resolve()), max_length=d.max_length, beta=d.beta,
-                       loss_type=d.loss_type)
+                       loss_type=d.loss_type, precompute_ref=d.precompute_ref_log_probs)
 
 
 def train_dpo(data_path, model_path: str, sft_adapter, out_dir, cfg, name: str = "dpo", emit=None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .lora_dropout import use_word_mask_dropout
 from .ray_train import fit, hf_args, loop_config
 
 
@@ -27,11 +28,14 @@ def build_sft_trainer(c: dict[str, Any]):
     args = SFTConfig(max_length=c["max_length"], completion_only_loss=True, packing=False, **hf_args(c),
                      train_sampling_strategy="group_by_length" if c.get("length_grouped") else "random")
     lora = c["lora"]
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model, args=args, train_dataset=ds, processing_class=tok,
         peft_config=LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                                target_modules=lora["target_modules"], task_type="CAUSAL_LM"),
     )
+    if not c["use_gpu"]:
+        use_word_mask_dropout(trainer.model)
+    return trainer
 
 
 def sft_loop_config(data_path: str | Path, model_path: str, cfg) -> dict[str, Any]:
