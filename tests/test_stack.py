@@ -486,6 +486,26 @@ def test_main_job_on_the_running_policy(stack, capsys):
     assert sum(c["queries"] for c in stats.values()) == len(dpo_ids)
     # ST-D: DPO on Ray Train from the SFT adapter, published, served hot, and it answers differently from the base
     assert adapters.current(cfg.serving.adapter_root, "st-d")[0] == summary["dpo"]["version"]
+    # both adapters came out of two gloo workers' real steps: ST-S's B matrices left zero, ST-D has ST-S's keys
+    # and shapes (vLLM loads it the same way) and moved them
+    from safetensors.torch import load_file
+
+    from services.adapters import ADAPTER_FILES
+
+    sft_dir, dpo_dir = Path(summary["sft"]["adapter"]), Path(summary["dpo"]["adapter"])
+    assert all((d / f).is_file() for d in (sft_dir, dpo_dir) for f in ADAPTER_FILES)
+    for d in (sft_dir, dpo_dir):
+        conf = json.loads((d / "adapter_config.json").read_text())
+        assert (conf["r"], conf["lora_alpha"]) == (cfg.sft.lora.r, cfg.sft.lora.alpha)
+    b_sft, b_dpo = ({k: v for k, v in load_file(d / "adapter_model.safetensors").items() if "lora_B" in k}
+                    for d in (sft_dir, dpo_dir))
+    assert b_sft and any(float(v.abs().sum()) > 0 for v in b_sft.values())
+    assert b_sft.keys() == b_dpo.keys() and all(b_sft[k].shape == b_dpo[k].shape for k in b_sft)
+    assert any(not (b_sft[k] == b_dpo[k]).all() for k in b_sft)
+    m_sft, m_dpo = summary["sft"]["metrics"], summary["dpo"]["metrics"]
+    assert m_sft["loss"] > 0 and m_sft["train_tokens_per_second"] > 0 and m_sft["num_input_tokens_seen"] > 0
+    assert m_dpo["loss"] > 0 and "rewards/margins" in m_dpo and m_dpo["num_input_tokens_seen"] > 0
+    assert "2 Ray Train worker(s)" in out
     st_d = StageStore(summary["stages"]["eval_st_d"], row=Trajectory).read()
     assert {r.query_id for r in st_d} == eval_ids and all(r.adapter == "st-d" for r in st_d)
     base = {t.query_id: t.response for t in StageStore(summary["stages"]["generate"], row=Trajectory).read()}

@@ -47,7 +47,7 @@ def _sequence_logps(model, batch):
 @pytest.mark.stack
 def test_dpo_reference_is_st_s_before_and_after_a_step(model_path, tmp_path):
     """TRL keeps a frozen copy of the adapter as the reference: its log-probs are ST-S's own, not the base's,
-    and stay so while the trained copy moves."""
+    and stay so while the trained copy moves; the values precomputed once before training are the same."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -67,6 +67,8 @@ def test_dpo_reference_is_st_s_before_and_after_a_step(model_path, tmp_path):
     with st_s.disable_adapter():
         base = _sequence_logps(st_s, batch)
     assert not torch.allclose(base, expected, atol=1e-3)
+    precomputed = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])  # dpo.precompute_ref_log_probs
+    torch.testing.assert_close(precomputed, expected, atol=2e-3, rtol=1e-4)
 
     before = torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
     torch.testing.assert_close(before, expected, atol=2e-3, rtol=1e-4)

@@ -26,8 +26,20 @@ def build_dpo_trainer(c: dict[str, Any]):
     base = AutoModelForCausalLM.from_pretrained(c["model_path"], dtype=torch.float32)
     model = PeftModel.from_pretrained(base, c["sft_adapter"], is_trainable=True)
     args = DPOConfig(max_length=c["max_length"], beta=c["beta"], loss_type=[c["loss_type"]],
-                     precompute_ref_log_probs=c["precompute_ref"], **hf_args(c))
+                     precompute_ref_log_probs=c["precompute_ref"] and _workers_share_a_disk(), **hf_args(c))
     return DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+
+
+def _workers_share_a_disk() -> bool:
+    """TRL hands the precomputed reference log-probs from rank 0 to the other ranks through a cache file on local
+    disk: true for a plain run and for Ray Train workers all on one node."""
+    try:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return ctx.get_local_world_size() == ctx.get_world_size()
+    except RuntimeError:  # not inside a Ray Train worker: one process
+        return True
 
 
 def dpo_loop_config(data_path: str | Path, model_path: str, sft_adapter: str | Path, cfg) -> dict[str, Any]:
