@@ -65,7 +65,11 @@ def replica_env(cfg: RunConfig) -> dict[str, str]:
 def cpu_engine_env(cfg: RunConfig) -> dict[str, str]:
     env = {
         "VLLM_CPU_KVCACHE_SPACE": str(cfg.serving.kv_cache_space_gib),
+        # all three: the driver's set_threads exports MKL_NUM_THREADS=1 before Ray starts, every Ray worker inherits
+        # it, and with it the engine computed on one thread whatever OMP_NUM_THREADS said (seen on the main job)
         "OMP_NUM_THREADS": str(engine_threads(cfg)),
+        "MKL_NUM_THREADS": str(engine_threads(cfg)),
+        "OPENBLAS_NUM_THREADS": str(engine_threads(cfg)),
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
     }
     if cfg.serving.omp_threads_bind:

@@ -119,4 +119,6 @@ def test_the_replica_environment_carries_the_engine_threads(model_path):
                                     "serving": {"cpus_per_replica": 2}})
     env = build_llm_config(cfg, model_path).runtime_env["env_vars"]
     assert env["OMP_NUM_THREADS"] == str(engine_threads(cfg)) and int(env["OMP_NUM_THREADS"]) >= 1
+    # the driver's own thread caps (set_threads) reach Ray's workers: the engine's must override every one of them
+    assert env["MKL_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == env["OMP_NUM_THREADS"]
     assert ("VLLM_CPU_NUM_OF_RESERVED_CPU" in env) == (engine_threads(cfg) >= (os.cpu_count() or 1))
