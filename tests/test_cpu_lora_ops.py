@@ -95,3 +95,18 @@ def test_prompt_logprob_rows_of_a_mixed_batch_get_base_logits_not_a_crash(batch)
     out = base.clone()
     ours.bgmv_expand(h, batch["b"], out, idx, True)
     assert torch.equal(out, base)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_bf16_adapters_fill_the_float32_buffer_close_to_the_native_op(batch, mixed):
+    """vLLM's shrink buffer is float32 while the served model's adapter weights are bf16: ours multiplies in bf16
+    (the speed: bench/generation.py, vllm-lora) and fills the float32 buffer within bf16's error of the native op,
+    which multiplies in float32."""
+    a = batch["a"].to(torch.bfloat16)
+    x = batch["x"].to(torch.bfloat16)
+    idx = batch["idx"] if mixed else torch.zeros_like(batch["idx"])
+    got, want = torch.zeros(batch["n"], batch["rank"]), torch.zeros(batch["n"], batch["rank"])
+    ours.bgmv_shrink(x, a, got, idx, 0.5)
+    native.bgmv_shrink(x, a, want, idx, 0.5)
+    assert got.dtype == torch.float32 and got.abs().sum() > 0
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=5e-2)
