@@ -525,9 +525,10 @@ class DPOConfig(TrainSettings):
     general_pairs_per_unsafe: float | None = Field(None, gt=0)
 
     def key_fields(self) -> dict:
-        # round 1 keeps its earlier keys; the pool is the sampling stage's key (only when `train`), the cap the pairs'
+        # round 1 keeps its earlier keys; the pool is the sampling stage's key (only when `train`), the cap the pairs';
+        # precomputing the reference changes when its log-probs are computed, not what they are
         return {k: v for k, v in super().key_fields().items()
-                if k not in ("rounds", "general_pool", "general_pairs_per_unsafe")}
+                if k not in ("rounds", "general_pool", "general_pairs_per_unsafe", "precompute_ref_log_probs")}
 
     @model_validator(mode="after")
     def _weights(self) -> "DPOConfig":
