@@ -63,13 +63,14 @@ def replica_env(cfg: RunConfig) -> dict[str, str]:
 
 
 def cpu_engine_env(cfg: RunConfig) -> dict[str, str]:
+    threads = str(engine_threads(cfg))
     env = {
         "VLLM_CPU_KVCACHE_SPACE": str(cfg.serving.kv_cache_space_gib),
         # all three: the driver's set_threads exports MKL_NUM_THREADS=1 before Ray starts, every Ray worker inherits
         # it, and with it the engine computed on one thread whatever OMP_NUM_THREADS said (seen on the main job)
-        "OMP_NUM_THREADS": str(engine_threads(cfg)),
-        "MKL_NUM_THREADS": str(engine_threads(cfg)),
-        "OPENBLAS_NUM_THREADS": str(engine_threads(cfg)),
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "OPENBLAS_NUM_THREADS": threads,
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
     }
     if cfg.serving.omp_threads_bind:
@@ -89,15 +90,19 @@ def engine_threads(cfg: RunConfig, host_cpus: int | None = None) -> int:
     s = cfg.serving
     if s.engine_threads is not None:
         return s.engine_threads
-    host = host_cpus if host_cpus is not None else (os.cpu_count() or 1)
-    return max(1, min(int(s.cpus_per_replica), host))
+    return max(1, min(int(s.cpus_per_replica), _host(host_cpus)))
 
 
 def reserved_cpus(cfg: RunConfig, host_cpus: int | None = None) -> int | None:
     """VLLM_CPU_NUM_OF_RESERVED_CPU: 0 where the engine's threads take every logical CPU of the host (vLLM's
     auto-binding would otherwise bind them to all cores but one), else None: vLLM's own default."""
-    host = host_cpus if host_cpus is not None else (os.cpu_count() or 1)
+    host = _host(host_cpus)
     return 0 if engine_threads(cfg, host) >= host else None
+
+
+def _host(host_cpus: int | None) -> int:
+    """This host's logical CPUs, unless a caller (a test) names them."""
+    return host_cpus if host_cpus is not None else (os.cpu_count() or 1)
 
 
 def preload_libraries() -> list[str]:

@@ -110,3 +110,7 @@ def test_bf16_adapters_fill_the_float32_buffer_close_to_the_native_op(batch, mix
     native.bgmv_shrink(x, a, want, idx, 0.5)
     assert got.dtype == torch.float32 and got.abs().sum() > 0
     torch.testing.assert_close(got, want, rtol=2e-2, atol=5e-2)
+    if not mixed:  # one adapter: exactly the bf16 product, which a float32 one is not
+        in_bf16 = 0.5 * (x @ a[0, 0].transpose(0, 1)).float()
+        torch.testing.assert_close(got, in_bf16, rtol=0, atol=0)
+        assert not torch.equal(got, 0.5 * (x.float() @ a[0, 0].float().transpose(0, 1)))
