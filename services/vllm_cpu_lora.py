@@ -7,6 +7,12 @@ Measured on the embedded model (32 sequences x 128 tokens, 2 cores): base 113.8 
 23.5 tok/s before; `bench/generation.py` prints ours and vLLM's side by side (modes vllm-lora, vllm-lora-native).
 Tokens with index -1 (no adapter) get no LoRA delta, which is what the index means; the upstream gather would read
 the last adapter slot for them.
+
+Where every token of a step takes one adapter (a stage sampling from ST-S, the gateway serving one model),
+`add_lora_linear` runs fused: one shrink for all slices of a merged layer (q/k/v, gate/up) against their
+A matrices stacked once per loaded adapter, then one expand per slice, with no per-call index work. Measured
+(`bench/generation.py --only vllm-lora`-like, 96 eval prompts x 128 tokens, in-process, 2 cores, bf16): the
+unfused ops spent 10.5 s of a 41 s run in 178 shrinks and 150 expands per decode step.
 """
 
 from __future__ import annotations
@@ -93,6 +99,65 @@ def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor
         output_tensor[:, slice_offset : slice_offset + slice_size] = out
 
 
+def _single_adapter(wrapper) -> int | None:
+    """The adapter slot every token of this step takes, else None (no adapter, or several). Computed once per
+    step: vLLM writes the step's indices in place into one buffer, which bumps its version."""
+    import torch
+
+    idx = wrapper.token_lora_indices
+    key = (idx.data_ptr(), idx._version, idx.shape[0])
+    cached = getattr(wrapper, "_st_single", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    groups = torch.unique(idx).tolist()
+    one = groups[0] if len(groups) == 1 and groups[0] >= 0 else None
+    wrapper._st_single = (key, one)
+    return one
+
+
+def _slot(weights, g: int):
+    return weights[g, 0] if weights.dim() == 4 else weights[g]
+
+
+def _stacked_a(wrapper, lora_a_stacked, g: int):
+    """Slot g's A matrices of all slices as one (slices x rank, in) matrix, kept until vLLM writes the slot again
+    (loading an adapter copies into the stacked tensors in place, which bumps their versions)."""
+    import torch
+
+    if len(lora_a_stacked) == 1:
+        return _slot(lora_a_stacked[0], g)
+    key = (tuple(a.data_ptr() for a in lora_a_stacked), g)
+    versions = tuple(a._version for a in lora_a_stacked)
+    cache = wrapper.__dict__.setdefault("_st_stacked_a", {})
+    hit = cache.get(key)
+    if hit is None or hit[0] != versions:
+        hit = cache[key] = (versions, torch.cat([_slot(a, g) for a in lora_a_stacked], 0))
+    return hit[1]
+
+
+_upstream_add_lora_linear = None
+
+
+def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
+    """`PunicaWrapperCPU.add_lora_linear`, fused where the whole step takes one adapter (see the module doc);
+    vLLM's own loop over slices otherwise."""
+    x2 = x.view(-1, x.shape[-1])
+    g = None if buffer is not None else _single_adapter(self)
+    if g is None or x2.shape[0] != self.token_lora_indices.shape[0]:
+        return _upstream_add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
+                                         buffer=buffer, **kwargs)
+    a = _stacked_a(self, lora_a_stacked, g)
+    h = x2.to(a.dtype) @ a.transpose(0, 1)
+    if scale != 1.0:
+        h = h * scale
+    rank = lora_a_stacked[0].shape[-2]
+    y2 = y.view(-1, y.shape[-1])
+    offset = 0
+    for i, (b, size) in enumerate(zip(lora_b_stacked, output_slices)):
+        y2[:, offset : offset + size] += (h[:, i * rank : (i + 1) * rank] @ _slot(b, g).transpose(0, 1)).to(y2.dtype)
+        offset += size
+
+
 def register() -> None:
     """vLLM general plugin entry point: runs in every vLLM process (API server and engine core)."""
     if os.environ.get(ENV_DISABLE) == "1":
@@ -108,6 +173,9 @@ def register() -> None:
         return
     if punica_cpu.bgmv_shrink is bgmv_shrink:
         return
+    global _upstream_add_lora_linear
+    _upstream_add_lora_linear = punica_cpu.PunicaWrapperCPU.add_lora_linear
+    punica_cpu.PunicaWrapperCPU.add_lora_linear = add_lora_linear
     for module in (ops, punica_cpu):
         module.bgmv_shrink = bgmv_shrink
         module.bgmv_expand = bgmv_expand

@@ -114,3 +114,63 @@ def test_bf16_adapters_fill_the_float32_buffer_close_to_the_native_op(batch, mix
         in_bf16 = 0.5 * (x @ a[0, 0].transpose(0, 1)).float()
         torch.testing.assert_close(got, in_bf16, rtol=0, atol=0)
         assert not torch.equal(got, 0.5 * (x.float() @ a[0, 0].float().transpose(0, 1)))
+
+
+def _wrapper(indices):
+    """vLLM's CPU punica wrapper with one step's token indices written as vLLM writes them (in place)."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    w = PunicaWrapperCPU(64, 8, "cpu")
+    w._token_lora_indices[: indices.shape[0]].copy_(indices)
+    w.indices_len = [indices.shape[0]] * 4
+    w.is_prefill = False
+    return w
+
+
+def _merged_layer(dtype):
+    """A q/k/v-like merged layer: three slices of different widths, three adapter slots."""
+    g = torch.Generator().manual_seed(1)
+    n, d_in, rank, slots, widths = 10, 48, 8, 3, (40, 16, 16)
+    a = tuple(torch.randn(slots, 1, rank, d_in, generator=g).to(dtype) for _ in widths)
+    b = tuple(torch.randn(slots, 1, w, rank, generator=g).to(dtype) for w in widths)
+    return torch.randn(n, d_in, generator=g).to(dtype), a, b, widths
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("indices", ["one", "mixed", "none"])
+def test_fused_lora_linear_equals_vllms_loop_over_slices(dtype, indices):
+    """The fused `add_lora_linear` (one shrink for all slices, stacked A cached per slot) gives the output of vLLM's
+    own wrapper with vLLM's own per-token ops: for a step on one adapter (the fused path), several, or none."""
+    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    x, a, b, widths = _merged_layer(dtype)
+    n = x.shape[0]
+    idx = {"one": torch.full((n,), 2), "mixed": torch.tensor([0, 2, 1, -1, 2, 0, 1, 1, 2, 0]),
+           "none": torch.full((n,), -1)}[indices]
+    base = torch.randn(n, sum(widths)).to(dtype)
+    want, got = base.clone(), base.clone()
+    upstream = punica_cpu.PunicaWrapperCPU.add_lora_linear
+    assert upstream is not ours.add_lora_linear  # the reference is vLLM's own method and ops
+    upstream(_wrapper(idx), want, x, a, b, 0.5, widths)
+    ours._upstream_add_lora_linear = upstream
+    fused = _wrapper(idx)
+    ours.add_lora_linear(fused, got, x, a, b, 0.5, widths)
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 0.25}
+    torch.testing.assert_close(got, want, **tol)
+    assert (fused._st_single[1] == 2) == (indices == "one")  # the fused path ran only where one adapter covers the step
+    if indices == "one":
+        assert not torch.allclose(got, base)
+
+
+def test_fused_lora_linear_sees_a_reloaded_adapter():
+    """Loading an adapter into a slot writes the stacked tensors in place: the cached stacked A must follow."""
+    x, a, b, widths = _merged_layer(torch.float32)
+    idx = torch.full((x.shape[0],), 1)
+    w = _wrapper(idx)
+    first = torch.zeros(x.shape[0], sum(widths))
+    ours.add_lora_linear(w, first, x, a, b, 1.0, widths)
+    for t in a:
+        t[1].mul_(-1.0)
+    again = torch.zeros_like(first)
+    ours.add_lora_linear(w, again, x, a, b, 1.0, widths)
+    torch.testing.assert_close(again, -first)
