@@ -14,6 +14,13 @@ from typing import Any
 from services.adapters import ADAPTER_FILES
 
 
+# How often Ray Train's controller polls its workers (its default: 2 s). The end of a fit waits for the next poll,
+# and so does every reported checkpoint: on 2 cores a 2-step SFT fit took 26.1 s at 2 s and 23.1 s at 0.5 s
+# (two fits of each, timed in one process). A missed poll is only counted
+# against Ray Train's 10-minute worker health timeout, so a busy worker is not lost by it.
+CONTROLLER_POLL_S = "0.5"
+
+
 def use_bf16(settings) -> bool:
     """auto: bf16 on GPUs and on CPUs with native bf16 matmuls (AMX / AVX512-BF16), else fp32."""
     from safetrigger.hardware import this_cpu, training_precision
@@ -126,6 +133,8 @@ def fit(builder: str, loop_cfg: dict[str, Any], settings, out_dir: str | Path, n
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # the driver's value is what Ray Train hands its controller (an operator's own setting wins)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_S)
     out_dir = Path(out_dir).resolve()
     scratch = tempfile.mkdtemp(prefix=f"{name}-")
     progress = out_dir.parent / f".{out_dir.name}.progress"
