@@ -10,15 +10,31 @@ from safetrigger.config import default_data_root  # noqa: E402
 
 DATA = Path(default_data_root())
 
-# The modules with a stack of their own, longest first (seconds each in a serial suite on 2 cores: 380, 240, 200,
-# 160, 140). `make test TEST_WORKERS=2` runs two pytest processes, one module at a time each (`--dist loadfile`, in
-# collection order): started first, the long ones end together instead of one of them running alone at the end.
-LONGEST_FIRST = ("test_stack.py", "test_gateway.py", "test_multinode.py", "test_think_stack.py", "test_train.py")
+# The modules with a stack of their own, in two groups that `make test` runs side by side (two pytest processes,
+# `--dist loadgroup`): each group in one process, longest module first, the other tests wherever a process is free.
+# Measured alone on 2 cores / 24 GiB (seconds; peak used memory of the machine):
+#   engines-a: test_stack 339 s 12.6 GiB, test_multinode 190 s 11.3 GiB, test_think_stack 139 s 10.7 GiB
+#   engines-b: test_gateway 246 s 8.0 GiB, test_train 60 s 6.0 GiB; the other modules ~70 s, <= 3.9 GiB
+# With about 1.8 GiB used before a stack starts, the worst pair at once (test_stack beside test_gateway) holds
+# ~19 GiB, below Ray's memory monitor (95%); two modules of engines-a side by side would reach 21.5-22 GiB, so
+# they never share the machine.
+STACK_GROUPS = {"engines-a": ("test_stack.py", "test_multinode.py", "test_think_stack.py"),
+                "engines-b": ("test_gateway.py", "test_train.py")}
 
 
+def _rank_and_group(name: str) -> tuple[int, str | None]:
+    order = [m for modules in STACK_GROUPS.values() for m in modules]
+    group = next((g for g, modules in STACK_GROUPS.items() if name in modules), None)
+    return (order.index(name) if name in order else len(order)), group
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the node ids
 def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    for item in items:
+        group = _rank_and_group(item.path.name)[1]
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: _rank_and_group(item.path.name)[0])
 
 
 @pytest.fixture(scope="session")
