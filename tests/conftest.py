@@ -22,19 +22,22 @@ STACK_GROUPS = {"engines-a": ("test_stack.py", "test_multinode.py", "test_think_
                 "engines-b": ("test_gateway.py", "test_train.py")}
 
 
-def _rank_and_group(name: str) -> tuple[int, str | None]:
+def _rank(name: str) -> int:
     order = [m for modules in STACK_GROUPS.values() for m in modules]
-    group = next((g for g, modules in STACK_GROUPS.items() if name in modules), None)
-    return (order.index(name) if name in order else len(order)), group
+    return order.index(name) if name in order else len(order)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the node ids
 def pytest_collection_modifyitems(items):
+    """Each module declares its group itself (`pytestmark`: xdist reads the marks while collecting, before any
+    conftest hook could add them); here the declared groups are checked against STACK_GROUPS and the modules
+    ordered, longest first within a group."""
     for item in items:
-        group = _rank_and_group(item.path.name)[1]
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: _rank_and_group(item.path.name)[0])
+        declared = {m.args[0] for m in item.iter_markers("xdist_group")}
+        wanted = {g for g, modules in STACK_GROUPS.items() if item.path.name in modules}
+        if declared != wanted:
+            raise pytest.UsageError(f"{item.path.name}: xdist_group {sorted(declared)}, tests/conftest.py STACK_GROUPS "
+                                    f"says {sorted(wanted)}")
+    items.sort(key=lambda item: _rank(item.path.name))
 
 
 @pytest.fixture(scope="session")
