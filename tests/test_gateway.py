@@ -17,7 +17,7 @@ from services.gateway.config import GatewayConfig
 from tests.conftest import REPO, random_adapter, stream_text
 from tests.ray_cluster import HeadPorts, head_node
 
-pytestmark = [pytest.mark.stack, pytest.mark.xdist_group("engines-b")]  # one pytest process: see tests/conftest.py
+pytestmark = pytest.mark.stack
 
 PORT, DASHBOARD = 8432, 8275
 # the jobs API needs the Ray job server, whose agent must get its own port (tests/ray_cluster.py)

@@ -15,7 +15,7 @@ from safetrigger.config import REPO_ROOT
 from tests.conftest import sft_examples, wait_for_a_registered_checkpoint
 from tests.ray_cluster import HeadPorts, cluster_env, head_node, ray_start
 
-pytestmark = [pytest.mark.stack, pytest.mark.xdist_group("engines-a")]  # one pytest process: see tests/conftest.py
+pytestmark = pytest.mark.stack
 
 GCS, DASHBOARD, SERVE_PORT = 6391, 8276, 8433
 

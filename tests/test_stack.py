@@ -25,7 +25,7 @@ from safetrigger.method.sft import trim_loop
 from services.policy import PolicyServiceError, check_resources
 from tests.conftest import random_adapter
 
-pytestmark = [pytest.mark.stack, pytest.mark.xdist_group("engines-a")]  # one pytest process: see tests/conftest.py
+pytestmark = pytest.mark.stack
 
 PORT = 8431
 

@@ -14,7 +14,7 @@ from pipelines.stage_store import StageStore
 from safetrigger.method import SplitSource, parse_safe, safe_position
 from tests.test_stack import make_cfg
 
-pytestmark = [pytest.mark.stack, pytest.mark.xdist_group("engines-a")]  # one pytest process: see tests/conftest.py
+pytestmark = pytest.mark.stack
 
 PORT = 8434
 

@@ -10,7 +10,7 @@ from safetrigger.method import render_safe_block
 from safetrigger.model_cache import resolve_model
 from tests.conftest import sft_examples, wait_for_a_registered_checkpoint
 
-pytestmark = [pytest.mark.stack, pytest.mark.xdist_group("engines-b")]  # one pytest process: see tests/conftest.py
+pytestmark = pytest.mark.stack
 
 REFUSAL = render_safe_block("The core question is unsafe.") + "\n\nI can't help with that."
 
