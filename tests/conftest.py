@@ -10,8 +10,9 @@ from safetrigger.config import default_data_root  # noqa: E402
 
 DATA = Path(default_data_root())
 
-# The modules with a stack of their own, in two groups that `make test` runs side by side (two pytest processes,
-# `--dist loadgroup`): each group in one process, longest module first, the other tests wherever a process is free.
+# The modules with a stack of their own, in two groups that `make test TEST_WORKERS=2` runs side by side (two
+# pytest processes, `--dist loadgroup`): each group in one process, longest module first, the other tests wherever
+# a process is free (one process is the default: the suite is CPU-bound on 2 cores, see the Makefile).
 # Measured alone on 2 cores / 24 GiB (seconds; peak used memory of the machine):
 #   engines-a: test_stack 339 s 12.6 GiB, test_multinode 190 s 11.3 GiB, test_think_stack 139 s 10.7 GiB
 #   engines-b: test_gateway 246 s 8.0 GiB, test_train 60 s 6.0 GiB; the other modules ~70 s, <= 3.9 GiB
