@@ -28,9 +28,11 @@ def _group(nodeid: str) -> str | None:
     return next((g for g, modules in STACK_GROUPS.items() if module in modules), None)
 
 
+STACK_ORDER = [m for modules in STACK_GROUPS.values() for m in modules]
+
+
 def _rank(name: str) -> int:
-    order = [m for modules in STACK_GROUPS.values() for m in modules]
-    return order.index(name) if name in order else len(order)
+    return STACK_ORDER.index(name) if name in STACK_ORDER else len(STACK_ORDER)
 
 
 def pytest_collection_modifyitems(items):

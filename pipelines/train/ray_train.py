@@ -15,9 +15,9 @@ from services.adapters import ADAPTER_FILES
 
 
 # How often Ray Train's controller polls its workers (its default: 2 s). The end of a fit waits for the next poll,
-# and so does every reported checkpoint: on 2 cores a 2-step SFT fit took 26.1 s at 2 s and 23.1 s at 0.5 s
-# (two fits of each, timed in one process). A missed poll is only counted
-# against Ray Train's 10-minute worker health timeout, so a busy worker is not lost by it.
+# and so does every reported checkpoint: on 2 cores a 2-step SFT fit took 26.1 s at 2 s and 23.1 s at 0.5 s (two
+# fits of each, timed in one process). A missed poll only counts against Ray Train's 10-minute worker health
+# timeout, so a busy worker is not lost by it.
 CONTROLLER_POLL_S = "0.5"
 
 
