@@ -15,7 +15,8 @@ stage alike (`policy_recovery`).
 from __future__ import annotations
 
 import json
-from collections import deque
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Literal
 
 import os
@@ -166,37 +167,52 @@ def _by_ray_data(rows: list[Row], endpoint: PolicyEndpoint, preprocess, postproc
 def _by_handle(rows: list[Row], endpoint: PolicyEndpoint, preprocess, postprocess, in_flight: int) -> Iterator[Row]:
     """The processor's request, sent by the driver: each row preprocessed, its `request_kwargs` made the request
     type its `dtype` names, `method` called on the deployment, and the response merged into the row for
-    `postprocess`; a sliding window keeps `in_flight` requests going, and rows come back in order."""
+    `postprocess`. `in_flight` requests stay out: a new one goes as soon as any answers, and rows come back in order.
+
+    Refilled on any answer, not when the oldest answers: with a window that waited for its head, one long answer
+    held the engine's batch below `in_flight` until it ended. Measured (128 generate requests, SmolLM2-135M, fp32,
+    AVX2 EPYC, 2 cores): 96.5 tok/s waiting for the head, 108.5 refilling on any answer, both 32 in flight."""
     from ray import serve
 
     handle = serve.get_deployment_handle(endpoint.deployment_name, endpoint.app_name).options(stream=True)
-    window: deque = deque()
+    live: dict[int, Any] = {}  # the responses still out, so an abandoned stage can cancel them
+    lock, stopping = threading.Lock(), threading.Event()
 
-    def send(row: Row):
+    def call(i: int, row: Row) -> Row:
+        if stopping.is_set():
+            raise _Abandoned()
         pre = preprocess(row)
         kwargs = pre.pop("request_kwargs")
         request = _DTYPES[pre["dtype"]](**kwargs) if pre.get("dtype") else kwargs
-        return pre, getattr(handle, pre["method"]).remote(request)
-
-    pending = iter(rows)
-    for row in pending:
-        window.append(send(row))
-        if len(window) >= in_flight:
-            break
-    try:
-        while window:
-            pre, response = window.popleft()
+        with lock:
+            if stopping.is_set():
+                raise _Abandoned()
+            live[i] = response = getattr(handle, pre["method"]).remote(request)
+        try:
             items = list(response)  # a request that is not streamed answers with one object
-            if not items:
-                raise PolicyRequestError(f"the policy returned nothing for {pre.get('query_id', '?')}")
-            output = items[0]
-            yield postprocess({**pre, **(output.model_dump() if hasattr(output, "model_dump") else output)})
-            nxt = next(pending, None)
-            if nxt is not None:
-                window.append(send(nxt))
+        finally:
+            with lock:
+                live.pop(i, None)
+        if not items:
+            raise PolicyRequestError(f"the policy returned nothing for {pre.get('query_id', '?')}")
+        output = items[0]
+        return postprocess({**pre, **(output.model_dump() if hasattr(output, "model_dump") else output)})
+
+    pool = ThreadPoolExecutor(max_workers=max(1, in_flight), thread_name_prefix="policy-request")
+    try:
+        futures = [pool.submit(call, i, row) for i, row in enumerate(rows)]
+        for future in futures:
+            yield future.result()
     finally:  # abandoned (a lost replica, a failed commit): the requests still out must not run on for nothing
-        for _, response in window:
-            response.cancel()
+        stopping.set()
+        with lock:
+            for response in live.values():
+                response.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Abandoned(Exception):
+    """A request not sent because its stage was abandoned first."""
 
 
 def _observed(rows, progress: Progress):
