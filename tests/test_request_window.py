@@ -154,3 +154,21 @@ def test_a_failed_request_raises_in_its_rows_place(handle):
     assert next(gen)["query_id"] == "q0"
     with pytest.raises(serve_batch.PolicyRequestError, match="q1"):
         next(gen)
+
+
+def test_an_answer_behind_a_slow_head_is_counted_when_it_arrives(handle):
+    """Progress sees every answer as it arrives, though rows come back in order: a long first answer must not hide
+    the rows finished behind it (the progress lines and the slow-engine warning read these counts)."""
+    seen = []
+    gen = serve_batch._by_handle(_rows(3), _endpoint(), _pre, _post, in_flight=3, on_answer=lambda r: seen.append(r["query_id"]))
+    results = []
+    reader = threading.Thread(target=lambda: results.extend(gen))
+    reader.start()
+    _wait_until(lambda: len(handle.sent) == 3)
+    handle.release["q2"].set()
+    handle.release["q1"].set()
+    _wait_until(lambda: sorted(seen) == ["q1", "q2"])
+    assert results == []  # still in row order: q0 is out
+    handle.release["q0"].set()
+    reader.join(5)
+    assert [r["query_id"] for r in results] == ["q0", "q1", "q2"] and sorted(seen) == ["q0", "q1", "q2"]
