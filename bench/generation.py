@@ -1,8 +1,8 @@
 """Generation throughput, side by side in one run: Serve + Ray Data vs vLLM in-process vs transformers.
 
 The same N chat prompts, the same number of new tokens (EOS ignored so every path does equal work), in the
-dtype the config resolves to on this CPU (`model.dtype: auto`), on the embedded model unless --config says otherwise. Each path runs in its own subprocess, one after another, so
-none competes with another for the two cores. Prints output tok/s and the ratios the spine issue targets:
+dtype the config resolves to on this CPU (`model.dtype: auto`), on the embedded model unless --config says
+otherwise. Each path runs in its own subprocess, one after another, so none competes with another for the two cores. Prints output tok/s and the ratios the spine issue targets:
 Serve+Data >= 3x transformers, and within 15% of vLLM in-process; and the decode speed with a LoRA adapter
 with our grouped CPU LoRA ops (`services/vllm_cpu_lora.py`) versus vLLM's own.
 
@@ -114,9 +114,8 @@ def run_transformers(cfg, texts, new_tokens, batch=8) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from safetrigger.model_cache import resolve_model
-
     from safetrigger.hardware import choose_dtype, this_cpu
+    from safetrigger.model_cache import resolve_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     path = resolve_model(cfg.model.source)
