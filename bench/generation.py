@@ -3,8 +3,9 @@
 The same N chat prompts, the same number of new tokens (EOS ignored so every path does equal work), in the
 dtype the config resolves to on this CPU (`model.dtype: auto`), on the embedded model unless --config says
 otherwise. Each path runs in its own subprocess, one after another, so none competes with another for the two
-cores. Prints output tok/s and the ratios the spine issue targets: Serve+Data >= 3x transformers, and within 15% of vLLM in-process; and the decode speed with a LoRA adapter
-with our grouped CPU LoRA ops (`services/vllm_cpu_lora.py`) versus vLLM's own.
+cores. Prints output tok/s and the ratios the spine issue targets: Serve+Data >= 3x transformers, and within
+15% of vLLM in-process; and the decode speed with a LoRA adapter with our grouped CPU LoRA ops
+(`services/vllm_cpu_lora.py`) versus vLLM's own.
 
     .venv/bin/python bench/generation.py [--prompts 64] [--new-tokens 128] [--config configs/embedded.yaml]
     .venv/bin/python bench/generation.py --only serve vllm --set serving.engine_threads=1
