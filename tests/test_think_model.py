@@ -66,6 +66,21 @@ def test_a_cached_model_of_another_recipe_is_built_again(tmp_path, monkeypatch):
     assert len(built) == 1  # current now: not built again
 
 
+def test_the_build_trains_in_bf16_only_where_the_cpu_computes_it_and_the_recipe_says_which(monkeypatch):
+    """A model trained under bf16 autocast is another model: a cache built on the other kind of CPU is rebuilt."""
+    from safetrigger.hardware import CpuInfo
+
+    ids = {}
+    for name, flags in (("avx2", {"avx2", "fma"}), ("avx512_bf16", {"avx2", "avx512f", "avx512_bf16"}),
+                        ("amx", {"avx2", "amx_bf16", "amx_tile"})):
+        monkeypatch.setattr(think_model, "this_cpu", lambda flags=flags: CpuInfo("cpu", frozenset(flags), 2))
+        ids[name] = (think_model.train_dtype(), think_model.recipe_id())
+        pinned = think_model.ThinkBuild(train_dtype="float32")
+        assert think_model.train_dtype(pinned) == "float32"
+    assert [d for d, _ in ids.values()] == ["float32", "bfloat16", "bfloat16"]
+    assert ids["avx2"][1] != ids["avx512_bf16"][1] == ids["amx"][1]
+
+
 def test_a_missing_gsm8k_file_names_itself(tmp_path, model_path):
     with pytest.raises(FileNotFoundError, match="gsm8k_train.jsonl is missing"):
         think_model.build_think_model(Path(model_path), tmp_path / "out", tmp_path)
@@ -120,6 +135,7 @@ def test_the_built_model_thinks_then_answers(think_model_path, data_root):
     info = json.loads((Path(think_model_path) / think_model.BUILD_INFO).read_text())
     print(f"think model: {info}")
     assert info["examples"] >= 40 and info["held_out"] >= 20
+    assert info["train_dtype"] == think_model.train_dtype()  # bf16 autocast only where this CPU computes it
     assert info["held_out_closed_think_and_answered"] >= 0.6
     assert info["reviews"] >= 6 and info["held_out_reviews"] >= 6
     # the pipeline's review layout, on harmful requests it never saw: parts in its own words, the block closed, an
