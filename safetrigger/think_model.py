@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from .config import REPO_ROOT
-from .hardware import choose_dtype, this_cpu
+from .hardware import this_cpu, training_precision
 from .method.prompts import REVIEW_PART_CUES, review_messages, structured_review_text
 from .method.reasoning import ReasoningRule, SplitSource, split_reasoning
 from .method.records import query_id, stable_hash
@@ -73,11 +73,11 @@ class ThinkBuild:
     learning_rate: float = 2e-3
     lora_r: int = 32
     seed: int = 0
-    # training under bfloat16 autocast: auto where the CPU computes bf16 natively (AVX512-BF16/AMX; emulated on AVX2
-    # it crawls). The model generates its own targets and is checked in float32 either way: generating in bf16
-    # too (AVX512-BF16 EPYC) took the build 457 -> 351 s but its held-out checks fell (closed think and answered
-    # 94% -> 72%, reviews kept 6/6 -> 4/6)
-    train_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # training under bfloat16 autocast, spelt as SFT/DPO's `precision`: auto where the CPU computes bf16 natively
+    # (AVX512-BF16/AMX; emulated on AVX2 it crawls). The model generates its own targets and is checked in float32
+    # either way: generating in bf16 too (AVX512-BF16 EPYC) took the build 457 -> 351 s but its held-out checks
+    # fell (closed think and answered 94% -> 72%, reviews kept 6/6 -> 4/6)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
     def __post_init__(self) -> None:
         if self.batch_size % self.micro_batch_size:
@@ -100,8 +100,8 @@ RECIPE_VERSION = 5
 
 
 def train_dtype(spec: ThinkBuild = ThinkBuild()) -> str:
-    """`ThinkBuild.train_dtype` resolved for this machine's CPU."""
-    return choose_dtype(spec.train_dtype, "cpu", this_cpu()).dtype
+    """`ThinkBuild.precision` resolved for this machine's CPU (the rule SFT and DPO train by)."""
+    return training_precision(spec.precision, False, this_cpu()).dtype
 
 
 def recipe_id(spec: ThinkBuild = ThinkBuild()) -> str:
@@ -224,8 +224,9 @@ def think_prompt(request: str) -> str:
     return f"<|im_start|>user\n{request}<|im_end|>\n<|im_start|>assistant\n<think>\n"
 
 
-def train_merged(model: Any, tok: Any, examples: list[Row], spec: ThinkBuild, scratch: Path) -> Any:
-    """LoRA on the think targets (loss on the completion only), merged into the float32 weights."""
+def train_merged(model: Any, tok: Any, examples: list[Row], spec: ThinkBuild, scratch: Path, dtype: str) -> Any:
+    """LoRA on the think targets (loss on the completion only), merged into the float32 weights; `dtype` bfloat16
+    trains under autocast."""
     import datasets
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -237,7 +238,7 @@ def train_merged(model: Any, tok: Any, examples: list[Row], spec: ThinkBuild, sc
                      save_strategy="no", report_to="none", use_cpu=True, seed=spec.seed, completion_only_loss=True,
                      max_length=512, disable_tqdm=True, dataloader_num_workers=0,
                      # no recomputation: a 135M model needs no memory saving (TRL defaults it on)
-                     bf16=train_dtype(spec) == "bfloat16", gradient_checkpointing=False)
+                     bf16=dtype == "bfloat16", gradient_checkpointing=False)
     lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_r, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
@@ -288,10 +289,11 @@ def build_think_model(base: Path, out: Path, data_root: Path, spec: ThinkBuild =
     thinking = gsm8k_examples(gsm8k, 0, spec.gsm8k) + own_examples(model, tok, requests[:spec.self_prompts],
                                                                    spec.max_new_tokens)
     examples = [think_row(*e) for e in thinking] + [row for rows in reviews for row in rows]
+    dtype = train_dtype(spec)
     emit(f"[think-model] training on {len(thinking)} think targets and {len(reviews)} reviews ({len(examples)} rows; "
-         f"{time.monotonic() - started:.0f}s so far) in {train_dtype(spec)} on {this_cpu().describe()}")
+         f"{time.monotonic() - started:.0f}s so far) in {dtype} on {this_cpu().describe()}")
     with tempfile.TemporaryDirectory() as scratch:
-        model = train_merged(model, tok, examples, spec, Path(scratch))
+        model = train_merged(model, tok, examples, spec, Path(scratch), dtype)
     held_out = requests[spec.self_prompts:] + [q for q, _, _ in gsm8k_examples(gsm8k, spec.gsm8k, spec.held_out_gsm8k)]
     rate = format_rate(model, tok, held_out, 2 * spec.max_new_tokens)
     reviewed = review_rate(model, tok, harmful[spec.review_prompts:], spec)
@@ -303,7 +305,7 @@ def build_think_model(base: Path, out: Path, data_root: Path, spec: ThinkBuild =
             "held_out": len(held_out), "held_out_closed_think_and_answered": rate,
             "held_out_reviews": len(harmful) - spec.review_prompts, "held_out_reviews_kept": reviewed,
             "seconds": round(time.monotonic() - started, 1),
-            "threads": torch.get_num_threads(), "train_dtype": train_dtype(spec), "cpu": this_cpu().describe()}
+            "threads": torch.get_num_threads(), "train_dtype": dtype, "cpu": this_cpu().describe()}
     (out / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
     emit(f"[think-model] built in {info['seconds']:.0f}s: {100 * rate:.0f}% of {len(held_out)} held-out prompts "
          f"close the think block and answer; {100 * reviewed:.0f}% of {info['held_out_reviews']} held-out harmful "

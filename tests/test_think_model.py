@@ -75,7 +75,7 @@ def test_the_build_trains_in_bf16_only_where_the_cpu_computes_it_and_the_recipe_
                         ("amx", {"avx2", "amx_bf16", "amx_tile"})):
         monkeypatch.setattr(think_model, "this_cpu", lambda flags=flags: CpuInfo("cpu", frozenset(flags), 2))
         ids[name] = (think_model.train_dtype(), think_model.recipe_id())
-        pinned = think_model.ThinkBuild(train_dtype="float32")
+        pinned = think_model.ThinkBuild(precision="fp32")
         assert think_model.train_dtype(pinned) == "float32"
     assert [d for d, _ in ids.values()] == ["float32", "bfloat16", "bfloat16"]
     assert ids["avx2"][1] != ids["avx512_bf16"][1] == ids["amx"][1]
