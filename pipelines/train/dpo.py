@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .lm_head import FIELDS, compact_lm_head
 from .ray_train import fit, hf_args, loop_config
 
 
@@ -27,7 +28,12 @@ def build_dpo_trainer(c: dict[str, Any]):
     model = PeftModel.from_pretrained(base, c["sft_adapter"], is_trainable=True)
     args = DPOConfig(max_length=c["max_length"], beta=c["beta"], loss_type=[c["loss_type"]],
                      precompute_ref_log_probs=c["precompute_ref"] and _workers_share_a_disk(), **hf_args(c))
-    return DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    if not c["use_gpu"]:
+        # every field DPOTrainer may read (its logits/* and accuracy metrics, WPO weights); the reference is the
+        # same model with the adapter disabled, so this one head serves both
+        compact_lm_head(trainer.model.get_base_model(), FIELDS)
+    return trainer
 
 
 def _workers_share_a_disk() -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .lm_head import compact_lm_head
 from .lora_dropout import use_word_mask_dropout
 from .ray_train import fit, hf_args, loop_config
 
@@ -35,6 +36,8 @@ def build_sft_trainer(c: dict[str, Any]):
     )
     if not c["use_gpu"]:
         use_word_mask_dropout(trainer.model)
+        # the fields SFTTrainer's loss and metrics read (loss, entropy, mean_token_accuracy)
+        compact_lm_head(trainer.model.get_base_model(), ("log_probs", "entropy", "is_top1"))
     return trainer
 
 
