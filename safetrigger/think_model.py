@@ -231,7 +231,7 @@ def train_merged(model: Any, tok: Any, examples: list[Row], spec: ThinkBuild, sc
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from pipelines.train.lm_head import compact_lm_head
+    from safetrigger.lm_head import compact_lm_head
 
     rows = [{"prompt": prompt, "completion": completion} for prompt, completion in examples]
     args = SFTConfig(output_dir=str(scratch), per_device_train_batch_size=spec.micro_batch_size,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.train.lm_head import FIELDS, compact_lm_head
+from safetrigger.lm_head import FIELDS, compact_lm_head
 
 
 def _model(model_path, head: str):

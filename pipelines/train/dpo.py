@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .lm_head import FIELDS, compact_lm_head
+from safetrigger.lm_head import FIELDS, compact_lm_head
+
 from .ray_train import fit, hf_args, loop_config
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .lm_head import compact_lm_head
+from safetrigger.lm_head import compact_lm_head
+
 from .lora_dropout import use_word_mask_dropout
 from .ray_train import fit, hf_args, loop_config
 

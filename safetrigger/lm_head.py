@@ -1,4 +1,5 @@
-"""The LM head of SFT and DPO on CPU: scored on the labelled positions only, in one autocast matmul.
+"""The LM head of LoRA training on CPU (SFT, DPO, the think model's build): the labelled positions only, in one
+autocast matmul.
 
 TRL's trainers patch the model's forward with a fused LM head (`trl.trainer.utils.add_fused_lm_head`): with
 `fused_lm_head=True` it returns per-token log-probabilities (`FusedCausalLMOutput`) without materialising the
