@@ -25,6 +25,8 @@ import torch
 _NOT_PLAIN = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling",
               "output_router_logits")
 FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+# what SFTTrainer reads: its loss, and the entropy and mean_token_accuracy it logs
+SFT_FIELDS = ("log_probs", "entropy", "is_top1")
 
 
 def plain_head(model) -> bool:

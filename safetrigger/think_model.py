@@ -231,7 +231,7 @@ def train_merged(model: Any, tok: Any, examples: list[Row], spec: ThinkBuild, sc
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from safetrigger.lm_head import compact_lm_head
+    from safetrigger.lm_head import SFT_FIELDS, compact_lm_head
 
     rows = [{"prompt": prompt, "completion": completion} for prompt, completion in examples]
     args = SFTConfig(output_dir=str(scratch), per_device_train_batch_size=spec.micro_batch_size,
@@ -245,7 +245,7 @@ def train_merged(model: Any, tok: Any, examples: list[Row], spec: ThinkBuild, sc
                       task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=tok, peft_config=lora)
-    compact_lm_head(trainer.model.get_base_model(), ("log_probs", "entropy", "is_top1"))  # SFT's own head on CPU
+    compact_lm_head(trainer.model.get_base_model(), SFT_FIELDS)  # the build trains on CPU
     trainer.train()
     return trainer.model.merge_and_unload()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from safetrigger.lm_head import FIELDS, compact_lm_head
+from safetrigger.lm_head import FIELDS, SFT_FIELDS, compact_lm_head
 
 
 def _model(model_path, head: str):
@@ -86,7 +86,7 @@ def test_plain_calls_and_non_plain_heads_keep_their_forward(model_path):
     assert capped.forward == before
 
 
-@pytest.mark.parametrize("wanted", [("log_probs",), ("log_probs", "entropy", "is_top1")])
+@pytest.mark.parametrize("wanted", [("log_probs",), SFT_FIELDS])
 def test_fields_not_asked_for_are_none(model_path, wanted):
     model = _model(model_path, "trl")
     compact_lm_head(model.get_base_model(), wanted)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from safetrigger.lm_head import compact_lm_head
+from safetrigger.lm_head import SFT_FIELDS, compact_lm_head
 
 from .lora_dropout import use_word_mask_dropout
 from .ray_train import fit, hf_args, loop_config
@@ -37,8 +37,7 @@ def build_sft_trainer(c: dict[str, Any]):
     )
     if not c["use_gpu"]:
         use_word_mask_dropout(trainer.model)
-        # the fields SFTTrainer's loss and metrics read (loss, entropy, mean_token_accuracy)
-        compact_lm_head(trainer.model.get_base_model(), ("log_probs", "entropy", "is_top1"))
+        compact_lm_head(trainer.model.get_base_model(), SFT_FIELDS)
     return trainer
 
 
