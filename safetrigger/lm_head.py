@@ -16,6 +16,7 @@ fields. Models whose head scales or soft-caps its logits keep TRL's head.
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -25,8 +26,6 @@ import torch
 _NOT_PLAIN = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling",
               "output_router_logits")
 FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-# what SFTTrainer reads: its loss, and the entropy and mean_token_accuracy it logs
-SFT_FIELDS = ("log_probs", "entropy", "is_top1")
 
 
 def plain_head(model) -> bool:
@@ -85,3 +84,25 @@ def compact_lm_head(model, outputs: tuple[str, ...] = FIELDS) -> bool:
 
     model.forward = types.MethodType(forward, model)
     return True
+
+
+@contextlib.contextmanager
+def compact_heads_in(trainer_module):
+    """While a TRL trainer of `trainer_module` (e.g. `trl.trainer.dpo_trainer`) is built, the head its `__init__`
+    adds (`add_fused_lm_head`) is the compact one, computing the fields the trainer asks for; a temperature other
+    than 1, a float32 head or a model whose logits are not plain keep TRL's. Installed after the trainer is built,
+    the compact head missed the reference log-probs `DPOTrainer` precomputes inside `__init__`."""
+    trl_head = getattr(trainer_module, "add_fused_lm_head", None)
+    if trl_head is None:
+        raise RuntimeError(f"{trainer_module.__name__} has no add_fused_lm_head: TRL changed how its trainers add "
+                           "their LM head (safetrigger/lm_head.py)")
+
+    def head(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
+        if temperature != 1.0 or cast_lm_head_to_fp32 or not compact_lm_head(model, tuple(outputs)):
+            trl_head(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32, outputs=outputs)
+
+    trainer_module.add_fused_lm_head = head
+    try:
+        yield
+    finally:
+        trainer_module.add_fused_lm_head = trl_head

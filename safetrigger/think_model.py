@@ -230,8 +230,9 @@ def train_merged(model: Any, tok: Any, examples: list[Row], spec: ThinkBuild, sc
     import datasets
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
+    from trl.trainer import sft_trainer
 
-    from safetrigger.lm_head import SFT_FIELDS, compact_lm_head
+    from safetrigger.lm_head import compact_heads_in
 
     rows = [{"prompt": prompt, "completion": completion} for prompt, completion in examples]
     args = SFTConfig(output_dir=str(scratch), per_device_train_batch_size=spec.micro_batch_size,
@@ -243,9 +244,9 @@ def train_merged(model: Any, tok: Any, examples: list[Row], spec: ThinkBuild, sc
                      bf16=dtype == "bfloat16", gradient_checkpointing=False)
     lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_r, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=tok, peft_config=lora)
-    compact_lm_head(trainer.model.get_base_model(), SFT_FIELDS)  # the build trains on CPU
+    with compact_heads_in(sft_trainer):  # the build trains on CPU
+        trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=tok, peft_config=lora)
     trainer.train()
     return trainer.model.merge_and_unload()
 

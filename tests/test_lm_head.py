@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from safetrigger.lm_head import FIELDS, SFT_FIELDS, compact_lm_head
+from safetrigger.lm_head import FIELDS, compact_heads_in, compact_lm_head
 
 
 def _model(model_path, head: str):
@@ -86,10 +86,35 @@ def test_plain_calls_and_non_plain_heads_keep_their_forward(model_path):
     assert capped.forward == before
 
 
-@pytest.mark.parametrize("wanted", [("log_probs",), SFT_FIELDS])
+@pytest.mark.parametrize("wanted", [("log_probs",), ("log_probs", "entropy", "is_top1")])  # TRL's default; SFTTrainer's
 def test_fields_not_asked_for_are_none(model_path, wanted):
     model = _model(model_path, "trl")
     compact_lm_head(model.get_base_model(), wanted)
     with torch.no_grad():
         out = model(**_batch(), fused_lm_head=True)
     assert {f for f in FIELDS if getattr(out, f) is not None} == set(wanted)
+
+
+def test_the_head_a_trainer_adds_while_built_is_the_compact_one_unless_trl_must_keep_it(model_path):
+    """Inside `compact_heads_in`, the trainer module's `add_fused_lm_head` installs the compact head with the
+    fields asked for; a temperature, a float32 head or a capped model go to TRL's; on leaving, TRL's is back."""
+    import types
+
+    trl_calls = []
+    module = types.SimpleNamespace(__name__="a_trainer", add_fused_lm_head=lambda model, **kw: trl_calls.append(kw))
+    trl_head = module.add_fused_lm_head
+    plain, capped = (_model(model_path, "trl").get_base_model() for _ in range(2))
+    capped.config.final_logit_softcapping = 30.0
+    with compact_heads_in(module):
+        module.add_fused_lm_head(plain, outputs=("log_probs", "is_top1"))
+        assert trl_calls == []
+        module.add_fused_lm_head(plain, temperature=0.7)
+        module.add_fused_lm_head(plain, cast_lm_head_to_fp32=True)
+        module.add_fused_lm_head(capped, outputs=FIELDS)
+    assert [c.get("temperature") for c in trl_calls] == [0.7, 1.0, 1.0] and trl_calls[2]["outputs"] == FIELDS
+    assert module.add_fused_lm_head is trl_head
+    with torch.no_grad():
+        out = plain(**_batch(), fused_lm_head=True)
+    assert {f for f in FIELDS if getattr(out, f) is not None} == {"log_probs", "is_top1"}
+    with pytest.raises(RuntimeError, match="TRL changed"), compact_heads_in(types.SimpleNamespace(__name__="other")):
+        pass

@@ -45,14 +45,20 @@ def _sequence_logps(model, batch):
 
 
 @pytest.mark.stack
-def test_dpo_reference_is_st_s_before_and_after_a_step(model_path, tmp_path):
+def test_dpo_reference_is_st_s_before_and_after_a_step(model_path, tmp_path, monkeypatch):
     """TRL keeps a frozen copy of the adapter as the reference: its log-probs are ST-S's own, not the base's,
-    and stay so while the trained copy moves; the values precomputed once before training are the same."""
+    and stay so while the trained copy moves; the values precomputed once before training are the same, and on
+    CPU they come through the compact LM head (the precompute runs while the trainer is built)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    import safetrigger.lm_head
     from pipelines.train.dpo import build_dpo_trainer, dpo_loop_config
+
+    scored = []
+    token_outputs = safetrigger.lm_head.token_outputs
+    monkeypatch.setattr(safetrigger.lm_head, "token_outputs", lambda *a: scored.append(a[0].shape) or token_outputs(*a))
 
     tok = load_tokenizer(model_path)
     sft = tmp_path / "st-s"
@@ -61,7 +67,9 @@ def test_dpo_reference_is_st_s_before_and_after_a_step(model_path, tmp_path):
     data.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": f"Sure, step {i}: buy a ..."}) + "\n"
                             for i, (p, c) in enumerate(_texts(tok, 2))))
     trainer = build_dpo_trainer({**dpo_loop_config(data, model_path, sft, _cfg()), "scratch": str(tmp_path / "out")})
+    assert len(scored) == 1  # one batch: 2 chosen and 2 rejected rows in one forward
     batch = next(iter(trainer.get_train_dataloader()))
+    assert scored[0][0] == int(batch["completion_mask"][:, 1:].sum())  # their completion tokens only
     st_s = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), sft).eval()
     expected = _sequence_logps(st_s, batch)
     with st_s.disable_adapter():

@@ -6,10 +6,11 @@ on GPUs, both set up by Ray Train.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
-from safetrigger.lm_head import SFT_FIELDS, compact_lm_head
+from safetrigger.lm_head import compact_heads_in
 
 from .lora_dropout import use_word_mask_dropout
 from .ray_train import fit, hf_args, loop_config
@@ -22,6 +23,7 @@ def build_sft_trainer(c: dict[str, Any]):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
+    from trl.trainer import sft_trainer
 
     torch.set_num_threads(c["torch_threads"])
     ds = datasets.load_dataset("json", data_files=c["data"], split="train").select_columns(["prompt", "completion"])
@@ -30,14 +32,14 @@ def build_sft_trainer(c: dict[str, Any]):
     args = SFTConfig(max_length=c["max_length"], completion_only_loss=True, packing=False, **hf_args(c),
                      train_sampling_strategy="group_by_length" if c.get("length_grouped") else "random")
     lora = c["lora"]
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=ds, processing_class=tok,
-        peft_config=LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                               target_modules=lora["target_modules"], task_type="CAUSAL_LM"),
-    )
+    with contextlib.nullcontext() if c["use_gpu"] else compact_heads_in(sft_trainer):
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=ds, processing_class=tok,
+            peft_config=LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                   target_modules=lora["target_modules"], task_type="CAUSAL_LM"),
+        )
     if not c["use_gpu"]:
         use_word_mask_dropout(trainer.model)
-        compact_lm_head(trainer.model.get_base_model(), SFT_FIELDS)
     return trainer
 
 
