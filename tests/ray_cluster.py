@@ -79,7 +79,7 @@ def stop(session: str, started: set[int]) -> None:
     import ray
 
     ray.shutdown()
-    procs = {p.pid: p for p in processes_of(session)} | {pid: psutil.Process(pid) for pid in started if psutil.pid_exists(pid)}
+    procs = {p.pid: p for p in processes_of(session)} | {p.pid: p for p in map(_process, started) if p is not None}
     for p in procs.values():
         try:
             p.send_signal(signal.SIGTERM)
@@ -87,6 +87,25 @@ def stop(session: str, started: set[int]) -> None:
             pass
     _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
     for p in alive:
-        p.kill()
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
     psutil.wait_procs(alive, timeout=10)
-    assert not [p for p in processes_of(session) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not [p for p in processes_of(session) if _running(p)]
+
+
+def _process(pid: int) -> psutil.Process | None:
+    # Ray's processes exit on their own while the cluster winds down: one gone between a check and a call is
+    # stopped, not an error (CI failed on exactly that: NoSuchProcess from psutil.Process after pid_exists).
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
