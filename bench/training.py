@@ -151,7 +151,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", "--kind", kind, "--path", path, "--workers", str(workers),
                    "--steps", str(args.steps), "--run-dir", args.run_dir, "--config", args.config]
             cmd += [f"--set={kv}" for kv in args.set]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=allocator_env(args, kind))
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 raise SystemExit(f"{kind}/{path}/{workers} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -170,6 +170,17 @@ def main() -> None:
             verdict = "met" if ratio >= 0.9 else "NOT met"
             print(f"{kind}: Ray Train (1 worker) / plain TRL = {ratio:.2f} (target >= 0.90: {verdict})")
     print_share_of_peak(rows, args)
+
+
+def allocator_env(args, kind: str) -> dict[str, str]:
+    """The child's environment: the plain trainer gets the allocator the Ray Train workers get
+    (`TrainSettings.allocator`), so the two paths differ by Ray Train alone."""
+    from safetrigger.config import load_config, parse_overrides
+    from safetrigger.hardware import tcmalloc_library, with_preload
+
+    settings = getattr(load_config(args.config, parse_overrides(args.set)), kind)
+    library = tcmalloc_library() if settings.allocator == "tcmalloc" else None
+    return with_preload(dict(os.environ), library, os.environ.get("LD_PRELOAD"))
 
 
 def print_share_of_peak(rows, args) -> None:

@@ -103,3 +103,19 @@ def training_precision(precision: Literal["auto", "bf16", "fp32"], use_gpu: bool
     """The same rule for Ray Train stages, spelt in TrainingArguments' terms (`bf16` on or off)."""
     requested = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[precision]
     return choose_dtype(requested, "gpu" if use_gpu else "cpu", cpu)
+
+
+TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4")
+
+
+def tcmalloc_library(candidates: tuple[str, ...] = TCMALLOC_PATHS) -> str | None:
+    """The first tcmalloc this host has (the Dockerfile and scripts/setup.sh install it), else None."""
+    return next((p for p in candidates if os.path.exists(p)), None)
+
+
+def with_preload(env: dict[str, str], library: str | None, inherited: str | None = None) -> dict[str, str]:
+    """`env` with `library` first on LD_PRELOAD, ahead of what the caller's own environment preloads."""
+    if not library:
+        return env
+    rest = [p for p in (inherited or "").split(":") if p and p != library]
+    return {**env, "LD_PRELOAD": ":".join([library, *rest])}

@@ -106,8 +106,10 @@ def _host(host_cpus: int | None) -> int:
 
 
 def preload_libraries() -> list[str]:
+    from safetrigger.hardware import tcmalloc_library
+
     found = []
-    tcmalloc = next((p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4") if os.path.exists(p)), None)
+    tcmalloc = tcmalloc_library()
     if tcmalloc:
         found.append(tcmalloc)
     import sys

@@ -122,3 +122,29 @@ def test_the_replica_environment_carries_the_engine_threads(model_path):
     # the driver's own thread caps (set_threads) reach Ray's workers: the engine's must override every one of them
     assert env["MKL_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == env["OMP_NUM_THREADS"]
     assert ("VLLM_CPU_NUM_OF_RESERVED_CPU" in env) == (engine_threads(cfg) >= (os.cpu_count() or 1))
+
+
+def test_tcmalloc_goes_first_on_ld_preload_and_keeps_what_the_caller_preloads(tmp_path):
+    from safetrigger.hardware import tcmalloc_library, with_preload
+
+    lib = tmp_path / "libtcmalloc_minimal.so.4"
+    assert tcmalloc_library((str(tmp_path / "missing.so"),)) is None
+    lib.write_bytes(b"")
+    assert tcmalloc_library((str(tmp_path / "missing.so"), str(lib))) == str(lib)
+    assert with_preload({"A": "1"}, None, "/x.so") == {"A": "1"}
+    assert with_preload({}, str(lib), None) == {"LD_PRELOAD": str(lib)}
+    assert with_preload({}, str(lib), f"/x.so:{lib}:/y.so") == {"LD_PRELOAD": f"{lib}:/x.so:/y.so"}
+
+
+def test_training_workers_get_the_configured_allocator(monkeypatch):
+    import safetrigger.hardware as hw
+    from pipelines.train.ray_train import allocator_in_use, worker_env
+    from safetrigger.config import TrainSettings
+
+    monkeypatch.setattr(hw, "tcmalloc_library", lambda: "/lib/libtcmalloc_minimal.so.4")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert worker_env(TrainSettings()) == {"LD_PRELOAD": "/lib/libtcmalloc_minimal.so.4"}
+    assert worker_env(TrainSettings(allocator="system")) == {}
+    # the allocator does not change the trained weights: it stays out of the stage key
+    assert TrainSettings(allocator="system").key_fields() == TrainSettings().key_fields()
+    assert allocator_in_use("/nonexistent/maps") == "an unknown allocator"

@@ -457,6 +457,11 @@ def test_main_job_on_the_running_policy(stack, capsys):
     from services import adapters
 
     assert adapters.current(cfg.serving.adapter_root, "st-s")[0] == summary["sft"]["version"]
+    # its workers allocated with tcmalloc where this host has it (TrainSettings.allocator)
+    from safetrigger.hardware import tcmalloc_library
+
+    allocator = "tcmalloc" if tcmalloc_library() else "the system malloc"
+    assert f"[st-s] workers allocate with {allocator}" in out and f"[st-d] workers allocate with {allocator}" in out
     eval_ids = {i for i, q in queries.items() if q.split == "eval"}
     st_s = StageStore(summary["stages"]["eval_st_s"], row=Trajectory).read()
     assert {r.query_id for r in st_s} == eval_ids and all(r.adapter == "st-s" for r in st_s)

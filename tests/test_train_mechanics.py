@@ -191,3 +191,43 @@ def test_length_grouped_sft_batches_cut_the_padding_and_still_see_every_example_
     print(f"[length-grouped] padding share of an epoch: random {random_pad:.1%}, grouped {grouped_pad:.1%}")
     assert grouped_tokens == random_tokens  # the same examples, each once
     assert grouped_pad < 0.10 < 0.25 < random_pad
+
+
+def _ddp_rank(rank: int, port: int, out: str) -> None:
+    """One DDP rank: frozen weights and the buffer differ per rank, the trainable ones too before the wrap."""
+    import torch
+    import torch.distributed as dist
+
+    from pipelines.train.ray_train import sync_trainable_only
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(rank)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    model[0].requires_grad_(False)
+    model.register_buffer("scale", torch.full((1,), float(rank + 1)))
+    sync_trainable_only(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ddp(torch.randn(3, 4) * (rank + 1)).sum().backward()  # a different batch on each rank
+    torch.save({"state": model.state_dict(), "grads": [p.grad for p in model[1].parameters()]}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_syncs_the_trainable_weights_and_their_gradients_and_leaves_the_frozen_ones(tmp_path):
+    """Two gloo ranks wrapped as the Ray Train workers wrap them: the trainable layer starts from rank 0's copy and
+    its gradients are averaged over both ranks' batches; each rank keeps its own frozen layer and buffer (nothing
+    is broadcast for them)."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_rank, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    for name in ("1.weight", "1.bias"):
+        assert torch.equal(r0["state"][name], r1["state"][name])
+    assert all(torch.allclose(a, b) for a, b in zip(r0["grads"], r1["grads"]))
+    assert not torch.equal(r0["state"]["0.weight"], r1["state"]["0.weight"])
+    assert (float(r0["state"]["scale"]), float(r1["state"]["scale"])) == (1.0, 2.0)

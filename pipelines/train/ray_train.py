@@ -42,10 +42,12 @@ def _worker_loop(c: dict[str, Any]) -> None:
 
     module, fn = c["builder"].rsplit(":", 1)
     trainer = getattr(importlib.import_module(module), fn)(c)
+    sync_trainable_only(trainer.model)
     trainer.add_callback(RayTrainReportCallback())
     if c.get("progress_file") and ray.train.get_context().get_world_rank() == 0:
         trainer.add_callback(_progress_callback(c["progress_file"]))
     trainer = prepare_trainer(trainer)
+    _say(c, f"workers allocate with {allocator_in_use()}")
     restored = ray.train.get_checkpoint()  # set when Ray Train restarted the group after a lost worker or node
     if restored is None:
         trainer.train()
@@ -53,6 +55,20 @@ def _worker_loop(c: dict[str, Any]) -> None:
     with restored.as_directory() as d:
         _say(c, f"resuming from the checkpoint of step {_step_of(Path(d) / 'checkpoint')} after a lost worker")
         trainer.train(resume_from_checkpoint=str(Path(d) / "checkpoint"))
+
+
+def sync_trainable_only(model) -> None:
+    """Leave the frozen weights and the buffers out of DDP's sync. DDP broadcasts every parameter and buffer from
+    rank 0 when it wraps the model (and the buffers again before each forward), but every worker reads the frozen
+    base (and, in DPO, the frozen reference adapter) from the same files, and the buffers (rotary frequencies) are
+    computed the same everywhere: only the trainable adapter needs rank 0's copy. For an 8B model in bf16 that is
+    16 GB less at start; measured here (2-worker SFT of SmolLM2-135M, 2-core AVX512-BF16 EPYC, 2 fits each) the
+    wrap took 1.7-2.0 s with them, 0.65-0.8 s without."""
+    model._ddp_params_and_buffers_to_ignore = frozen_names(model)
+
+
+def frozen_names(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
 
 
 def _step_of(checkpoint: Path) -> int:
@@ -149,7 +165,8 @@ def fit(builder: str, loop_cfg: dict[str, Any], settings, out_dir: str | Path, n
         torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
         run_config=TrainRunConfig(name=name, storage_path=str(out_dir.parent / "ray-train"),
                                   failure_config=FailureConfig(max_failures=settings.max_failures),
-                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                  worker_runtime_env={"env_vars": worker_env(settings)}),
     )
     stop = threading.Event()
     follower = threading.Thread(target=_follow, args=(progress, stop, emit, label, on_step), daemon=True) if emit else None
@@ -168,6 +185,25 @@ def fit(builder: str, loop_cfg: dict[str, Any], settings, out_dir: str | Path, n
     with result.checkpoint.as_directory() as ckpt:
         export_adapter(Path(ckpt) / "checkpoint", out_dir)
     return {"adapter": str(out_dir), "metrics": dict(result.metrics or {})}
+
+
+def worker_env(settings) -> dict[str, str]:
+    """Environment variables of the Ray Train workers: the allocator (`TrainSettings.allocator`)."""
+    from safetrigger.hardware import tcmalloc_library, with_preload
+
+    if settings.allocator != "tcmalloc":
+        return {}
+    return with_preload({}, tcmalloc_library(), os.environ.get("LD_PRELOAD"))
+
+
+def allocator_in_use(maps: str = "/proc/self/maps") -> str:
+    """What this process allocates with, as its mapped libraries say (LD_PRELOAD fails quietly where the library
+    is missing on a node)."""
+    try:
+        text = Path(maps).read_text()
+    except OSError:
+        return "an unknown allocator"
+    return "tcmalloc" if "libtcmalloc" in text else "the system malloc"
 
 
 def export_adapter(src: Path, out_dir: Path) -> None:
