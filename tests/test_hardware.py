@@ -148,3 +148,13 @@ def test_training_workers_get_the_configured_allocator(monkeypatch):
     # the allocator does not change the trained weights: it stays out of the stage key
     assert TrainSettings(allocator="system").key_fields() == TrainSettings().key_fields()
     assert allocator_in_use("/nonexistent/maps") == "an unknown allocator"
+
+
+def test_the_allocator_line_reads_what_the_process_mapped(tmp_path):
+    from pipelines.train.ray_train import allocator_in_use
+
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
+    assert allocator_in_use(str(maps)) == "the system malloc"
+    maps.write_text(maps.read_text() + "7f02-7f03 r-xp 0 08:01 2 /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4\n")
+    assert allocator_in_use(str(maps)) == "tcmalloc"
