@@ -101,7 +101,7 @@ def run_through_policy(
         return 0
     total = total if total is not None else len(rows)
     progress = Progress(stage, total, already=total - len(rows), slow_tokens_per_s=slow_tokens_per_s,
-                        live=sys.stdout.isatty())
+                        in_flight=batch_size * concurrency, live=sys.stdout.isatty())
     pending, losses = rows, 0
     with progress.heartbeat():
         while True:

@@ -190,17 +190,22 @@ class Progress:
 
     A line per committed chunk, and a heartbeat line at least every `interval_s` while rows are slow to come back
     (a chunk took 5 minutes on an AVX2 CPU in bf16, and nothing said the engine was crawling). When the tokens/s
-    measured after `warmup_s` is below `slow_tokens_per_s`, one warning says so.
+    measured after `warmup_s` is below `slow_tokens_per_s`, one warning says so, once `in_flight` rows (those the
+    engine works on at once) came back: until the first of them do, the tokens counted are only those of rows that
+    finished early (DPO sampling, 4 answers of 256 tokens per row, 16 rows in flight: 14.8 tokens/s counted at 60 s
+    while the engine decoded ~95, AVX2 EPYC, float32).
     """
 
     def __init__(self, stage: str, total: int, already: int = 0, emit=say, *, interval_s: float = 30.0,
-                 slow_tokens_per_s: float = 0.0, warmup_s: float = 60.0, clock=time.monotonic, live: bool = False) -> None:
+                 slow_tokens_per_s: float = 0.0, warmup_s: float = 60.0, in_flight: int = 1, clock=time.monotonic,
+                 live: bool = False) -> None:
         self.stage, self.total, self.done, self.emit = stage, total, already, emit
         # On a terminal a live bar moves with every row; the lines still come, written above it.
         self._bar = _live_bar(stage, total, already) if live else None
         if self._bar is not None:
             self.emit = self._write_above_bar
         self.interval_s, self.slow_tokens_per_s, self.warmup_s, self.clock = interval_s, slow_tokens_per_s, warmup_s, clock
+        self.in_flight = max(1, min(in_flight, total - already))
         self.tokens = 0
         self._start_done, self._t0 = already, clock()
         self._last_line = self._t0
@@ -245,7 +250,7 @@ class Progress:
                     f"{tps:.1f} tokens/s, {rate:.2f} rows/s, ETA {eta}, {elapsed:.0f}s")
             self._last_line = now
             slow = (self.slow_tokens_per_s > 0 and not self._warned and elapsed >= self.warmup_s
-                    and self.done > self._start_done and tps < self.slow_tokens_per_s)
+                    and self.done - self._start_done >= self.in_flight and tps < self.slow_tokens_per_s)
             self._warned |= slow
         self.emit(text)
         if slow:

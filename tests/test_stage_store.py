@@ -100,6 +100,22 @@ def test_progress_warns_once_when_tokens_per_second_are_below_the_floor():
     assert len(warnings) == 1 and "10.0 tokens/s is below the 30" in warnings[0]
 
 
+def test_progress_judges_the_rate_only_once_the_rows_in_flight_came_back():
+    """Rows of many answers each: the first to come back carry a fraction of the tokens the engine decoded."""
+    clock, lines = _Clock(), []
+    p = Progress("gen", total=100, emit=lines.append, slow_tokens_per_s=30, warmup_s=60, in_flight=16, clock=clock)
+    clock.t = 60
+    p.advance(15, tokens=600)  # 10 tok/s counted with one row of the window still out: no verdict
+    assert not any("WARNING" in ln for ln in lines)
+    clock.t = 90
+    p.advance(1, tokens=100)  # the window came back, still at 7.8 tok/s: now it is slow
+    assert [ln for ln in lines if "WARNING" in ln] == ["[gen] WARNING: 7.8 tokens/s is below the 30 this machine should "
+                                                       "reach (a bf16 engine on a CPU without AVX512-BF16/AMX, or the "
+                                                       "cores busy elsewhere?)"]
+    small = Progress("gen", total=3, emit=lines.append, slow_tokens_per_s=30, warmup_s=60, in_flight=16, clock=clock)
+    assert small.in_flight == 3  # a stage with fewer rows than the window is judged once all came back
+
+
 def test_progress_does_not_warn_at_a_healthy_rate():
     clock, lines = _Clock(), []
     p = Progress("gen", total=100, emit=lines.append, slow_tokens_per_s=30, warmup_s=60, clock=clock)
