@@ -100,8 +100,9 @@ def run_through_policy(
     if not rows:
         return 0
     total = total if total is not None else len(rows)
+    window = batch_size * concurrency  # rows the replicas work on at once, either way to them
     progress = Progress(stage, total, already=total - len(rows), slow_tokens_per_s=slow_tokens_per_s,
-                        in_flight=batch_size * concurrency, live=sys.stdout.isatty())
+                        in_flight=window, live=sys.stdout.isatty())
     pending, losses = rows, 0
     with progress.heartbeat():
         while True:
@@ -110,7 +111,7 @@ def run_through_policy(
                 # by handle a row is counted when its answer arrives, not when its turn in row order comes: one long
                 # answer at the head otherwise hid the rows done behind it (AVX2 EPYC, generate: 68 rows and 67.8
                 # tokens/s shown at 125 s while the engine ran at ~120)
-                results = (_by_handle(pending, endpoint, preprocess, postprocess, in_flight=batch_size * concurrency,
+                results = (_by_handle(pending, endpoint, preprocess, postprocess, in_flight=window,
                                       on_answer=lambda row: progress.observe(1, _new_tokens(row)))
                            if by_handle else _by_ray_data(pending, endpoint, preprocess, postprocess, batch_size, concurrency))
                 # rows committed by earlier attempts, then this one's

@@ -112,8 +112,16 @@ def test_progress_judges_the_rate_only_once_the_rows_in_flight_came_back():
     assert [ln for ln in lines if "WARNING" in ln] == ["[gen] WARNING: 7.8 tokens/s is below the 30 this machine should "
                                                        "reach (a bf16 engine on a CPU without AVX512-BF16/AMX, or the "
                                                        "cores busy elsewhere?)"]
-    small = Progress("gen", total=3, emit=lines.append, slow_tokens_per_s=30, warmup_s=60, in_flight=16, clock=clock)
-    assert small.in_flight == 3  # a stage with fewer rows than the window is judged once all came back
+    # a stage with fewer rows left than the window is judged once all of them came back
+    clock.t, small = 0, []
+    p = Progress("gen", total=10, already=7, emit=small.append, slow_tokens_per_s=30, warmup_s=60, in_flight=16,
+                 clock=clock)
+    clock.t = 60
+    p.advance(2, tokens=60)
+    assert not any("WARNING" in ln for ln in small)
+    clock.t = 90
+    p.advance(1, tokens=30)  # the last of the 3: 1 tok/s
+    assert sum("WARNING: 1.0 tokens/s" in ln for ln in small) == 1
 
 
 def test_progress_does_not_warn_at_a_healthy_rate():
