@@ -6,7 +6,11 @@ process. Each path runs in its own subprocess, one after another, so none compet
 Throughput is completion+prompt tokens (non-padding) per second of training (`train_runtime`); the wall time
 including worker start-up and model loading is printed beside it. Target: Ray Train with one worker within 10%.
 
-    .venv/bin/python bench/training.py [--run-dir runs/embedded] [--steps 8] [--workers 1 2]
+    .venv/bin/python bench/training.py [--run-dir runs/embedded] [--steps 8] [--workers 1 2] [--repeats 3]
+
+With `--repeats N` the paths run N times in turn (plain, Ray x1, ..., plain, Ray x1, ...) and each ratio is the
+median of the N side-by-side pairs: on these shared 2-core machines one pair of 8-step SFT runs gave Ray x1 / plain
+0.87 and another 0.95 (AVX2 EPYC, same data, a day apart), so a single pair says little about a 10% target.
 
 Data: the newest SFT data and DPO pairs of a finished main run (`--run-dir`); the DPO policy starts from that
 run's SFT adapter.
@@ -136,6 +140,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray Train worker counts to run")
     ap.add_argument("--plain-only", action="store_true", help="only the single-process trainer (memory, settings)")
     ap.add_argument("--kinds", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each path, in turn; ratios are medians of pairs")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--kind", choices=["sft", "dpo"])
     ap.add_argument("--path", choices=["plain", "ray"])
@@ -146,30 +151,45 @@ def main() -> None:
     rows = []
     for kind in args.kinds:
         plan = [("plain", 1)] + ([] if args.plain_only else [("ray", w) for w in args.workers])
-        results = {}
-        for path, workers in plan:
-            cmd = [sys.executable, __file__, "--child", "--kind", kind, "--path", path, "--workers", str(workers),
-                   "--steps", str(args.steps), "--run-dir", args.run_dir, "--config", args.config]
-            cmd += [f"--set={kv}" for kv in args.set]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=allocator_env(args, kind))
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                raise SystemExit(f"{kind}/{path}/{workers} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-            results[(path, workers)] = r = json.loads(line[len("RESULT "):])
-            print(f"{kind:3} {path:5} workers={workers}: {r['tok_s']:7.1f} tok/s training, "
-                  f"{r['train_runtime']:6.1f}s training, {r['wall']:6.1f}s wall"
-                  + (f", peak RSS {r['peak_rss_gb']:.2f} GB" if path == "plain" else ""), flush=True)
-        base = results[("plain", 1)]["tok_s"]
-        for (path, workers), r in results.items():
-            rows.append((kind, f"{path} x{workers}", r["tok_s"], r["tok_s"] / base if base else 0.0, r["wall"]))
-    print("\n| stage | path | tokens/s | vs plain TRL | wall s |\n|---|---|---:|---:|---:|")
-    for kind, path, tps, ratio, wall in rows:
-        print(f"| {kind} | {path} | {tps:.1f} | {ratio:.2f} | {wall:.0f} |")
-    for kind, path, tps, ratio, _ in rows:
+        results: dict[tuple[str, int], list[dict]] = {p: [] for p in plan}
+        for repeat in range(args.repeats):
+            for path, workers in plan:
+                results[(path, workers)].append(r := run_child(args, kind, path, workers))
+                print(f"{kind:3} {path:5} workers={workers} (run {repeat + 1}/{args.repeats}): {r['tok_s']:7.1f} tok/s "
+                      f"training, {r['train_runtime']:6.1f}s training, {r['wall']:6.1f}s wall"
+                      + (f", peak RSS {r['peak_rss_gb']:.2f} GB" if path == "plain" else ""), flush=True)
+        base = results[("plain", 1)]
+        for (path, workers), runs in results.items():
+            ratios = [r["tok_s"] / b["tok_s"] if b["tok_s"] else 0.0 for r, b in zip(runs, base)]
+            rows.append((kind, f"{path} x{workers}", median([r["tok_s"] for r in runs]), median(ratios),
+                         median([r["wall"] for r in runs]), ratios))
+    print("\n| stage | path | tokens/s (median) | vs plain TRL (median of pairs) | pairs | wall s |\n"
+          "|---|---|---:|---:|---|---:|")
+    for kind, path, tps, ratio, wall, ratios in rows:
+        print(f"| {kind} | {path} | {tps:.1f} | {ratio:.2f} | {' '.join(f'{x:.2f}' for x in ratios)} | {wall:.0f} |")
+    for kind, path, tps, ratio, _, ratios in rows:
         if path == "ray x1":
             verdict = "met" if ratio >= 0.9 else "NOT met"
-            print(f"{kind}: Ray Train (1 worker) / plain TRL = {ratio:.2f} (target >= 0.90: {verdict})")
+            print(f"{kind}: Ray Train (1 worker) / plain TRL = {ratio:.2f}, median of {len(ratios)} pair(s) "
+                  f"(target >= 0.90: {verdict})")
     print_share_of_peak(rows, args)
+
+
+def run_child(args, kind: str, path: str, workers: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--kind", kind, "--path", path, "--workers", str(workers),
+           "--steps", str(args.steps), "--run-dir", args.run_dir, "--config", args.config]
+    cmd += [f"--set={kv}" for kv in args.set]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=allocator_env(args, kind))
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"{kind}/{path}/{workers} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def median(xs: list[float]) -> float:
+    import statistics
+
+    return statistics.median(xs) if xs else 0.0
 
 
 def allocator_env(args, kind: str) -> dict[str, str]:
@@ -197,7 +217,7 @@ def print_share_of_peak(rows, args) -> None:
     params = model_params(cfg)
     print(f"\nCPU: {cpu.describe()}; GEMM peak on {cores} threads: float32 {peaks['float32']:.1f}, "
           f"bfloat16 {peaks['bfloat16']:.1f} GFLOP/s; model {params / 1e6:.0f}M parameters")
-    for kind, path, tps, _, _ in rows:
+    for kind, path, tps, *_ in rows:
         s = getattr(cfg, kind)
         dtype = training_precision(s.precision, s.use_gpu, cpu).dtype
         used = training_gflops(tps, params)

@@ -13,11 +13,13 @@ generation at all. This builds the smallest model that takes those paths, from d
   think model (`<safe>` after a closed think block, one row per part with its cue in the prompt). Without these
   the think model, asked to review after `</think>`, wrote closing tags in place of every part (7 of 8 reviews
   dropped as `think_tag_in_review`); trained on whole reviews it recited the cues instead (83 of 94 dropped).
-A LoRA adapter is trained on those targets (completion only) and merged, and the tokenizer gets an R1-style
-chat template: the generation prompt ends with `<think>\\n` and earlier assistant turns keep only what follows
-`</think>`. `build.json` beside the weights records the time taken and how often held-out prompts (requests
-and sums the build never saw) come back with a closed think block and an answer after it, and how often
-held-out harmful requests get a self-review the SFT data stage would keep.
+The model's own texts are generated once and kept in `data/think_targets.json` (`think_targets`: a build reads
+them where they were made from its inputs). A LoRA adapter is trained on those targets (completion only) and
+merged, and the tokenizer gets an R1-style chat template: the generation prompt ends with `<think>\\n` and earlier
+assistant turns keep only what follows `</think>`. `build.json` beside the weights records the time taken (by
+phase) and how often held-out prompts (requests and sums the build never saw) come back with a closed think
+block and an answer after it, and how often held-out harmful requests get a self-review the SFT data stage would
+keep.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .method.records import query_id, stable_hash
 from .method.sft import unsafe_target
 from .method.tags import SAFE_CLOSE, SAFE_OPEN
 from .method.thinking import review_prefill
+from .think_targets import TARGETS, Example, Row, Targets, committed_targets
 
 BUILD_INFO = "build.json"
 PROMPTS = REPO_ROOT / "data" / "think_prompts.jsonl"
@@ -84,10 +87,6 @@ class ThinkBuild:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
 
 
-Example = tuple[str, str, str]  # (request, reasoning, answer)
-Row = tuple[str, str]  # (prompt, completion) as the trainer sees it: loss on the completion only
-
-
 def think_row(request: str, reasoning: str, answer: str) -> Row:
     return think_prompt(request), f"{reasoning}\n</think>\n\n{answer}"
 
@@ -95,8 +94,9 @@ def think_row(request: str, reasoning: str, answer: str) -> Row:
 # Raised whenever the way a build turns its data into training rows changes (the spec and files are hashed apart).
 # 2: reviews as one row per part, the cue in the prompt. 3: no empty part (the base model often ended the line at
 # once). 4: sampled attempts until a review is well formed (greedy alone: 5 of 18). 5: a looping review is not
-# well formed (method.sft).
-RECIPE_VERSION = 5
+# well formed (method.sft). 6: the base model's texts from data/think_targets.json where made from the same inputs,
+# the adapter seeded after them.
+RECIPE_VERSION = 6
 
 
 def train_dtype(spec: ThinkBuild = ThinkBuild()) -> str:
@@ -108,7 +108,7 @@ def recipe_id(spec: ThinkBuild = ThinkBuild()) -> str:
     """Names what a build makes: a cached model built by another recipe (or trained in another dtype) is built
     again."""
     inputs = [str(RECIPE_VERSION), json.dumps(asdict(spec), sort_keys=True), THINK_TEMPLATE, PROMPTS.read_text(),
-              REVIEW_PROMPTS.read_text(), train_dtype(spec)]
+              REVIEW_PROMPTS.read_text(), train_dtype(spec), TARGETS.read_text() if TARGETS.is_file() else ""]
     return f"{stable_hash(chr(0).join(inputs)):016x}"
 
 
@@ -170,6 +170,13 @@ def own_reviews(model: Any, tok: Any, requests: list[str], spec: ThinkBuild) -> 
         rows = [(head + structured_review_text(parts[:k]), f" {part}\n") for k, part in enumerate(parts)]
         out.append(rows + [(head + structured_review_text(parts), answer)])
     return out
+
+
+def own_targets(model: Any, tok: Any, spec: ThinkBuild) -> Targets:
+    """The base model's own texts a build trains on (what `data/think_targets.json` keeps): its reviews of the
+    first `review_prompts` harmful requests, then its answers to the first `self_prompts` everyday ones."""
+    reviews = own_reviews(model, tok, read_prompts(REVIEW_PROMPTS)[:spec.review_prompts], spec)
+    return Targets(own_examples(model, tok, read_prompts(PROMPTS)[:spec.self_prompts], spec.max_new_tokens), reviews)
 
 
 def well_formed(parts: list[str], answer: str) -> bool:
@@ -288,16 +295,24 @@ def build_think_model(base: Path, out: Path, data_root: Path, spec: ThinkBuild =
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     requests, harmful = read_prompts(PROMPTS), read_prompts(REVIEW_PROMPTS)
-    emit(f"[think-model] answering {spec.self_prompts} requests and reviewing {spec.review_prompts} with the base model")
-    reviews = own_reviews(model, tok, harmful[:spec.review_prompts], spec)
-    thinking = gsm8k_examples(gsm8k, 0, spec.gsm8k) + own_examples(model, tok, requests[:spec.self_prompts],
-                                                                   spec.max_new_tokens)
-    examples = [think_row(*e) for e in thinking] + [row for rows in reviews for row in rows]
+    targets = committed_targets(spec)
+    source = "committed" if targets is not None else "generated"
+    if targets is None:
+        emit(f"[think-model] {TARGETS.name} is missing or was made from other inputs: the base model answers "
+             f"{spec.self_prompts} requests and reviews {spec.review_prompts} (`python -m safetrigger.think_targets` "
+             "writes the file again)")
+        targets = own_targets(model, tok, spec)
+    thinking = gsm8k_examples(gsm8k, 0, spec.gsm8k) + targets.answers
+    examples = [think_row(*e) for e in thinking] + [row for rows in targets.reviews for row in rows]
+    reviews = targets.reviews
     dtype = train_dtype(spec)
-    emit(f"[think-model] training on {len(thinking)} think targets and {len(reviews)} reviews ({len(examples)} rows; "
-         f"{time.monotonic() - started:.0f}s so far) in {dtype} on {this_cpu().describe()}")
+    targets_s = time.monotonic() - started
+    emit(f"[think-model] training on {len(thinking)} think targets and {len(reviews)} reviews ({len(examples)} rows, "
+         f"the base model's texts {source}; {targets_s:.0f}s so far) in {dtype} on {this_cpu().describe()}")
+    torch.manual_seed(spec.seed)  # the adapter's initial weights, whether the texts were read or generated
     with tempfile.TemporaryDirectory() as scratch:
         model = train_merged(model, tok, examples, spec, Path(scratch), dtype)
+    trained_s = time.monotonic() - started
     held_out = requests[spec.self_prompts:] + [q for q, _, _ in gsm8k_examples(gsm8k, spec.gsm8k, spec.held_out_gsm8k)]
     rate = format_rate(model, tok, held_out, 2 * spec.max_new_tokens)
     reviewed = review_rate(model, tok, harmful[spec.review_prompts:], spec)
@@ -308,7 +323,9 @@ def build_think_model(base: Path, out: Path, data_root: Path, spec: ThinkBuild =
             "think_targets": len(thinking), "reviews": len(reviews), "rows": len(examples),
             "held_out": len(held_out), "held_out_closed_think_and_answered": rate,
             "held_out_reviews": len(harmful) - spec.review_prompts, "held_out_reviews_kept": reviewed,
-            "seconds": round(time.monotonic() - started, 1),
+            "seconds": round(time.monotonic() - started, 1), "base_texts": source,
+            "phase_seconds": {"base_texts": round(targets_s, 1), "training": round(trained_s - targets_s, 1),
+                              "checks": round(time.monotonic() - started - trained_s, 1)},
             "threads": torch.get_num_threads(), "train_dtype": dtype, "cpu": this_cpu().describe()}
     (out / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
     emit(f"[think-model] built in {info['seconds']:.0f}s: {100 * rate:.0f}% of {len(held_out)} held-out prompts "
