@@ -9,6 +9,7 @@ cores. Prints output tok/s and the ratios the spine issue targets: Serve+Data >=
 
     .venv/bin/python bench/generation.py [--prompts 64] [--new-tokens 128] [--config configs/embedded.yaml]
     .venv/bin/python bench/generation.py --only serve vllm --set serving.engine_threads=1
+    .venv/bin/python bench/generation.py --only serve vllm --repeats 3   # paths in turn; medians of the pairs
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -152,6 +154,25 @@ def child(mode: str, args) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def run_child(args, mode: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--prompts", str(args.prompts),
+           "--new-tokens", str(args.new_tokens), "--config", args.config] + [f"--set={kv}" for kv in args.set]
+    env = dict(os.environ)
+    if mode == "vllm-lora-native":  # vLLM's own per-token LoRA ops instead of our grouped ones
+        env["SAFE_TRIGGER_NATIVE_LORA_OPS"] = "1"
+    if mode.startswith("vllm"):
+        from services.policy import preload_libraries
+
+        env["LD_PRELOAD"] = ":".join(preload_libraries())
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{mode} failed (exit {proc.returncode})")
+    r = json.loads(line[len("RESULT ") :])
+    return {**r, "tok_s": r["tokens"] / r["seconds"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=64)
@@ -160,6 +181,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, as in the CLI")
     modes = ["serve", "vllm", "transformers", "vllm-lora", "vllm-lora-native"]
     ap.add_argument("--only", choices=modes, nargs="+", help="these paths only, one after another in this run")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of each path, in turn; tok/s and ratios are medians (a single pair read 0.84 here)")
     ap.add_argument("--child", choices=modes)
     args = ap.parse_args()
     if args.child:
@@ -171,29 +194,18 @@ def main() -> None:
     cfg = load_config(args.config, parse_overrides(args.set))
     print(f"CPU: {this_cpu().describe()}; {choose_dtype(cfg.model.dtype, 'cpu', this_cpu()).dtype}; "
           f"{args.prompts} prompts x {args.new_tokens} tokens", flush=True)
-    results = {}
-    for mode in args.only or modes:
-        cmd = [sys.executable, __file__, "--child", mode, "--prompts", str(args.prompts),
-               "--new-tokens", str(args.new_tokens), "--config", args.config] + [f"--set={kv}" for kv in args.set]
-        env = dict(os.environ)
-        if mode == "vllm-lora-native":  # vLLM's own per-token LoRA ops instead of our grouped ones
-            env["SAFE_TRIGGER_NATIVE_LORA_OPS"] = "1"
-        if mode.startswith("vllm"):
-            from services.policy import preload_libraries
-
-            env["LD_PRELOAD"] = ":".join(preload_libraries())
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{mode} failed (exit {proc.returncode})")
-        r = json.loads(line[len("RESULT ") :])
-        r["tok_s"] = r["tokens"] / r["seconds"]
-        results[mode] = r
-        print(f"{mode:>12}: {r['tokens']} tokens in {r['seconds']:.1f}s = {r['tok_s']:.1f} tok/s", flush=True)
-    if "serve" in results and "vllm" in results:
-        ratio = results["serve"]["tok_s"] / results["vllm"]["tok_s"]
-        print(f"Serve+Data / vLLM in-process = {ratio:.2f} (target >= 0.85; side by side in this run)")
+    runs: dict[str, list[dict]] = {mode: [] for mode in args.only or modes}
+    for repeat in range(args.repeats):
+        for mode in runs:
+            runs[mode].append(r := run_child(args, mode))
+            print(f"{mode:>12}: {r['tokens']} tokens in {r['seconds']:.1f}s = {r['tok_s']:.1f} tok/s"
+                  + (f" (run {repeat + 1}/{args.repeats})" if args.repeats > 1 else ""), flush=True)
+    results = {mode: {"tok_s": statistics.median(r["tok_s"] for r in rs)} for mode, rs in runs.items()}
+    if "serve" in runs and "vllm" in runs:
+        pairs = [s["tok_s"] / v["tok_s"] for s, v in zip(runs["serve"], runs["vllm"])]
+        print(f"Serve+Data / vLLM in-process = {statistics.median(pairs):.2f} (target >= 0.85; "
+              + (f"median of {len(pairs)} interleaved pairs: {' '.join(f'{x:.2f}' for x in pairs)})"
+                 if len(pairs) > 1 else "side by side in this run)"))
     if len(results) == len(modes):
         s, v, t, lo, ln = (results[m]["tok_s"] for m in modes)
         print(f"\n| path | output tok/s |\n|---|---:|\n| Serve + Ray Data | {s:.1f} |\n| vLLM in-process | {v:.1f} |"
