@@ -70,9 +70,10 @@ def committed_targets(spec, path: Path = TARGETS) -> Targets | None:
     made from others."""
     if not path.is_file():
         return None
+    wanted = targets_id(spec)  # outside the parse: a missing base model is not a damaged file
     try:
         record = json.loads(path.read_text())
-        if record["targets_id"] != targets_id(spec):
+        if record["targets_id"] != wanted:
             return None
         answers = [tuple(_strings(e, 3, f"answers[{i}]")) for i, e in enumerate(record["answers"])]
         reviews = [[tuple(_strings(r, 2, f"reviews[{i}][{j}]")) for j, r in enumerate(rows)]
