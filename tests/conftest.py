@@ -10,6 +10,13 @@ from safetrigger.config import default_data_root  # noqa: E402
 
 DATA = Path(default_data_root())
 
+# Short Ray Train fits in the stack tests: one worker computing on both cores. On these 2-core VMs two processes
+# that first touch memory at the same time each pay ~5x the kernel time of one alone (two plain SFT processes of
+# one thread side by side: 12-18 s of system time each, 2.8 s alone; `perf`: 54% of a worker's samples in
+# clear_page_erms), so a 2-step SFT fit took 55-70 s with two workers and 27-35 s with one (AVX2 EPYC,
+# interleaved). Two workers stay proven where they are the point: tests/test_train.py, tests/test_multinode.py.
+TRAIN_ONE_WORKER = {"num_workers": 1, "torch_threads": 2, "cpus_per_worker": 2}
+
 # The modules with a stack of their own, in two groups that `make test TEST_WORKERS=2` runs side by side (two
 # pytest processes, `--dist loadgroup`): each group in one process, longest module first, the other tests wherever
 # a process is free (one process is the default: the suite is CPU-bound on 2 cores, see the Makefile).

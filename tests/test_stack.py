@@ -23,7 +23,7 @@ from safetrigger.config import RunConfig
 from safetrigger.method import REVIEW_PART_CUES, VERDICT_PARTS, incomplete, is_refusal, parse_safe
 from safetrigger.method.sft import trim_loop
 from services.policy import PolicyServiceError, check_resources
-from tests.conftest import random_adapter
+from tests.conftest import TRAIN_ONE_WORKER, random_adapter
 
 pytestmark = pytest.mark.stack
 
@@ -51,10 +51,14 @@ def make_cfg(tmp, data_root, **over) -> RunConfig:
                    # where the policy's own verdict says unsafe, its answer after the block starts with this
                    "answer_opener": "I can't help with that.", "verdict_word": "No,"},
         "sft_data": {"max_length": 512},
-        "sft": {"max_steps": 2, "per_device_batch_size": 2, "learning_rate": 1e-2, "lora": {"r": 8, "alpha": 16}},
+        # One Ray Train worker on both cores: two workers are tests/test_train.py's and tests/test_multinode.py's.
+        # On these VMs two processes first touching memory at once pay ~5x the kernel time of one (a whole 2-step
+        # SFT fit: 55-70 s with two workers, 27-35 s with one; tests/conftest.py: TRAIN_ONE_WORKER)
+        "sft": {"max_steps": 2, "per_device_batch_size": 2, "learning_rate": 1e-2, "lora": {"r": 8, "alpha": 16},
+                **TRAIN_ONE_WORKER},
         # delta 0: every sampled query gives a pair, so the test always trains ST-D
         "dpo": {"num_samples": 2, "max_tokens": 32, "delta": 0.0, "max_steps": 2, "per_device_batch_size": 1,
-                "max_length": 512, "learning_rate": 1e-2},
+                "max_length": 512, "learning_rate": 1e-2, **TRAIN_ONE_WORKER},
     }
     for k, v in over.items():
         raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
@@ -510,7 +514,8 @@ def test_main_job_on_the_running_policy(stack, capsys):
     m_sft, m_dpo = summary["sft"]["metrics"], summary["dpo"]["metrics"]
     assert m_sft["loss"] > 0 and m_sft["train_tokens_per_second"] > 0 and m_sft["num_input_tokens_seen"] > 0
     assert m_dpo["loss"] > 0 and "rewards/margins" in m_dpo and m_dpo["num_input_tokens_seen"] > 0
-    assert "2 Ray Train worker(s)" in out
+    assert f"{cfg.sft.num_workers} Ray Train worker(s)" in out.split("[st-s] SFT on", 1)[1].split("\n", 1)[0]
+    assert f"{cfg.dpo.num_workers} Ray Train worker(s)" in out.split("[st-d] DPO on", 1)[1].split("\n", 1)[0]
     st_d = StageStore(summary["stages"]["eval_st_d"], row=Trajectory).read()
     assert {r.query_id for r in st_d} == eval_ids and all(r.adapter == "st-d" for r in st_d)
     base = {t.query_id: t.response for t in StageStore(summary["stages"]["generate"], row=Trajectory).read()}

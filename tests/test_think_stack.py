@@ -31,9 +31,8 @@ def think_stack(tmp_path_factory, data_root, think_model_path):
     cfg = make_cfg(tmp, data_root, model={"source": "embedded:smollm2-135m-think", "max_model_len": 1024,
                                           "reasoning": {"fallback": "none"}},
                    serving={"http_port": PORT}, generation={"max_tokens": 96},
-                   # one Ray Train worker: what two workers do is the instruct main job's (tests/test_stack.py); a
-                   # second worker costs each fit ~6 s of start-up on 2 cores
-                   sft={"num_workers": 1}, dpo={"max_tokens": 64, "num_workers": 1})
+                   # make_cfg trains on one Ray Train worker (tests/conftest.py: TRAIN_ONE_WORKER)
+                   dpo={"max_tokens": 64})
     set_threads(1)
     init_ray(cfg)
     t = time.monotonic()
