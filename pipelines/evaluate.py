@@ -73,9 +73,18 @@ def model_records(model: str, adapter: str, trajectories: list[Trajectory], quer
     return [base_record(model, adapter, t, queries.get(t.query_id), rule) for t in trajectories if t.split == "eval"]
 
 
-def over_refusal_selected(records: list[dict[str, Any]], cfg: RunConfig) -> list[dict[str, Any]]:
-    suites = [s.suite() for s in cfg.eval.suites if s.metric == "over_refusal"]
+def suite_selected(records: list[dict[str, Any]], cfg: RunConfig, metric: str) -> list[dict[str, Any]]:
+    """The records some `metric` suite reads. A judge's verdict counts nowhere else, so a judge stage asks for
+    these only: an ASR judge on every eval answer spent 73% of its time on rows no ASR suite selects (the embedded
+    main job: 648 of the self judge's 885 verdicts were on general prompts, over-refusal and accuracy, whose
+    metrics read refusal match and the reference)."""
+    suites = [s.suite() for s in cfg.eval.suites if s.metric == metric]
     return [r for r in records if any(s.selects(r) for s in suites)]
+
+
+def selecting_suites(cfg: RunConfig, metric: str) -> list[list[list[str]]]:
+    """What decides which records `suite_selected` returns, for a stage key: each `metric` suite's filters."""
+    return sorted([sorted(s.kinds), sorted(s.sources), sorted(s.labels)] for s in cfg.eval.suites if s.metric == metric)
 
 
 def evaluate(models: list[Model], verdicts: dict[str, list[Verdict]], queries: dict[str, Query],

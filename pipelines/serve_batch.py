@@ -112,7 +112,7 @@ def run_through_policy(
                 # answer at the head otherwise hid the rows done behind it (AVX2 EPYC, generate: 68 rows and 67.8
                 # tokens/s shown at 125 s while the engine ran at ~120)
                 results = (_by_handle(pending, endpoint, preprocess, postprocess, in_flight=window,
-                                      on_answer=lambda row: progress.observe(1, _new_tokens(row)))
+                                      on_answer=lambda row, prompt: progress.observe(1, _new_tokens(row), prompt))
                            if by_handle else _by_ray_data(pending, endpoint, preprocess, postprocess, batch_size, concurrency))
                 # rows committed by earlier attempts, then this one's
                 return len(rows) - len(pending) + _commit_all(results, store, progress, chunk_rows, counted=by_handle)
@@ -172,11 +172,12 @@ def _by_ray_data(rows: list[Row], endpoint: PolicyEndpoint, preprocess, postproc
 
 
 def _by_handle(rows: list[Row], endpoint: PolicyEndpoint, preprocess, postprocess, in_flight: int,
-               on_answer: Callable[[Row], None] | None = None) -> Iterator[Row]:
+               on_answer: Callable[[Row, int], None] | None = None) -> Iterator[Row]:
     """The processor's request, sent by the driver: each row preprocessed, its `request_kwargs` made the request
     type its `dtype` names, `method` called on the deployment, and the response merged into the row for
     `postprocess`. `in_flight` requests stay out: a new one goes as soon as any answers, and rows come back in order;
-    `on_answer` sees each postprocessed row as soon as it is answered, in any order (progress).
+    `on_answer` sees each postprocessed row and its prompt's token count as soon as it is answered, in any order
+    (progress: a judge's rows carry no new tokens, their work is the prompt).
 
     Refilled on any answer, not when the oldest answers: with a window that waited for its head, one long answer
     held the engine's batch below `in_flight` until it ended. Measured (128 generate requests, SmolLM2-135M, fp32,
@@ -205,9 +206,10 @@ def _by_handle(rows: list[Row], endpoint: PolicyEndpoint, preprocess, postproces
         if not items:
             raise PolicyRequestError(f"the policy returned nothing for {pre.get('query_id', '?')}")
         output = items[0]
-        done = postprocess({**pre, **(output.model_dump() if hasattr(output, "model_dump") else output)})
+        answer = output.model_dump() if hasattr(output, "model_dump") else output
+        done = postprocess({**pre, **answer})
         if on_answer is not None:
-            on_answer(done)
+            on_answer(done, int((answer.get("usage") or {}).get("prompt_tokens") or 0))
         return done
 
     pool = ThreadPoolExecutor(max_workers=max(1, in_flight), thread_name_prefix="policy-request")

@@ -186,7 +186,9 @@ class StageStore:
 
 
 class Progress:
-    """Progress of a stage that fans rows through the policy: rows and new tokens done, tokens/s, ETA.
+    """Progress of a stage that fans rows through the policy: rows and new tokens done, tokens/s, ETA; and the
+    prompt tokens read where they are counted (by handle), the only work of a judge's one-token verdicts, whose
+    lines read "0 new tokens, 0.0 tokens/s" from start to end without them.
 
     A line per committed chunk, and a heartbeat line at least every `interval_s` while rows are slow to come back
     (a chunk took 5 minutes on an AVX2 CPU in bf16, and nothing said the engine was crawling). When the tokens/s
@@ -206,7 +208,7 @@ class Progress:
             self.emit = self._write_above_bar
         self.interval_s, self.slow_tokens_per_s, self.warmup_s, self.clock = interval_s, slow_tokens_per_s, warmup_s, clock
         self.in_flight = max(1, min(in_flight, total - already))
-        self.tokens = 0
+        self.tokens = self.prompt_tokens = 0
         self._start_done, self._t0 = already, clock()
         self._last_line = self._t0
         self._warned = False
@@ -216,11 +218,12 @@ class Progress:
         self._bar.write(text)
         record(text)  # what `say` would have done besides printing: the run's progress.jsonl
 
-    def observe(self, rows: int = 1, tokens: int = 0) -> None:
-        """Rows (and their new tokens) that came back, committed or not yet."""
+    def observe(self, rows: int = 1, tokens: int = 0, prompt_tokens: int = 0) -> None:
+        """Rows (and their new and prompt tokens) that came back, committed or not yet."""
         with self._lock:
             self.done += rows
             self.tokens += tokens
+            self.prompt_tokens += prompt_tokens
             if self._bar is not None:
                 elapsed = max(1e-9, self.clock() - self._t0)
                 self._bar.set_postfix_str(f"{self.tokens} tokens, {self.tokens / elapsed:.1f} tok/s", refresh=False)
@@ -233,8 +236,8 @@ class Progress:
                 self._bar.update(done - self.done)
             self.done = done
 
-    def advance(self, n: int, tokens: int = 0) -> None:
-        self.observe(n, tokens)
+    def advance(self, n: int, tokens: int = 0, prompt_tokens: int = 0) -> None:
+        self.observe(n, tokens, prompt_tokens)
         self.line()
 
     def line(self) -> str:
@@ -246,8 +249,10 @@ class Progress:
             left = self.total - self.done
             eta = f"{left / rate:.0f}s" if rate > 0 else "?"
             pct = 100.0 * self.done / self.total if self.total else 100.0
+            read = (f", {self.prompt_tokens} prompt tokens ({self.prompt_tokens / elapsed:.0f}/s)"
+                    if self.prompt_tokens and elapsed > 0 else "")
             text = (f"[{self.stage}] {self.done}/{self.total} rows ({pct:.0f}%), {self.tokens} new tokens, "
-                    f"{tps:.1f} tokens/s, {rate:.2f} rows/s, ETA {eta}, {elapsed:.0f}s")
+                    f"{tps:.1f} tokens/s{read}, {rate:.2f} rows/s, ETA {eta}, {elapsed:.0f}s")
             self._last_line = now
             slow = (self.slow_tokens_per_s > 0 and not self._warned and elapsed >= self.warmup_s
                     and self.done - self._start_done >= self.in_flight and tps < self.slow_tokens_per_s)

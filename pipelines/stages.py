@@ -286,16 +286,15 @@ def judge_stage_name(judge: AnswerJudgeConfig, adapter: str) -> str:
     return f"eval-judge-{judge.name}-{adapter or 'base'}"
 
 
-def _judge_run(model: str, adapter: str, answers: str, judge: AnswerJudgeConfig, xstest: bool):
+def _judge_run(model: str, adapter: str, answers: str, judge: AnswerJudgeConfig, metric: str):
     def run(job: Job, r: Results, store) -> list[Any] | Skip:
         from .answer_judge import judge_answers
-        from .evaluate import model_records, over_refusal_selected
+        from .evaluate import model_records, suite_selected
 
         if not job.cfg.eval.enabled:
             return Skip("eval.enabled is false")
         rows = model_records(model, adapter, r[answers], {q.id: q for q in r[QUERIES]}, job.cfg, job.model_path)
-        if xstest:
-            rows = over_refusal_selected(rows, job.cfg)
+        rows = suite_selected(rows, job.cfg, metric)
         items = [(x["query_id"], x["prompt"], x["answer"]) for x in rows]  # eval records (dicts: a column per judge)
         return judge_answers(items, job.policy(), judge, job.cfg, store, judge_stage_name(judge, adapter))
 
@@ -305,17 +304,21 @@ def _judge_run(model: str, adapter: str, answers: str, judge: AnswerJudgeConfig,
 def eval_judge_stages(cfg: RunConfig) -> list[Stage]:
     """One stage per evaluated model and model judge (refusal match needs no stage); judges read the final answer
     only, always with the base weights, so base and candidates are judged alike."""
+    from .evaluate import selecting_suites
+
     stages = []
     for model, adapter, answers in evaluated(cfg):
         for j in [j for j in cfg.eval.judges if j.type != "refusal"]:
             stages.append(Stage(judge_stage_name(j, adapter), (answers, QUERIES), lambda c, k, a=answers, j=j: (
-                "eval-judge", k[a], j.key_fields(), c.model.max_model_len), _judge_run(model, adapter, answers, j, False),
-                row=Verdict, doc=f"judge {j.name} on {model}'s answers"))
+                "eval-judge", k[a], j.key_fields(), c.model.max_model_len, selecting_suites(c, "asr")),
+                _judge_run(model, adapter, answers, j, "asr"), row=Verdict,
+                doc=f"judge {j.name} on {model}'s answers to the ASR suites' prompts"))
         if cfg.eval.xstest_judge is not None:
             j = cfg.eval.xstest_judge
             stages.append(Stage(judge_stage_name(j, adapter), (answers, QUERIES), lambda c, k, a=answers, j=j: (
-                "eval-xstest", k[a], j.key_fields(), c.model.max_model_len), _judge_run(model, adapter, answers, j, True),
-                row=Verdict, doc=f"XSTest classes of {model}'s over-refusal answers"))
+                "eval-xstest", k[a], j.key_fields(), c.model.max_model_len, selecting_suites(c, "over_refusal")),
+                _judge_run(model, adapter, answers, j, "over_refusal"), row=Verdict,
+                doc=f"XSTest classes of {model}'s over-refusal answers"))
     return stages
 
 

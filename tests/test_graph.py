@@ -13,20 +13,22 @@ from .conftest import REPO
 
 # Computed by the pre-graph `pipelines/run.py` (hand-written key recipes) for configs/embedded.yaml (frozen in
 # tests/fixtures/key-recipes.yaml) with these overrides: a store written by that code must be found by this one.
+# Except the eval-judge stages: they judge only the ASR suites' answers now (`pipelines.evaluate.suite_selected`) and
+# their keys hash those suites' filters, so a store of verdicts on every answer is judged anew (new pins below).
 PINNED = {
     "float32": {"override": {"model.dtype": "float32"}, "queries": "29245d43ddd3", "keys": {
         "generate": "e052b7359531", "judge": "02abed58257e", "review": "4374ef4f85fc", "sft-data": "b56bebb1db79",
         "sft-adapter": "14b47789c506", "eval-st-s": "475836efa88f", "dpo-sample": "8234a66f735a",
         "dpo-judge": "01d3de54c2dc", "dpo-pairs": "e4390daed2eb", "dpo-adapter": "664b0cc393d4",
-        "eval-st-d": "e4911210cb23", "eval-judge-self-base": "588a366ba548", "eval-judge-self-st-s": "0e021b2575df",
-        "eval-judge-self-st-d": "23652d035ec2"}},
+        "eval-st-d": "e4911210cb23", "eval-judge-self-base": "b7e6d45e210b", "eval-judge-self-st-s": "e26242133f06",
+        "eval-judge-self-st-d": "363e290bdb87"}},
     "bfloat16": {"override": {"model.dtype": "bfloat16", "dpo.delta": 0.3, "judge.threshold": 0.5},
                  "queries": "29245d43ddd3", "keys": {
         "generate": "e594fcf870ff", "judge": "a99b2bd46949", "review": "f2703cee549c", "sft-data": "bbf6ea31aeac",
         "sft-adapter": "0bc0dac8fd12", "eval-st-s": "4f3c6ed58401", "dpo-sample": "6dc62b5faf70",
         "dpo-judge": "5714c4d342b7", "dpo-pairs": "b4fdbed30220", "dpo-adapter": "3c05addf91d4",
-        "eval-st-d": "d368399162f2", "eval-judge-self-base": "652a61b58156", "eval-judge-self-st-s": "d82994f9fb2f",
-        "eval-judge-self-st-d": "a19e0033ef5e"}},
+        "eval-st-d": "d368399162f2", "eval-judge-self-base": "4bb9376af2a2", "eval-judge-self-st-s": "94acf1c2f685",
+        "eval-judge-self-st-d": "cd3c4b67f028"}},
 }
 
 
@@ -216,6 +218,33 @@ def test_a_change_of_the_sft_rules_rekeys_the_sft_data_and_everything_trained_on
         s for s in now if s in ("sft-data", "sft-adapter") or s.startswith(("eval-st-s", "eval-st-d", "eval-judge-self-st",
                                                                             "dpo-"))]
     assert now["review"] == later["review"] and now["eval-judge-self-base"] == later["eval-judge-self-base"]
+
+
+def test_the_eval_judges_are_rekeyed_by_the_suites_that_select_what_they_judge():
+    """A judge stage judges the answers its metric's suites select: another filter there re-judges (else verdicts
+    would be missing for rows the new suite reads), a renamed suite does not."""
+    from safetrigger.config import SuiteConfig
+
+    cfg = load_config(REPO / "configs" / "embedded.yaml", {"eval.xstest_judge": {"name": "xstest", "type": "policy", "format": "xstest"}})
+
+    def keys_with(change):
+        suites = [SuiteConfig.model_validate(change(s.model_dump())) for s in cfg.eval.suites]
+        other = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"suites": suites})})
+        return compute_keys(main_graph(other), other, {QUERIES: "q"})
+
+    now = keys_with(lambda s: s)
+
+    def another_source(metric):
+        return lambda s: {**s, "sources": s["sources"] + ["another"]} if s["metric"] == metric else s
+
+    judges = {s for s in now if s.startswith("eval-judge-self-")}
+    xstest = {s for s in now if s.startswith("eval-judge-xstest-")}
+    assert len(judges) == len(xstest) == 3
+    later = keys_with(another_source("asr"))
+    assert {s for s in now if now[s] != later[s]} == judges
+    later = keys_with(another_source("over_refusal"))
+    assert {s for s in now if now[s] != later[s]} == xstest
+    assert keys_with(lambda s: {**s, "name": s["name"] + "x"}) == now
 
 
 def test_until_runs_a_stage_and_only_what_it_reads():

@@ -5,6 +5,7 @@ One engine for the whole module (vLLM start-up costs 25-100 s here); tests use s
 
 import json
 import math
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -410,6 +411,8 @@ def test_main_job_on_the_running_policy(stack, capsys):
     out = capsys.readouterr().out
     assert "Latent safety awareness" in out and "| harmful |" in out and "| general |" in out
     assert summary["queries"] == 24
+    # the self-judge decodes one token per row: its progress reports the prompt tokens it read
+    assert re.search(r"^\[judge\] 24/24 rows \(100%\), 0 new tokens, 0\.0 tokens/s, [1-9]\d* prompt tokens \(\d+/s\)", out, re.M)
     assert (tmp / "run" / "awareness.md").read_text().count("|") > 20
     # self-review ran for the unsafe training queries only, and the SFT data follows the method's rules
     queries = {q.id: q for q in load_all(cfg.data)}
@@ -531,8 +534,12 @@ def test_main_job_on_the_running_policy(stack, capsys):
 
     recs = pq.read_table(report["records"]).to_pylist()
     assert sorted({r["model"] for r in recs}) == ["ST-D", "ST-S", "base"] and len(recs) == 3 * len(eval_ids)
-    # a judge verdict for every answer that reached one; the rest are the third class, left out of ASR
-    assert all((r["unsafe:self"] is not None) for r in recs)
+    # the model judge's verdict on every answer an ASR suite reads (incomplete ones too: left out of ASR, counted
+    # apart) and on no other: its verdict counts nowhere else
+    asr_suites = {s.name for s in cfg.eval.suites if s.metric == "asr"}
+    asr_recs = [r for r in recs if asr_suites & set(r["suites"])]
+    assert asr_recs and len(asr_recs) < len(recs)
+    assert all((r["unsafe:self"] is not None) == (r in asr_recs) for r in recs)
     assert all(r["incomplete"] in ("", "reasoning_cut_off", "safe_unclosed", "empty_answer") for r in recs)
     metrics = json.load(open(report["metrics"]))
     for m in metrics["suites"]:
@@ -542,7 +549,7 @@ def test_main_job_on_the_running_policy(stack, capsys):
             assert (m["k"], m["n"]) == (sum(bool(r["incomplete"]) for r in chosen_ids), len(chosen_ids))
     assert {m["model"] for m in metrics["suites"] if m["suite"] == ATTACK_SUITES} == {"base", "ST-S", "ST-D"}
     health = {(h["judge"], h["kind"]): h for h in metrics["judge_health"]}
-    assert health[("self", "all")]["n"] == 3 * len(eval_ids) and 0 < health[("self", "all")]["mass"] <= 1
+    assert health[("self", "all")]["n"] == len(asr_recs) and 0 < health[("self", "all")]["mass"] <= 1
     html = open(report["html"]).read()
     assert html.count("data:image/png;base64,") >= 3 and "Promotion gate" in html and "Judge health" in html
     from services import registry

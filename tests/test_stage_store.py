@@ -86,6 +86,19 @@ def test_progress_counts_tokens_and_beats_when_rows_are_slow():
     assert len(lines) == 1  # the heartbeat waits a whole interval after the last line
 
 
+def test_progress_shows_the_prompt_tokens_read_where_rows_decode_none():
+    """A judge's rows are one-token verdicts: their prompts are the work the line reports."""
+    clock, lines = _Clock(), []
+    p = Progress("judge", total=100, emit=lines.append, clock=clock)
+    clock.t = 20
+    p.advance(10, tokens=0, prompt_tokens=5000)
+    assert lines[-1].startswith("[judge] 10/100 rows (10%), 0 new tokens, 0.0 tokens/s, 5000 prompt tokens (250/s), 0.50 rows/s")
+    q = Progress("gen", total=10, emit=lines.append, clock=clock)
+    clock.t = 30
+    q.advance(1, tokens=3)
+    assert "prompt tokens" not in lines[-1]  # not counted (rows through Ray Data): not shown as zero
+
+
 def test_progress_warns_once_when_tokens_per_second_are_below_the_floor():
     clock, lines = _Clock(), []
     p = Progress("gen", total=100, emit=lines.append, slow_tokens_per_s=30, warmup_s=60, clock=clock)
