@@ -19,7 +19,7 @@ class _Response:
         while not self.released.wait(0.01):
             if self.cancelled:
                 raise RuntimeError("cancelled")
-        yield {"text": f"answer to {self.qid}"}
+        yield {"text": f"answer to {self.qid}", "usage": {"prompt_tokens": 10 + int(self.qid[1:])}}
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -157,18 +157,20 @@ def test_a_failed_request_raises_in_its_rows_place(handle):
 
 
 def test_an_answer_behind_a_slow_head_is_counted_when_it_arrives(handle):
-    """Progress sees every answer as it arrives, though rows come back in order: a long first answer must not hide
-    the rows finished behind it (the progress lines and the slow-engine warning read these counts)."""
+    """Progress sees every answer as it arrives, with its prompt's token count, though rows come back in order: a
+    long first answer must not hide the rows finished behind it (the progress lines and the slow-engine warning
+    read these counts)."""
     seen = []
-    gen = serve_batch._by_handle(_rows(3), _endpoint(), _pre, _post, in_flight=3, on_answer=lambda r: seen.append(r["query_id"]))
+    gen = serve_batch._by_handle(_rows(3), _endpoint(), _pre, _post, in_flight=3,
+                                 on_answer=lambda r, prompt: seen.append((r["query_id"], prompt)))
     results = []
     reader = threading.Thread(target=lambda: results.extend(gen))
     reader.start()
     _wait_until(lambda: len(handle.sent) == 3)
     handle.release["q2"].set()
     handle.release["q1"].set()
-    _wait_until(lambda: sorted(seen) == ["q1", "q2"])
+    _wait_until(lambda: sorted(seen) == [("q1", 11), ("q2", 12)])
     assert results == []  # still in row order: q0 is out
     handle.release["q0"].set()
     reader.join(5)
-    assert [r["query_id"] for r in results] == ["q0", "q1", "q2"] and sorted(seen) == ["q0", "q1", "q2"]
+    assert [r["query_id"] for r in results] == ["q0", "q1", "q2"] and sorted(seen) == [("q0", 10), ("q1", 11), ("q2", 12)]
