@@ -226,7 +226,8 @@ class Progress:
             self.prompt_tokens += prompt_tokens
             if self._bar is not None:
                 elapsed = max(1e-9, self.clock() - self._t0)
-                self._bar.set_postfix_str(f"{self.tokens} tokens, {self.tokens / elapsed:.1f} tok/s", refresh=False)
+                read = f", {self.prompt_tokens} prompt tokens" if self.prompt_tokens else ""
+                self._bar.set_postfix_str(f"{self.tokens} tokens, {self.tokens / elapsed:.1f} tok/s{read}", refresh=False)
                 self._bar.update(rows)
 
     def rewind(self, done: int) -> None:

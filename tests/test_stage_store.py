@@ -165,6 +165,15 @@ def test_live_bar_moves_with_each_row_and_keeps_the_lines(capsys):
     assert "[gen] 5/10 rows (50%), 30 new tokens" in err.out + err.err
 
 
+def test_live_bar_shows_the_prompt_tokens_of_rows_that_decode_none():
+    p = Progress("judge", total=10, interval_s=3600, live=True)
+    with p.heartbeat():
+        p.observe(3, tokens=0)
+        assert "prompt" not in p._bar.postfix  # none counted: not shown as zero
+        p.observe(2, tokens=0, prompt_tokens=400)
+        assert p._bar.n == 5 and p._bar.postfix.startswith("0 tokens, ") and p._bar.postfix.endswith(", 400 prompt tokens")
+
+
 def test_a_store_written_by_another_version_is_a_clear_error(tmp_path):
     from pipelines.stage_store import StageSchemaError
 
