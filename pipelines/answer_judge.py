@@ -173,12 +173,14 @@ class _RubricPost:
 
 
 def run_answer_judge(samples: list[SampleSet], endpoint: PolicyEndpoint, cfg: RunConfig, store: StageStore) -> list[Verdict]:
-    """F_safe of every DPO sample (`<query_id>#<i>`): `answer_safe` on its visible answer."""
+    """F_safe of every sample of an unsafe query (`<query_id>#<i>`): `answer_safe` on its visible answer. A general
+    query's pair reads no verdict (`method.dpo.select_general_pair`), so its samples are not judged: in the
+    embedded run they were 560 of the 668 samples, ~95 of the stage's 115 s."""
     from safetrigger.method import visible_answer
 
     rule = reasoning_rule(cfg, endpoint.model_path)
     items = [(sample_id(s.query_id, i), s.prompt, visible_answer(text, rule))
-             for s in samples for i, text in enumerate(s.samples)]
+             for s in samples if s.label == "unsafe" for i, text in enumerate(s.samples)]
     return judge_answers(items, endpoint, cfg.dpo.judge, cfg, store, "dpo-judge")
 
 

@@ -1,8 +1,9 @@
 """Stage: DPO pairs from the SFT model's own samples (method step 4) and their statistics.
 
-Each sample is scored with the method's reward (F_safe from the answer judge, S_exist/S_full from the `<safe>`
-block, T_full from the reasoning); per query the best and the worst sample form a pair when they differ by at
-least delta (general queries, when in the pool: the untagged helpful answer wins). Written as TRL
+Each sample of an unsafe query is scored with the method's reward (F_safe from the answer judge, S_exist/S_full
+from the `<safe>` block, T_full from the reasoning); per query the best and the worst sample form a pair when they
+differ by at least delta. General queries, when in the pool, are not judged: the untagged helpful answer wins over
+a tagged one (else a refusal), and their samples are counted as tagged / refusal / helpful / incomplete. Written as TRL
 prompt/chosen/rejected text JSONL; a pair longer than `dpo.max_length` is dropped and counted, never cut.
 """
 
@@ -12,7 +13,8 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from safetrigger.config import RunConfig
-from safetrigger.method import RewardWeights, capped_general, category, choose_pair, query_messages, score_sample
+from safetrigger.method import (RewardWeights, capped_general, category, choose_pair, general_category, query_messages,
+                                score_sample)
 from safetrigger.method.reward import Pair
 
 from .answer_judge import sample_id
@@ -30,12 +32,13 @@ def build_dpo_pairs(
     built, per_kind = [], defaultdict(Counter)
     margins, mixes = defaultdict(list), defaultdict(Counter)
     for s in sorted(samples, key=lambda r: r.query_id):
-        kind, stats = s.kind, per_kind[s.kind]
-        scored = [score_sample(text, safe[sample_id(s.query_id, i)], rule) for i, text in enumerate(s.samples)]
+        kind, stats, unsafe = s.kind, per_kind[s.kind], s.label == "unsafe"
+        scored = [score_sample(text, safe[sample_id(s.query_id, i)] if unsafe else None, rule)
+                  for i, text in enumerate(s.samples)]
         stats["queries"] += 1
         stats["samples"] += len(scored)
-        stats.update(category(x) for x in scored)
-        choice = choose_pair(scored, s.label == "unsafe", d.delta, weights, d.rejected)
+        stats.update((category if unsafe else general_category)(x) for x in scored)
+        choice = choose_pair(scored, unsafe, d.delta, weights, d.rejected)
         if choice.pair is None:
             stats["dropped_no_pair"] += 1
             continue
@@ -49,7 +52,8 @@ def build_dpo_pairs(
             continue
         built.append((choice.pair, DpoPair(
             query_id=s.query_id, kind=kind, prompt=prompt, chosen=chosen, rejected=rejected, margin=choice.pair.margin,
-            chosen_category=category(choice.pair.chosen), rejected_category=category(choice.pair.rejected),
+            chosen_category=(category if unsafe else general_category)(choice.pair.chosen),
+            rejected_category=(category if unsafe else general_category)(choice.pair.rejected),
             rewards=list(choice.rewards))))
     pairs = _capped(built, d.general_pairs_per_unsafe, per_kind)
     for p in pairs:
@@ -81,11 +85,16 @@ def format_pair_table(stats: dict[str, Any]) -> str:
              "", "| kind | queries | samples | A | B | C | D | pairs | no pair | too long | mean margin | pair mix (chosen>rejected) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for kind, c in stats["per_kind"].items():
-        lines.append(f"| {kind} | {c.get('queries', 0)} | {c.get('samples', 0)} | {c.get('A', 0)} | {c.get('B', 0)} | "
-                     f"{c.get('C', 0)} | {c.get('D', 0)} | {c.get('pairs', 0)} | {c.get('dropped_no_pair', 0)} | "
+        judged = any(k in c for k in "ABCD")
+        abcd = " | ".join(str(c.get(k, 0)) if judged else "–" for k in "ABCD")
+        lines.append(f"| {kind} | {c.get('queries', 0)} | {c.get('samples', 0)} | {abcd} | {c.get('pairs', 0)} | {c.get('dropped_no_pair', 0)} | "
                      f"{c.get('dropped_too_long', 0)} | {c['mean_margin']:.2f} | "
                      f"{', '.join(f'{m} {n}' for m, n in c.get('mix', {}).items()) or '–'} |")
-    capped = stats["per_kind"].get("general", {}).get("dropped_capped", 0)
+    general = stats["per_kind"].get("general", {})
+    if general and not any(k in general for k in "ABCD"):
+        lines.append("\ngeneral samples, not judged (their pairs read no verdict): " + ", ".join(
+            f"{k} {general.get(k, 0)}" for k in ("tagged", "refusal", "helpful", "incomplete")))
+    capped = general.get("dropped_capped", 0)
     if capped:
         lines.append(f"\n{capped} general pair(s) left out: at most {stats['general_pairs_per_unsafe']:g} per unsafe pair "
                      "(dpo.general_pairs_per_unsafe)")

@@ -96,9 +96,9 @@ class DpoPair:
     chosen: str
     rejected: str
     margin: float  # best minus worst reward
-    chosen_category: str  # A safe+tag, B safe, C unsafe+tag, D unsafe
+    chosen_category: str  # A safe+tag, B safe, C unsafe+tag, D unsafe (general queries: helpful, tagged, refusal)
     rejected_category: str
-    rewards: list[float]  # every sample's reward, in sample order
+    rewards: list[float]  # every sample's reward, in sample order (general queries: empty, their pair reads none)
 
 
 @functools.cache

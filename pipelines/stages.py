@@ -262,8 +262,9 @@ def _dpo_round_stages(rnd: int) -> list[Stage]:
             "dpo-sample", k[prev], k[QUERIES], d(c).num_samples, d(c).temperature, d(c).top_p,
             d(c).max_tokens, d(c).seed, *share(c)), _dpo_sample(rnd), row=SampleSet,
             doc=f"{'ST-S' if rnd == 1 else round_adapter(rnd - 1)} samples k answers per held-apart query"),
-        Stage(f"dpo-judge{x}", (f"dpo-sample{x}",), lambda c, k: ("dpo-judge", k[f"dpo-sample{x}"], d(c).judge.key_fields()),
-              _dpo_judge(rnd), row=Verdict, doc="F_safe of every sample"),
+        Stage(f"dpo-judge{x}", (f"dpo-sample{x}",), lambda c, k: ("dpo-judge", k[f"dpo-sample{x}"], d(c).judge.key_fields(),
+                                                                  *_unsafe_only(c)),
+              _dpo_judge(rnd), row=Verdict, doc="F_safe of every sample of an unsafe query"),
         Stage(f"dpo-pairs{x}", (f"dpo-sample{x}", f"dpo-judge{x}"), lambda c, k: (
             "dpo-pairs", k[f"dpo-judge{x}"], d(c).w_a, d(c).w_b, d(c).w_c, d(c).delta, d(c).max_length,
             *(() if d(c).rejected == "worst" else (d(c).rejected,)),
@@ -280,6 +281,13 @@ def _dpo_round_stages(rnd: int) -> list[Stage]:
                                                                                   *_block_room(c)),
               _eval_answers(round_adapter(rnd)), row=Trajectory, doc=f"{'ST-D' if rnd == 1 else round_adapter(rnd)} answers the eval split"),
     ]
+
+
+def _unsafe_only(c: RunConfig) -> tuple:
+    """Part of the DPO judge's key only where its pool holds general queries, whose samples it no longer judges
+    (their pairs read no verdict): the keys of pools without them stay as they were."""
+    general = c.dpo.general_pool == "train" or "general" in c.data.dpo_kinds
+    return (("judged", "unsafe"),) if general else ()
 
 
 def judge_stage_name(judge: AnswerJudgeConfig, adapter: str) -> str:

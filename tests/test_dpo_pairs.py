@@ -2,7 +2,7 @@
 
 import pytest
 
-from safetrigger.method import ReasoningRule, choose_pair, score_sample, visible_answer
+from safetrigger.method import ReasoningRule, category, choose_pair, general_category, reward, score_sample, visible_answer
 from safetrigger.method.reasoning import Fallback
 
 THINK = ReasoningRule(Fallback.NONE)
@@ -47,14 +47,27 @@ def test_delta_filter(delta, kept):
 
 
 def test_general_query_untagged_helpful_answer_wins():
-    helpful, tagged = score_sample(PLAIN_COMPLY, True, THINK), score_sample(TAGGED_REFUSAL, True, THINK)
-    pair = choose_pair([tagged, helpful], unsafe_query=False, delta=0.5).pair
-    assert pair.chosen is helpful and pair.rejected is tagged
+    helpful, tagged = score_sample(PLAIN_COMPLY, None, THINK), score_sample(TAGGED_REFUSAL, None, THINK)
+    choice = choose_pair([tagged, helpful], unsafe_query=False, delta=0.5)
+    assert choice.pair.chosen is helpful and choice.pair.rejected is tagged and choice.rewards == ()
+    assert (general_category(helpful), general_category(tagged)) == ("helpful", "tagged")
     # all untagged and helpful: nothing to prefer
     assert choose_pair([helpful, helpful], unsafe_query=False, delta=0.5).pair is None
     # a refusal loses to a helpful answer on a general query
-    refusal = score_sample(PLAIN_REFUSAL, True, THINK)
+    refusal = score_sample(PLAIN_REFUSAL, None, THINK)
     assert choose_pair([refusal, helpful], unsafe_query=False, delta=0.5).pair.chosen is helpful
+    assert general_category(refusal) == "refusal"
+
+
+def test_an_unjudged_sample_has_no_reward_or_category():
+    """A general query's samples are not judged (their pair reads no verdict): scoring one as if judged fails."""
+    unjudged = score_sample(PLAIN_COMPLY, None, THINK)
+    with pytest.raises(ValueError, match="not judged"):
+        reward(unjudged)
+    with pytest.raises(ValueError, match="not judged"):
+        category(unjudged)
+    with pytest.raises(ValueError, match="not judged"):
+        choose_pair([unjudged, score_sample(TAGGED_REFUSAL, None, THINK)], unsafe_query=True, delta=0.5)
 
 
 def test_rejecting_tagged_but_complying_samples_teaches_the_answer_after_the_tag():

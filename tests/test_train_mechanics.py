@@ -148,16 +148,21 @@ def test_general_pairs_are_capped_per_unsafe_pair_tagged_rejections_first_and_co
     general = {**{f"g{i}": [helpful, tagged] for i in range(3)}, **{f"r{i}": [helpful, refusal] for i in range(3)}}
     samples = ([sample_set(query_id=q, kind="jailbreak", label="unsafe", prompt=q, samples=t) for q, t in unsafe.items()]
                + [sample_set(query_id=q, kind="general", label="safe", prompt=q, samples=t) for q, t in general.items()])
+    # only the unsafe queries' samples are judged: a general pair reads no verdict (the DPO judge skips them)
     verdicts = [verdict(query_id=sample_id(q, i), answer_safe=i == 0) for q in unsafe for i in range(2)]
-    verdicts += [verdict(query_id=sample_id(q, i), answer_safe=True) for q in general for i in range(2)]
 
     def general_kept(ratio):
         pairs, stats = build_dpo_pairs(samples, verdicts, _cfg(dpo={"general_pairs_per_unsafe": ratio}), model_path)
         assert sum(p.kind == "jailbreak" for p in pairs) == 2  # unsafe pairs are never capped
         return sorted(p.query_id for p in pairs if p.kind == "general"), stats
 
-    everything, _ = general_kept(None)
+    everything, stats = general_kept(None)
     assert everything == sorted(general)
+    g = stats["per_kind"]["general"]
+    assert (g["helpful"], g["tagged"], g["refusal"]) == (6, 3, 3) and not any(k in g for k in "ABCD")
+    assert g["mix"] == {"helpful>refusal": 3, "helpful>tagged": 3}
+    assert stats["per_kind"]["jailbreak"]["mix"] == {"A>D": 2}
+    assert "general samples, not judged (their pairs read no verdict): tagged 3, refusal 3, helpful 6" in format_pair_table(stats)
     two, stats = general_kept(1.0)
     assert two == sorted(two) and len(two) == 2 and all(q.startswith("g") for q in two)  # tagged rejections first
     assert stats["per_kind"]["general"]["pairs"] == 2 and stats["per_kind"]["general"]["dropped_capped"] == 4

@@ -3,7 +3,8 @@
 Unsafe queries (the paper: new jailbreak queries): every sample gets the reward of `reward.py`, the best and
 the worst sample form a pair when they differ by at least delta.
 General queries (optional, not in the paper): the trigger must stay quiet, so an untagged helpful answer is
-chosen over a tagged one; no pair when all samples agree.
+chosen over a tagged one; no pair when all samples agree. That choice reads the text alone, never a judge's
+verdict, so a general query's samples need not be judged.
 """
 
 from __future__ import annotations
@@ -27,13 +28,24 @@ def visible_answer(text: str, rule: ReasoningRule) -> str:
     return final_answer(split.answer if split.source in THINK_SOURCES else text)
 
 
-def score_sample(text: str, answer_safe: bool, rule: ReasoningRule) -> Scored:
-    """The reward's facts for one response; `answer_safe` is a judge's verdict on its final answer."""
+def score_sample(text: str, answer_safe: bool | None, rule: ReasoningRule) -> Scored:
+    """The reward's facts for one response; `answer_safe` is a judge's verdict on its final answer (None: not
+    judged, enough for a general query's pair)."""
     block = parse_safe(text)
     split = split_reasoning(text, rule)
     return Scored(text=text, safe=answer_safe, tagged=block.triggered,
                   reasoning_complete=split.source is not SplitSource.UNCLOSED_THINK and bool(split.reasoning.strip()),
                   safe_complete=block.complete, answered=incomplete(text, rule) is None)
+
+
+def general_category(s: Scored) -> str:
+    """What a general query's pair reads of a sample: `tagged`, else `refusal`, else `helpful` (`incomplete` when
+    it reached no answer)."""
+    if s.tagged:
+        return "tagged"
+    if is_refusal(final_answer(s.text)):
+        return "refusal"
+    return "helpful" if s.answered else "incomplete"
 
 
 def select_general_pair(samples: Sequence[Scored]) -> Pair | None:
@@ -53,7 +65,9 @@ class PairChoice:
 
 def choose_pair(samples: Sequence[Scored], unsafe_query: bool, delta: float, w: RewardWeights = RewardWeights(),
                 reject: Reject = "worst") -> PairChoice:
-    rewards = tuple(reward(s, w) for s in samples)
+    """The pair of one query's samples and, for an unsafe query, every sample's reward (a general query's pair
+    reads no reward: empty)."""
+    rewards = tuple(reward(s, w) for s in samples) if unsafe_query else ()
     pair = select_pair(samples, delta, w, reject) if unsafe_query else select_general_pair(samples)
     return PairChoice(pair, rewards)
 

@@ -35,7 +35,7 @@ class Scored:
     """One sampled response with the facts the reward needs."""
 
     text: str
-    safe: bool  # F_safe
+    safe: bool | None  # F_safe; None: not judged (a general query's sample: its pair reads no verdict)
     tagged: bool  # S_exist
     reasoning_complete: bool  # T_full
     safe_complete: bool  # S_full
@@ -43,12 +43,16 @@ class Scored:
 
 
 def reward(s: Scored, w: RewardWeights = RewardWeights()) -> float:
+    if s.safe is None:
+        raise ValueError("the reward needs a judge's verdict on the answer (F_safe); this sample was not judged")
     f, e = float(s.safe), float(s.tagged)
     t_full, s_full = float(s.reasoning_complete), float(s.safe_complete and s.tagged)
     return f * e * (t_full + s_full + w.w_a) + f * (1 - e) * w.w_b + (1 - f) * e * w.w_c
 
 
 def category(s: Scored) -> str:
+    if s.safe is None:
+        raise ValueError("a category needs a judge's verdict on the answer (F_safe); this sample was not judged")
     return {(True, True): "A", (True, False): "B", (False, True): "C", (False, False): "D"}[(s.safe, s.tagged)]
 
 
