@@ -22,7 +22,7 @@ from safetrigger.hardware import choose_dtype, this_cpu
 from safetrigger.model_cache import resolve_model
 
 from .policy_ingress import PolicyIngress
-from .policy_server import ADAPTER_ROOT_ENV, PolicyServer
+from .policy_server import ADAPTER_ROOT_ENV, LocalModelCallback, PolicyServer
 
 class PolicyServiceError(RuntimeError):
     pass
@@ -152,6 +152,8 @@ def build_llm_config(cfg: RunConfig, model_path: str | None = None) -> LLMConfig
             kwargs["accelerator_type"] = s.accelerator_type
     engine_kwargs.update(s.engine_kwargs)
     kwargs["runtime_env"] = {"env_vars": replica_env(cfg)}
+    if "://" not in model_path:  # nothing to fetch per node (`LocalModelCallback`)
+        kwargs["callback_config"] = {"callback_class": LocalModelCallback}
     return LLMConfig(
         model_loading_config={"model_id": cfg.model.served_name, "model_source": model_path},
         engine_kwargs=engine_kwargs,

@@ -9,6 +9,7 @@ versions (so an upgrade fails there, by name, not in a stack test) and that no o
 
 from __future__ import annotations
 
+from ray.llm._internal.common.callbacks.base import CallbackBase
 from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
 from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList
 from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
@@ -40,9 +41,13 @@ TOUCH_POINTS: tuple[tuple[str, str, str, str], ...] = (
      "the base model cards the adapter cards copy"),
     ("ray.llm._internal.serve.core.ingress.ingress.OpenAiIngress", "_default_serve_handles", "policy_ingress (instance attribute)",
      "asks one replica which adapter versions it holds"),
+    ("ray.llm._internal.common.callbacks.base", "CallbackBase", "policy_server",
+     "LLMConfig.callback_config's base class: its hook skips the per-node model-download task for local models"),
+    ("ray.llm._internal.common.callbacks.base.CallbackCtx", "run_init_node", "policy_server",
+     "the switch that skips that task"),
     ("vllm.lora.punica_wrapper.punica_cpu", "bgmv_shrink", "vllm_cpu_lora",
      "the CPU LoRA ops our grouped matmuls replace (also bgmv_expand, bgmv_expand_slice)"),
     ("vllm.lora.ops.torch_ops.lora_ops", "bgmv_shrink", "vllm_cpu_lora", "the same ops where vLLM defines them"),
 )
 
-__all__ = ["CHECKED_AGAINST", "TOUCH_POINTS", "DiskMultiplexConfig", "ModelCard", "ModelList", "VLLMEngine"]
+__all__ = ["CHECKED_AGAINST", "TOUCH_POINTS", "CallbackBase", "DiskMultiplexConfig", "ModelCard", "ModelList", "VLLMEngine"]
