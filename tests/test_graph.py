@@ -136,6 +136,26 @@ def test_a_finished_stage_is_read_back_not_run_again(tmp_path):
     assert stage_paths(stages, tmp_path, keys) == {"a": str(tmp_path / f"a-{keys['a']}")}
 
 
+def test_a_stage_that_starts_the_policy_is_timed_without_the_start(tmp_path):
+    """The first stage to call `job.policy()` starts it; that start is `serve_start_s`, not the stage's time."""
+    import time
+
+    job = _job(tmp_path)
+
+    def start_policy():
+        time.sleep(0.6)
+        job.timings["serve_start_s"] = 0.6
+
+    def run(job, results, store):
+        job.policy()
+        return _rows("a")(job, results, store)
+
+    job.policy = start_policy
+    stages = [_stage("a", (QUERIES,), lambda c, k: ("a",), run)]
+    run_stages(stages, job, compute_keys(stages, _cfg(), {QUERIES: "q"}), {QUERIES: []})
+    assert 0 <= job.timings["a_s"] < 0.3 and job.stage_times[0]["seconds"] == job.timings["a_s"]
+
+
 def test_a_skip_propagates_to_readers_with_its_reason(tmp_path):
     lines = []
     stages = [_stage("a", (QUERIES,), lambda c, k: ("a",), lambda job, r, store: Skip("nothing to sample")),
