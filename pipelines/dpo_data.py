@@ -87,7 +87,8 @@ def format_pair_table(stats: dict[str, Any]) -> str:
     for kind, c in stats["per_kind"].items():
         judged = any(k in c for k in "ABCD")
         abcd = " | ".join(str(c.get(k, 0)) if judged else "–" for k in "ABCD")
-        lines.append(f"| {kind} | {c.get('queries', 0)} | {c.get('samples', 0)} | {abcd} | {c.get('pairs', 0)} | {c.get('dropped_no_pair', 0)} | "
+        lines.append(f"| {kind} | {c.get('queries', 0)} | {c.get('samples', 0)} | {abcd} | {c.get('pairs', 0)} | "
+                     f"{c.get('dropped_no_pair', 0)} | "
                      f"{c.get('dropped_too_long', 0)} | {c['mean_margin']:.2f} | "
                      f"{', '.join(f'{m} {n}' for m, n in c.get('mix', {}).items()) or '–'} |")
     general = stats["per_kind"].get("general", {})

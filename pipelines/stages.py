@@ -262,8 +262,8 @@ def _dpo_round_stages(rnd: int) -> list[Stage]:
             "dpo-sample", k[prev], k[QUERIES], d(c).num_samples, d(c).temperature, d(c).top_p,
             d(c).max_tokens, d(c).seed, *share(c)), _dpo_sample(rnd), row=SampleSet,
             doc=f"{'ST-S' if rnd == 1 else round_adapter(rnd - 1)} samples k answers per held-apart query"),
-        Stage(f"dpo-judge{x}", (f"dpo-sample{x}",), lambda c, k: ("dpo-judge", k[f"dpo-sample{x}"], d(c).judge.key_fields(),
-                                                                  *_unsafe_only(c)),
+        Stage(f"dpo-judge{x}", (f"dpo-sample{x}",), lambda c, k: (
+            "dpo-judge", k[f"dpo-sample{x}"], d(c).judge.key_fields(), *_unsafe_only(c)),
               _dpo_judge(rnd), row=Verdict, doc="F_safe of every sample of an unsafe query"),
         Stage(f"dpo-pairs{x}", (f"dpo-sample{x}", f"dpo-judge{x}"), lambda c, k: (
             "dpo-pairs", k[f"dpo-judge{x}"], d(c).w_a, d(c).w_b, d(c).w_c, d(c).delta, d(c).max_length,

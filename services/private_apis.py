@@ -50,4 +50,5 @@ TOUCH_POINTS: tuple[tuple[str, str, str, str], ...] = (
     ("vllm.lora.ops.torch_ops.lora_ops", "bgmv_shrink", "vllm_cpu_lora", "the same ops where vLLM defines them"),
 )
 
-__all__ = ["CHECKED_AGAINST", "TOUCH_POINTS", "CallbackBase", "DiskMultiplexConfig", "ModelCard", "ModelList", "VLLMEngine"]
+__all__ = ["CHECKED_AGAINST", "TOUCH_POINTS", "CallbackBase", "DiskMultiplexConfig", "ModelCard", "ModelList",
+           "VLLMEngine"]

@@ -2,7 +2,8 @@
 
 import pytest
 
-from safetrigger.method import ReasoningRule, category, choose_pair, general_category, reward, score_sample, visible_answer
+from safetrigger.method import (ReasoningRule, category, choose_pair, general_category, reward, score_sample,
+                               visible_answer)
 from safetrigger.method.reasoning import Fallback
 
 THINK = ReasoningRule(Fallback.NONE)

@@ -162,7 +162,8 @@ def test_general_pairs_are_capped_per_unsafe_pair_tagged_rejections_first_and_co
     assert (g["helpful"], g["tagged"], g["refusal"]) == (6, 3, 3) and not any(k in g for k in "ABCD")
     assert g["mix"] == {"helpful>refusal": 3, "helpful>tagged": 3}
     assert stats["per_kind"]["jailbreak"]["mix"] == {"A>D": 2}
-    assert "general samples, not judged (their pairs read no verdict): tagged 3, refusal 3, helpful 6" in format_pair_table(stats)
+    table = format_pair_table(stats)
+    assert "general samples, not judged (their pairs read no verdict): tagged 3, refusal 3, helpful 6" in table
     two, stats = general_kept(1.0)
     assert two == sorted(two) and len(two) == 2 and all(q.startswith("g") for q in two)  # tagged rejections first
     assert stats["per_kind"]["general"]["pairs"] == 2 and stats["per_kind"]["general"]["dropped_capped"] == 4
