@@ -1,4 +1,4 @@
-"""The policy's Serve deployment class: `ray.serve.llm`'s `LLMServer` with two measured changes, plugged in
+"""The policy's Serve deployment class: `ray.serve.llm`'s `LLMServer` with three measured changes, plugged in
 through `LLMConfig.server_cls`, the library's own extension point.
 
 1. Uniprocess executor on CPU. `ray.serve.llm` forces vLLM's multiprocess executor on CPU; with one engine
