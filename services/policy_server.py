@@ -1,5 +1,5 @@
 """The policy's Serve deployment class: `ray.serve.llm`'s `LLMServer` with three measured changes, plugged in
-through `LLMConfig.server_cls`, the library's own extension point.
+through `LLMConfig.server_cls` and `callback_config`, the library's own extension points.
 
 1. Uniprocess executor on CPU. `ray.serve.llm` forces vLLM's multiprocess executor on CPU; with one engine
    worker that adds a worker process, and the engine core busy-polls the shared-memory queue to it (vLLM's 1 s
