@@ -33,11 +33,12 @@ def build_dpo_pairs(
     margins, mixes = defaultdict(list), defaultdict(Counter)
     for s in sorted(samples, key=lambda r: r.query_id):
         kind, stats, unsafe = s.kind, per_kind[s.kind], s.label == "unsafe"
+        label = category if unsafe else general_category  # a general query's samples were not judged
         scored = [score_sample(text, safe[sample_id(s.query_id, i)] if unsafe else None, rule)
                   for i, text in enumerate(s.samples)]
         stats["queries"] += 1
         stats["samples"] += len(scored)
-        stats.update((category if unsafe else general_category)(x) for x in scored)
+        stats.update(label(x) for x in scored)
         choice = choose_pair(scored, unsafe, d.delta, weights, d.rejected)
         if choice.pair is None:
             stats["dropped_no_pair"] += 1
@@ -52,8 +53,7 @@ def build_dpo_pairs(
             continue
         built.append((choice.pair, DpoPair(
             query_id=s.query_id, kind=kind, prompt=prompt, chosen=chosen, rejected=rejected, margin=choice.pair.margin,
-            chosen_category=(category if unsafe else general_category)(choice.pair.chosen),
-            rejected_category=(category if unsafe else general_category)(choice.pair.rejected),
+            chosen_category=label(choice.pair.chosen), rejected_category=label(choice.pair.rejected),
             rewards=list(choice.rewards))))
     pairs = _capped(built, d.general_pairs_per_unsafe, per_kind)
     for p in pairs:
@@ -79,20 +79,24 @@ def _capped(built: list[tuple[Pair, DpoPair]], per_unsafe: float | None, per_kin
     return [p for i, (_, p) in enumerate(built) if p.kind != "general" or i in keep]
 
 
+def _judged(kind_stats: dict[str, Any]) -> bool:
+    """Whether a kind's samples were counted by the reward's categories (judged), not as general ones."""
+    return any(k in kind_stats for k in "ABCD")
+
+
 def format_pair_table(stats: dict[str, Any]) -> str:
     lines = [f"DPO samples and pairs (judge: {stats['judge']}, delta {stats['delta']}, rejected: "
              f"{stats.get('rejected', 'worst')}; A safe+tag, B safe, C unsafe+tag, D unsafe)",
              "", "| kind | queries | samples | A | B | C | D | pairs | no pair | too long | mean margin | pair mix (chosen>rejected) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for kind, c in stats["per_kind"].items():
-        judged = any(k in c for k in "ABCD")
-        abcd = " | ".join(str(c.get(k, 0)) if judged else "–" for k in "ABCD")
+        abcd = " | ".join(str(c.get(k, 0)) if _judged(c) else "–" for k in "ABCD")
         lines.append(f"| {kind} | {c.get('queries', 0)} | {c.get('samples', 0)} | {abcd} | {c.get('pairs', 0)} | "
                      f"{c.get('dropped_no_pair', 0)} | "
                      f"{c.get('dropped_too_long', 0)} | {c['mean_margin']:.2f} | "
                      f"{', '.join(f'{m} {n}' for m, n in c.get('mix', {}).items()) or '–'} |")
     general = stats["per_kind"].get("general", {})
-    if general and not any(k in general for k in "ABCD"):
+    if general and not _judged(general):
         lines.append("\ngeneral samples, not judged (their pairs read no verdict): " + ", ".join(
             f"{k} {general.get(k, 0)}" for k in ("tagged", "refusal", "helpful", "incomplete")))
     capped = general.get("dropped_capped", 0)
