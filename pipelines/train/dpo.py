@@ -13,6 +13,7 @@ from typing import Any
 
 from safetrigger.lm_head import compact_heads_in
 
+from .frozen_bf16 import store_frozen_bases_in_bf16
 from .ray_train import fit, hf_args, loop_config
 
 
@@ -36,7 +37,11 @@ def build_dpo_trainer(c: dict[str, Any]):
     # EPYC, 3-4 runs each; 5.0 s without the precompute). The reference is the same model with the adapter
     # disabled, so one head serves both.
     with contextlib.nullcontext() if c["use_gpu"] else compact_heads_in(dpo_trainer):
-        return DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    if c["bf16"] and not c["use_gpu"]:
+        # after __init__: the "ref" adapter TRL adds there (a copy of the SFT adapter) stays float32 like the policy's
+        store_frozen_bases_in_bf16(trainer.model)
+    return trainer
 
 
 def _workers_share_a_disk() -> bool:

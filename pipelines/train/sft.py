@@ -12,6 +12,7 @@ from typing import Any
 
 from safetrigger.lm_head import compact_heads_in
 
+from .frozen_bf16 import store_frozen_bases_in_bf16
 from .lora_dropout import use_word_mask_dropout
 from .ray_train import fit, hf_args, loop_config
 
@@ -40,6 +41,8 @@ def build_sft_trainer(c: dict[str, Any]):
         )
     if not c["use_gpu"]:
         use_word_mask_dropout(trainer.model)
+        if c["bf16"]:
+            store_frozen_bases_in_bf16(trainer.model)
     return trainer
 
 
