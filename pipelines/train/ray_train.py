@@ -38,12 +38,12 @@ def loop_config(settings, **extra: Any) -> dict[str, Any]:
 def _worker_loop(c: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: build the TRL trainer, report metrics and checkpoints to Ray Train."""
     import ray.train
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from ray.train.huggingface.transformers import prepare_trainer
 
     module, fn = c["builder"].rsplit(":", 1)
     trainer = getattr(importlib.import_module(module), fn)(c)
     sync_trainable_only(trainer.model)
-    trainer.add_callback(RayTrainReportCallback())
+    trainer.add_callback(_report_when_saved())
     if c.get("progress_file") and ray.train.get_context().get_world_rank() == 0:
         trainer.add_callback(_progress_callback(c["progress_file"]))
     trainer = prepare_trainer(trainer)
@@ -55,6 +55,27 @@ def _worker_loop(c: dict[str, Any]) -> None:
     with restored.as_directory() as d:
         _say(c, f"resuming from the checkpoint of step {_step_of(Path(d) / 'checkpoint')} after a lost worker")
         trainer.train(resume_from_checkpoint=str(Path(d) / "checkpoint"))
+
+
+def _report_when_saved():
+    """Ray's `RayTrainReportCallback`, whose ranks copy the checkpoint only once every rank has written its part.
+
+    The HF trainer writes a checkpoint from rank 0 (the other ranks add their RNG state) and calls `on_save` on every
+    rank with no barrier; Ray's callback then copies the newest `checkpoint-*` folder it finds, and Ray Train merges
+    the ranks' copies into one directory. Rank 1, with nothing to write, got there first and copied the epoch before:
+    the main job's DPO (2 workers, 2 epochs) registered a final checkpoint whose `trainer_state.json` said step 13 of
+    26 beside rank 0's step-26 adapter. Which rank's file wins each name is not defined, so the published adapter
+    or a resumed optimizer could be the earlier epoch's."""
+    import torch.distributed as dist
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    class ReportWhenSaved(RayTrainReportCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+            return super().on_save(args, state, control, **kwargs)
+
+    return ReportWhenSaved()
 
 
 def sync_trainable_only(model) -> None:
