@@ -57,15 +57,14 @@ def test_only_the_frozen_adapted_bases_are_cast(model_path):
 
 @pytest.mark.parametrize("bf16", [True, False])
 def test_the_sft_builder_casts_exactly_under_cpu_bf16(model_path, tmp_path, bf16):
-    from pipelines.train.sft import build_sft_trainer
+    from pipelines.train.sft import build_sft_trainer, sft_loop_config
     from tests.conftest import sft_examples
+    from tests.test_train_mechanics import _cfg
 
     data = sft_examples(tmp_path / "sft.jsonl", model_path, n=4)
-    c = {"data": str(data), "model_path": model_path, "max_length": 128, "lora": {"r": 8, "alpha": 16, "dropout": 0.05,
-         "target_modules": TARGETS}, "length_grouped": False, "lr": 1e-3, "epochs": 1, "max_steps": 1, "batch_size": 1,
-         "grad_accum": 1, "use_gpu": False, "seed": 0, "torch_threads": 2, "bf16": bf16, "checkpoint_every_steps": None,
-         "scratch": str(tmp_path / "scratch")}
-    trainer = build_sft_trainer(c)
+    c = sft_loop_config(data, model_path, _cfg(sft={"precision": "bf16" if bf16 else "fp32"}))
+    trainer = build_sft_trainer({**c, "scratch": str(tmp_path / "scratch")})
+    assert c["bf16"] == bf16
     dtypes = {b.weight.dtype for b in frozen_lora_bases(trainer.model)}
     assert dtypes == {torch.bfloat16 if bf16 else torch.float32}
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
