@@ -199,14 +199,15 @@ def test_length_grouped_sft_batches_cut_the_padding_and_still_see_every_example_
     assert grouped_pad < 0.10 < 0.25 < random_pad
 
 
-def _ddp_rank(rank: int, port: int, out: str) -> None:
-    """One DDP rank: frozen weights and the buffer differ per rank, the trainable ones too before the wrap."""
+def _ddp_rank(rank: int, out: str) -> None:
+    """One DDP rank: frozen weights and the buffer differ per rank, the trainable ones too before the wrap. The
+    ranks meet through a file, not a TCP port found free beforehand that another process may take meanwhile."""
     import torch
     import torch.distributed as dist
 
     from pipelines.train.ray_train import sync_trainable_only
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
     torch.manual_seed(rank)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
     model[0].requires_grad_(False)
@@ -222,15 +223,10 @@ def test_ddp_syncs_the_trainable_weights_and_their_gradients_and_leaves_the_froz
     """Two gloo ranks wrapped as the Ray Train workers wrap them: the trainable layer starts from rank 0's copy and
     its gradients are averaged over both ranks' batches; each rank keeps its own frozen layer and buffer (nothing
     is broadcast for them)."""
-    import socket
-
     import torch
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_ddp_rank, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_ddp_rank, args=(str(tmp_path),), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
     for name in ("1.weight", "1.bias"):
         assert torch.equal(r0["state"][name], r1["state"][name])
