@@ -10,7 +10,7 @@ run: setup
 # TEST_WORKERS=2: two pytest processes, each running one group of stack modules (tests/conftest.py: STACK_GROUPS)
 # and the other tests wherever one is free, drawn so that two stacks side by side stay below Ray's memory limit.
 # Measured on 2 cores / 24 GiB at 33af859: 578 tests in 1053 s that way (used memory peaked at 18.4 GiB) against
-# 1052 s one after the other: the suite is CPU-bound on 2 cores, so one process stays the default. At 6ae9b3a the
+# 1052 s one after the other: the suite is CPU-bound on 2 cores, so one process stays the default. At 04e3f56 the
 # engine modules alone left about a quarter of both cores idle (per-process CPU sampled from /proc each second), yet
 # the rest of the suite beside them in a second process gained nothing: 617 tests in 966-1001 s against 997 s in one,
 # test_stack 300 -> 362-441 s beside them. Not a matter of CPU share: with that process and its children at nice 19
