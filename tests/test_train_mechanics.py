@@ -216,6 +216,9 @@ def _ddp_rank(rank: int, out: str) -> None:
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     ddp(torch.randn(3, 4) * (rank + 1)).sum().backward()  # a different batch on each rank
     torch.save({"state": model.state_dict(), "grads": [p.grad for p in model[1].parameters()]}, f"{out}/{rank}.pt")
+    # both ranks done before either tears its pair down: rank 1 once aborted in teardown ("terminate called without
+    # an active exception") after both had saved
+    dist.barrier()
     dist.destroy_process_group()
 
 
