@@ -169,6 +169,28 @@ def test_a_skip_propagates_to_readers_with_its_reason(tmp_path):
     assert not list(tmp_path.glob("a-*/_DONE.json"))  # a skipped stage is not marked finished
 
 
+def test_without_sft_the_main_graph_asks_the_policy_nothing_for_the_review_and_what_reads_it(tmp_path):
+    """The review's blocks and answers are SFT targets: with SFT off, the review and SFT data are skipped with the
+    reason, before any request, and the stages that do not read them still run."""
+    cfg = load_config(REPO / "configs" / "embedded.yaml", {"sft.enabled": False, "dpo.enabled": False})
+    graph = {s.name: s for s in main_graph(cfg)}
+    stages = [graph["review"], graph["sft-data"], graph["sft-adapter"],
+              _stage("report-input", ("generate",), lambda c, k: ("r", k["generate"]), _rows("report-input"))]
+    lines = []
+
+    def no_policy():
+        raise AssertionError("the policy was asked for")
+
+    job = _Job(cfg, tmp_path, [], "", no_policy, emit=lines.append)
+    job.calls = []
+    keys = compute_keys(stages, cfg, {QUERIES: "q", "generate": "g", "judge": "j"})
+    results = run_stages(stages, job, keys, {QUERIES: [], "generate": [], "judge": []})
+    assert all(isinstance(results[s], Skip) for s in ("review", "sft-data", "sft-adapter")), results
+    assert job.calls == ["report-input"]
+    assert [ln for ln in lines if "skipped" in ln] == [
+        "[review] skipped: sft.enabled is false: the review's blocks and answers are SFT targets, nothing else reads them"]
+
+
 def test_the_main_graph_declares_every_stage_once_and_draws_it():
     stages = main_graph(_cfg())
     names = [s.name for s in stages]
