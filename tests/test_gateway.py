@@ -310,7 +310,7 @@ def test_job_runs_to_a_report_and_another_is_cancelled(gw, data_root):
     seen = []
     with Client(base, JOBS) as c:
         job = c.submit(_job_config(data_root), name="tiny")
-        final = c.wait(job, timeout=900, poll_s=2, on_progress=seen.append)
+        final = c.wait(job, timeout=900, poll_s=0.5, on_progress=seen.append)
         assert final.status == "SUCCEEDED", c.logs(job)[-3000:]
         assert any(s.stage == "generate" for s in seen) and final.report_ready
         # the structured progress events, paged: every stage's line in order, none twice, none lost
@@ -506,7 +506,7 @@ def test_a_replica_killed_under_a_running_job_is_replaced_and_nothing_is_lost(gw
                   if line.startswith("safe_trigger_gateway_in_flight{")]
         assert gauges and all(line.endswith(" 0.0") for line in gauges), gauges
 
-        final = c.wait(job, timeout=900, poll_s=2)
+        final = c.wait(job, timeout=900, poll_s=0.5)
         logs = c.logs(job)
         assert final.status == "SUCCEEDED", logs[-3000:]
         lost = [line for line in logs.splitlines() if "a policy replica was lost" in line or "answered again" in line]
