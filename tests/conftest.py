@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -18,16 +19,19 @@ DATA = Path(default_data_root())
 TRAIN_ONE_WORKER = {"num_workers": 1, "torch_threads": 2, "cpus_per_worker": 2}
 
 # The modules with a stack of their own, in two groups that `make test TEST_WORKERS=2` runs side by side (two
-# pytest processes, `--dist loadgroup`): each group in one process, longest module first, the other tests wherever
-# a process is free (one process is the default: the suite is CPU-bound on 2 cores, see the Makefile).
+# pytest processes, `--dist loadgroup`): each group in one process, in the order given, the other tests wherever a
+# process is free (one process is the default: the suite is CPU-bound on 2 cores, see the Makefile). test_train
+# comes before test_multinode in one process: the reference run both fault tests compare with (`six_step_sft`) is
+# trained there once, on a local cluster, and the node-loss test reuses it.
 # Measured alone on 2 cores / 24 GiB (seconds; peak used memory of the machine):
-#   engines-a: test_stack 339 s 12.6 GiB, test_multinode 190 s 11.3 GiB, test_think_stack 139 s 10.7 GiB
-#   engines-b: test_gateway 246 s 8.0 GiB, test_train 60 s 6.0 GiB; the other modules ~70 s, <= 3.9 GiB
+#   engines-a: test_stack 339 s 12.6 GiB, test_multinode 190 s 11.3 GiB, test_think_stack 139 s 10.7 GiB,
+#              test_train 60 s 6.0 GiB
+#   engines-b: test_gateway 246 s 8.0 GiB; the other modules ~70 s, <= 3.9 GiB
 # With about 1.8 GiB used before a stack starts, the worst pair at once (test_stack beside test_gateway) holds
 # ~19 GiB, below Ray's memory monitor (95%); two modules of engines-a side by side would reach 21.5-22 GiB, so
 # they never share the machine.
-STACK_GROUPS = {"engines-a": ("test_stack.py", "test_multinode.py", "test_think_stack.py"),
-                "engines-b": ("test_gateway.py", "test_train.py")}
+STACK_GROUPS = {"engines-a": ("test_stack.py", "test_train.py", "test_multinode.py", "test_think_stack.py"),
+                "engines-b": ("test_gateway.py",)}
 
 
 def _group(nodeid: str) -> str | None:
@@ -151,6 +155,73 @@ def sft_examples(path: Path, model_path: str, n: int = 16, answer=lambda i: f"It
                                                         f"Thinking {i}.\n\n{answer(i)}")
             f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
     return path
+
+
+def six_step_sft_config(data_root: Path, **sft):
+    """Two-worker SFT of 6 steps with a checkpoint every 2, one restart allowed: the run both fault tests train
+    (a worker killed: tests/test_train.py; a node lost: tests/test_multinode.py)."""
+    from safetrigger.config import RunConfig
+
+    return RunConfig.model_validate({
+        "data": {"root": str(data_root), "sources": [{"type": "advbench", "path": "advbench.jsonl"}]},
+        "sft_data": {"max_length": 256},
+        "sft": {"num_workers": 2, "max_steps": 6, "per_device_batch_size": 1, "lora": {"r": 8, "alpha": 16},
+                "learning_rate": 1e-3, "checkpoint_every_steps": 2, "max_failures": 1, **sft},
+    })
+
+
+# The reference run in a process of its own, on a local cluster of its own (`six_step_sft`).
+_TRAIN_REFERENCE = """import json, sys
+from pathlib import Path
+from pipelines.runtime import init_ray
+from pipelines.train.sft import train_sft
+from safetrigger.config import RunConfig
+from safetrigger.model_cache import resolve_model
+cfg = RunConfig.model_validate(json.loads(Path(sys.argv[1]).read_text()))
+init_ray(cfg)
+print("TRAINED", train_sft(sys.argv[2], resolve_model(cfg.model.source), sys.argv[3], cfg, name="clean")["metrics"]["step"])
+"""
+
+
+@pytest.fixture(scope="session")
+def six_step_sft(tmp_path_factory, data_root):
+    """The data of `six_step_sft_config` and the adapter a run of it without a fault trains: the reference a
+    faulted run on the same seed must reach. Trained once per test process (a whole two-worker fit, ~25 s on 2
+    cores); where its workers ran does not change the weights (the node-loss test matched its reference within
+    1e-5 with the workers on two nodes in one run and on one node in the other).
+
+    On a local cluster started here when Ray is down (tests/test_train.py runs first for that). When this process
+    is already a driver of another cluster, in a process of its own: a driver that started a local cluster before
+    keeps that cluster's token auth, and a `ray start` cluster without auth calling back into it (the Train
+    controller's arguments are the driver's objects) was refused and cancelled the controller (measured)."""
+    import subprocess
+
+    import ray
+
+    from pipelines.runtime import init_ray
+    from pipelines.train.sft import train_sft
+    from safetrigger.method import render_safe_block
+    from safetrigger.model_cache import resolve_model
+
+    refusal = render_safe_block("The core question is unsafe.") + "\n\nI can't help with that."
+    work = tmp_path_factory.mktemp("six-step-sft")
+    cfg = six_step_sft_config(data_root)
+    data = sft_examples(work / "sft.jsonl", resolve_model(cfg.model.source),
+                        answer=lambda i: refusal if i % 2 else f"It is {i}.")
+    if ray.is_initialized():
+        (work / "cfg.json").write_text(cfg.model_dump_json())
+        out = subprocess.run([sys.executable, "-c", _TRAIN_REFERENCE, str(work / "cfg.json"), str(data), str(work / "clean")],
+                             cwd=REPO, capture_output=True, text=True, timeout=900,
+                             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+        assert out.returncode == 0 and "TRAINED 6" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+        return data, work / "clean"
+    init_ray(cfg)
+    try:
+        clean = train_sft(data, resolve_model(cfg.model.source), work / "clean", cfg, name="clean")
+    finally:
+        ray.shutdown()
+    assert clean["metrics"]["step"] == 6
+    return data, Path(clean["adapter"])
 
 
 def wait_for_a_registered_checkpoint(out_dir: Path, name: str, step: int, timeout_s: float = 600) -> bool:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from safetrigger.config import REPO_ROOT
-from tests.conftest import sft_examples, wait_for_a_registered_checkpoint
+from tests.conftest import six_step_sft_config, wait_for_a_registered_checkpoint
 from tests.ray_cluster import HeadPorts, cluster_env, head_node, ray_start
 
 pytestmark = pytest.mark.stack
@@ -100,7 +100,7 @@ def _run_job(entrypoint: str, timeout_s: float, while_running=None) -> str:
     deadline = time.monotonic() + timeout_s
     while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
-        time.sleep(2)
+        time.sleep(0.5)
     logs = client.get_job_logs(job)
     assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-4000:]
     return logs
@@ -119,31 +119,23 @@ print("TRAINED", result["metrics"]["step"])
 
 
 @pytest.mark.timeout(900)
-def test_a_node_lost_mid_sft_resumes_on_the_node_left(cluster, data_root):
+def test_a_node_lost_mid_sft_resumes_on_the_node_left(cluster, data_root, six_step_sft):
     """The worker node is stopped (its raylet and every process under it SIGKILLed, as a lost VM) while one of
     two Ray Train workers of an SFT job runs there: Ray Train restarts the group on the head, resumes from the last
-    registered checkpoint, and trains to the adapter a job without the fault reaches on the same seed. Runs last:
-    the cluster keeps one node afterwards."""
+    registered checkpoint, and trains to the adapter a run without the fault reaches on the same seed
+    (`six_step_sft`). Runs last: the cluster keeps one node afterwards."""
     import re
 
     import ray
     import torch
     from safetensors.torch import load_file
 
-    from safetrigger.config import RunConfig
-    from safetrigger.model_cache import resolve_model
-
     tmp, _, nodes = cluster
-    cfg = RunConfig.model_validate({
-        "data": {"root": str(data_root), "sources": [{"type": "advbench", "path": "advbench.jsonl"}]},
-        "sft_data": {"max_length": 256},
-        # SPREAD, not STRICT: after the loss both workers must fit on the one node left
-        "sft": {"num_workers": 2, "max_steps": 6, "per_device_batch_size": 1, "lora": {"r": 8, "alpha": 16},
-                "learning_rate": 1e-3, "checkpoint_every_steps": 2, "max_failures": 1, "placement_strategy": "SPREAD"},
-    })
+    data, clean = six_step_sft
+    # SPREAD, not STRICT: after the loss both workers must fit on the one node left
+    cfg = six_step_sft_config(data_root, placement_strategy="SPREAD")
     work = tmp / "node-loss"
     work.mkdir()
-    data = sft_examples(work / "sft.jsonl", resolve_model(cfg.model.source))
     (work / "cfg.json").write_text(cfg.model_dump_json())
     (work / "train.py").write_text(TRAIN)
     run = f"{sys.executable} {work / 'train.py'} {work / 'cfg.json'} {data}"
@@ -170,15 +162,14 @@ def test_a_node_lost_mid_sft_resumes_on_the_node_left(cluster, data_root):
                 pass
         stopped.extend(doomed)
 
-    clean = _run_job(f"{run} {work / 'clean'}", 600)
     t = time.monotonic()
     faulted = _run_job(f"{run} {work / 'faulted'}", 600, stop_the_worker_node_after_step_3)
     took = time.monotonic() - t
     assert stopped and len([n for n in ray.nodes() if n["Alive"]]) == 1  # the node is gone for good
     resumed = [int(m.group(1)) for m in re.finditer(r"resuming from the checkpoint of step (\d+)", faulted)]
     assert resumed and resumed[0] in (2, 4), faulted[-3000:]
-    assert "TRAINED 6" in clean and "TRAINED 6" in faulted
-    a, b = (load_file(work / d / "adapter_model.safetensors") for d in ("clean", "faulted"))
+    assert "TRAINED 6" in faulted
+    a, b = (load_file(d / "adapter_model.safetensors") for d in (clean, work / "faulted"))
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"[node-loss] worker node stopped ({len(stopped)} processes) after step 3; resumed from step {resumed[0]} "

@@ -6,13 +6,10 @@ from safetensors.torch import load_file
 
 from pipelines.train.sft import train_sft
 from safetrigger.config import RunConfig
-from safetrigger.method import render_safe_block
 from safetrigger.model_cache import resolve_model
-from tests.conftest import sft_examples, wait_for_a_registered_checkpoint
+from tests.conftest import sft_examples, six_step_sft_config, wait_for_a_registered_checkpoint
 
 pytestmark = pytest.mark.stack
-
-REFUSAL = render_safe_block("The core question is unsafe.") + "\n\nI can't help with that."
 
 
 def _cmdline(p) -> list[str]:
@@ -24,10 +21,10 @@ def _cmdline(p) -> list[str]:
         return []
 
 
-def test_a_worker_killed_mid_sft_resumes_from_its_checkpoint_to_the_same_adapter(tmp_path, data_root):
+def test_a_worker_killed_mid_sft_resumes_from_its_checkpoint_to_the_same_adapter(tmp_path, data_root, six_step_sft):
     """Ray Train restarts the worker group after one of its workers is SIGKILLed mid-SFT, resumes from the last
     checkpoint (optimizer state included) and ends with the adapter a run without the fault trains on the same
-    seed; the progress lines say what happened."""
+    seed (`six_step_sft`); the progress lines say what happened."""
     import os
     import signal
     import threading
@@ -38,14 +35,9 @@ def test_a_worker_killed_mid_sft_resumes_from_its_checkpoint_to_the_same_adapter
 
     from pipelines.runtime import init_ray
 
-    cfg = RunConfig.model_validate({
-        "data": {"root": str(data_root), "sources": [{"type": "advbench", "path": "advbench.jsonl"}]},
-        "sft_data": {"max_length": 256},
-        "sft": {"num_workers": 2, "max_steps": 6, "per_device_batch_size": 1, "lora": {"r": 8, "alpha": 16},
-                "learning_rate": 1e-3, "checkpoint_every_steps": 2, "max_failures": 1},
-    })
+    cfg = six_step_sft_config(data_root)
+    data, clean = six_step_sft
     model_path = resolve_model(cfg.model.source)
-    data = sft_examples(tmp_path / "sft.jsonl", model_path, answer=lambda i: REFUSAL if i % 2 else f"It is {i}.")
     started_here = not ray.is_initialized()
     init_ray(cfg)
     lines: list[str] = []
@@ -63,7 +55,6 @@ def test_a_worker_killed_mid_sft_resumes_from_its_checkpoint_to_the_same_adapter
             killed.append(workers[-1])
 
     try:
-        clean = train_sft(data, model_path, tmp_path / "clean", cfg, name="clean")
         killer = threading.Thread(target=kill_a_worker_after_step_3, daemon=True)
         killer.start()
         faulted = train_sft(data, model_path, tmp_path / "faulted", cfg, name="faulted", emit=lines.append)
@@ -79,10 +70,10 @@ def test_a_worker_killed_mid_sft_resumes_from_its_checkpoint_to_the_same_adapter
     resumed = [int(m.group(1)) for ln in lines if (m := re.search(r"resuming from the checkpoint of step (\d+)", ln))]
     assert resumed and resumed[0] in (2, 4), "\n".join(lines)
     assert any("step 6/6" in ln for ln in lines)
-    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("clean", "faulted"))
+    a, b = (load_file(d / "adapter_model.safetensors") for d in (clean, tmp_path / "faulted"))
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert faulted["metrics"]["step"] == clean["metrics"]["step"] == 6
+    assert faulted["metrics"]["step"] == 6
 
 
 def test_every_rank_reports_the_checkpoint_of_the_step_it_saved(tmp_path, data_root):
