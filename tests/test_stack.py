@@ -633,7 +633,8 @@ def test_killed_stage_resumes_without_losing_or_duplicating_rows(stack, tmp_path
         "output_dir": str(tmp_path / "run"),
         "ray": cfg.ray.model_copy(update={"address": ray.get_runtime_context().gcs_address}),
         "serving": cfg.serving.model_copy(update={"attach": True}),
-        "generation": cfg.generation.model_copy(update={"batch_size": 2, "chunk_rows": 2}),
+        # short answers: the rows after the kill are what the test waits for (48 tokens each: 25 s of a 50 s test)
+        "generation": cfg.generation.model_copy(update={"batch_size": 2, "chunk_rows": 2, "max_tokens": 16}),
         "sft": cfg.sft.model_copy(update={"enabled": False}),
         "dpo": cfg.dpo.model_copy(update={"enabled": False}),
         "eval": cfg.eval.model_copy(update={"enabled": False}),  # evaluation and its report: the main-job test
