@@ -170,16 +170,21 @@ def six_step_sft_config(data_root: Path, **sft):
     })
 
 
-# The reference run in a process of its own, on a local cluster of its own (`six_step_sft`).
-_TRAIN_REFERENCE = """import json, sys
+# `six_step_sft_config`'s run in a process of its own: argv = config JSON, data, adapter directory (its name names
+# the run). As a Ray Job (tests/test_multinode.py) it joins the job's cluster through RAY_ADDRESS; elsewhere it
+# starts a local cluster of its own (`six_step_sft`).
+TRAIN_SFT = """import json, os, sys
 from pathlib import Path
 from pipelines.runtime import init_ray
 from pipelines.train.sft import train_sft
 from safetrigger.config import RunConfig
 from safetrigger.model_cache import resolve_model
 cfg = RunConfig.model_validate(json.loads(Path(sys.argv[1]).read_text()))
-init_ray(cfg)
-print("TRAINED", train_sft(sys.argv[2], resolve_model(cfg.model.source), sys.argv[3], cfg, name="clean")["metrics"]["step"])
+if not os.environ.get("RAY_ADDRESS"):
+    init_ray(cfg)
+out = Path(sys.argv[3])
+result = train_sft(sys.argv[2], resolve_model(cfg.model.source), out, cfg, name=out.name, emit=print)
+print("TRAINED", result["metrics"]["step"])
 """
 
 
@@ -206,18 +211,18 @@ def six_step_sft(tmp_path_factory, data_root):
     refusal = render_safe_block("The core question is unsafe.") + "\n\nI can't help with that."
     work = tmp_path_factory.mktemp("six-step-sft")
     cfg = six_step_sft_config(data_root)
-    data = sft_examples(work / "sft.jsonl", resolve_model(cfg.model.source),
-                        answer=lambda i: refusal if i % 2 else f"It is {i}.")
+    model_path = resolve_model(cfg.model.source)
+    data = sft_examples(work / "sft.jsonl", model_path, answer=lambda i: refusal if i % 2 else f"It is {i}.")
     if ray.is_initialized():
         (work / "cfg.json").write_text(cfg.model_dump_json())
-        out = subprocess.run([sys.executable, "-c", _TRAIN_REFERENCE, str(work / "cfg.json"), str(data), str(work / "clean")],
+        out = subprocess.run([sys.executable, "-c", TRAIN_SFT, str(work / "cfg.json"), str(data), str(work / "clean")],
                              cwd=REPO, capture_output=True, text=True, timeout=900,
                              env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
         assert out.returncode == 0 and "TRAINED 6" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
         return data, work / "clean"
     init_ray(cfg)
     try:
-        clean = train_sft(data, resolve_model(cfg.model.source), work / "clean", cfg, name="clean")
+        clean = train_sft(data, model_path, work / "clean", cfg, name="clean")
     finally:
         ray.shutdown()
     assert clean["metrics"]["step"] == 6

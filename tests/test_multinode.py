@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from safetrigger.config import REPO_ROOT
-from tests.conftest import six_step_sft_config, wait_for_a_registered_checkpoint
+from tests.conftest import TRAIN_SFT, six_step_sft_config, wait_for_a_registered_checkpoint
 from tests.ray_cluster import HeadPorts, cluster_env, head_node, ray_start
 
 pytestmark = pytest.mark.stack
@@ -106,18 +106,6 @@ def _run_job(entrypoint: str, timeout_s: float, while_running=None) -> str:
     return logs
 
 
-TRAIN = """import json, sys
-from pathlib import Path
-from pipelines.train.sft import train_sft
-from safetrigger.config import RunConfig
-from safetrigger.model_cache import resolve_model
-cfg = RunConfig.model_validate(json.loads(Path(sys.argv[1]).read_text()))
-out = Path(sys.argv[3])
-result = train_sft(sys.argv[2], resolve_model(cfg.model.source), out, cfg, name=out.name, emit=print)
-print("TRAINED", result["metrics"]["step"])
-"""
-
-
 @pytest.mark.timeout(900)
 def test_a_node_lost_mid_sft_resumes_on_the_node_left(cluster, data_root, six_step_sft):
     """The worker node is stopped (its raylet and every process under it SIGKILLed, as a lost VM) while one of
@@ -137,7 +125,7 @@ def test_a_node_lost_mid_sft_resumes_on_the_node_left(cluster, data_root, six_st
     work = tmp / "node-loss"
     work.mkdir()
     (work / "cfg.json").write_text(cfg.model_dump_json())
-    (work / "train.py").write_text(TRAIN)
+    (work / "train.py").write_text(TRAIN_SFT)
     run = f"{sys.executable} {work / 'train.py'} {work / 'cfg.json'} {data}"
     [worker] = [n for n in ray.nodes() if n["Alive"] and "node:head-test" not in n["Resources"]]
     worker_raylet = [p for p in psutil.process_iter(["name", "cmdline"])  # the raylet's command line names its node
