@@ -24,13 +24,14 @@ TRAIN_ONE_WORKER = {"num_workers": 1, "torch_threads": 2, "cpus_per_worker": 2}
 # comes before test_multinode in one process: the reference run both fault tests compare with (`six_step_sft`) is
 # trained there once, on a local cluster, and the node-loss test reuses it.
 # Measured alone on 2 cores / 24 GiB (seconds; peak used memory of the machine):
-#   engines-a: test_stack 339 s 12.6 GiB, test_multinode 190 s 11.3 GiB, test_think_stack 139 s 10.7 GiB,
-#              test_train 60 s 6.0 GiB
+#   engines-a: test_stack 339 s 12.6 GiB, test_multinode 190 s 11.3 GiB, test_train 60 s 6.0 GiB (test_multinode
+#              now also runs the think model's main job, once test_think_stack's, 139 s 10.7 GiB alone: in one
+#              process at stop 50 it took 210 s and the machine's used memory peaked at 10.0 GiB, `free` each second)
 #   engines-b: test_gateway 246 s 8.0 GiB; the other modules ~70 s, <= 3.9 GiB
 # With about 1.8 GiB used before a stack starts, the worst pair at once (test_stack beside test_gateway) holds
 # ~19 GiB, below Ray's memory monitor (95%); two modules of engines-a side by side would reach 21.5-22 GiB, so
 # they never share the machine.
-STACK_GROUPS = {"engines-a": ("test_stack.py", "test_train.py", "test_multinode.py", "test_think_stack.py"),
+STACK_GROUPS = {"engines-a": ("test_stack.py", "test_train.py", "test_multinode.py"),
                 "engines-b": ("test_gateway.py",)}
 
 

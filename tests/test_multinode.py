@@ -1,6 +1,6 @@
 """A real two-node Ray cluster on this machine (`ray start --head` and `ray start --address`, both on 127.0.0.1,
-own ports and temp dir): the tiny pipeline is submitted as a Ray Job and must place its work on both nodes.
-Every process the nodes start is stopped by pid at the end."""
+own ports and temp dir): the main job on the embedded reasoning model is submitted as a Ray Job and must place its
+work on both nodes; then a node is lost mid-SFT. Every process the nodes start is stopped by pid at the end."""
 
 import json
 import sys
@@ -14,6 +14,7 @@ import yaml
 from safetrigger.config import REPO_ROOT
 from tests.conftest import TRAIN_SFT, six_step_sft_config, wait_for_a_registered_checkpoint
 from tests.ray_cluster import HeadPorts, cluster_env, head_node, ray_start
+from tests.test_stack import make_cfg
 
 pytestmark = pytest.mark.stack
 
@@ -45,32 +46,26 @@ def cluster(tmp_path_factory):
 
 
 @pytest.mark.timeout(1500)
-def test_pipeline_job_uses_both_nodes(cluster, data_root):
+def test_the_think_models_main_job_runs_on_both_nodes(cluster, data_root, think_model_path):
+    """The main job on the embedded reasoning model (its template prefills `<think>\\n`, as R1-Distill's does),
+    submitted as a Ray Job to the two-node cluster: its work is placed on both nodes (the policy replica where it
+    fits, one SFT worker per node), and the think-aware parts hold end to end (`_check_the_think_job`). One job for
+    both: each alone started an engine and trained SFT and DPO (~140 s and ~90 s of the suite on 2 cores)."""
     from ray.util.state import list_actors
 
     tmp, env, nodes = cluster
-    out = tmp / "run"
-    config = {
-        "name": "multinode", "output_dir": str(out), "model": {"max_model_len": 1024},
-        "serving": {"cpus_per_replica": 2, "kv_cache_space_gib": 1, "http_port": SERVE_PORT, "max_num_seqs": 16,
-                    "adapter_root": str(tmp / "adapters")},
-        "ray": {"address": "auto"},
-        "data": {"root": str(data_root), "sources": [{"type": "queries", "path": "repo:data/demo_queries.jsonl"}],
-                 "dpo_fraction": 0.5},
-        "generation": {"max_tokens": 16, "batch_size": 8, "chunk_rows": 8},
-        "judge": {"max_reasoning_tokens": 32},
-        "review": {"mode": "structured", "part_max_tokens": 8, "max_tokens": 16},
-        "sft_data": {"max_length": 512},
-        # one Train worker per node
-        "sft": {"num_workers": 2, "placement_strategy": "STRICT_SPREAD", "max_steps": 1, "per_device_batch_size": 1,
-                "lora": {"r": 8, "alpha": 16}},
-        "dpo": {"enabled": False},
-        "eval": {"judges": [{"name": "refusal", "type": "refusal"}]},
-    }
+    cfg = make_cfg(tmp, data_root, model={"source": "embedded:smollm2-135m-think", "max_model_len": 1024,
+                                          "reasoning": {"fallback": "none"}},
+                   ray={"address": "auto"}, generation={"max_tokens": 96},
+                   serving={"http_port": SERVE_PORT, "route_prefix": None},
+                   # one Train worker per node for SFT; DPO on one (make_cfg: tests/conftest.py TRAIN_ONE_WORKER)
+                   sft={"num_workers": 2, "placement_strategy": "STRICT_SPREAD", "torch_threads": 1, "cpus_per_worker": 1},
+                   dpo={"max_tokens": 64})
     path = tmp / "multinode.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     logs = _run_job(f"{sys.executable} -m apps.cli run {path}", 1300)
 
+    out = Path(cfg.output_dir)
     assert f"[done] {out / 'summary.json'}" in logs, logs[-3000:]  # what the job's user reads
     summary = json.loads((out / "summary.json").read_text())
     assert summary["queries"] == 24 and Path(summary["report"]["html"]).is_file()
@@ -83,7 +78,73 @@ def test_pipeline_job_uses_both_nodes(cluster, data_root):
     node_ids = {n["NodeID"] for n in nodes}
     print("placement:", {c: sorted(x[:8] for x in n) for c, n in placed.items()})
     assert replicas and replicas <= node_ids
-    assert trainers == node_ids  # the two Train workers ran on the two nodes
+    assert trainers == node_ids  # the two SFT workers ran on the two nodes
+    _check_the_think_job(cfg, summary, logs, think_model_path)
+
+
+def _check_the_think_job(cfg, summary: dict, out: str, model_path: str) -> None:
+    """Where the verdicts are read, where `<safe>` lands, and what the report says about both, on a finished main
+    job of the think model (`out`: what it printed)."""
+    import pyarrow.parquet as pq
+
+    from pipelines.chat import load_tokenizer
+    from pipelines.datasets import load_all
+    from pipelines.judge import judge_prompt_ids
+    from pipelines.review import needs_review, plan_review_rows
+    from pipelines.rows import Judgement, Review, Trajectory
+    from pipelines.stage_store import StageStore
+    from safetrigger.method import SplitSource, parse_safe, safe_position
+
+    tok = load_tokenizer(model_path)
+    queries = {q.id: q for q in load_all(cfg.data)}
+    generated = StageStore(summary["stages"]["generate"], row=Trajectory).read()  # a real run's rows, typed
+    sources = [g.split_source for g in generated]
+    print({s: sources.count(s) for s in set(sources)})
+    assert sources.count(SplitSource.PREFILLED_THINK.value) >= len(generated) // 2  # it reasons, then answers
+    assert set(sources) <= {SplitSource.PREFILLED_THINK.value, SplitSource.UNCLOSED_THINK.value}
+    # the verdict is read after a closed think block, never at the first token of the reasoning
+    g = generated[0]
+    assert tok.decode(judge_prompt_ids(tok, cfg, g.prompt, g.reasoning)).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\nAnswer:")
+    judged = StageStore(summary["stages"]["judge"], row=Judgement).read()
+    assert sum(j.resolved for j in judged) >= 0.8 * len(judged)
+    assert "judge health" in out
+    # the self-review opens <safe> after the reasoning; every tagged SFT target has it after `</think>`
+    todo = [t for t in generated if needs_review(t)]
+    assert all(tok.decode(r["prompt_ids"]).endswith("<think>\n\n</think>\n\n<safe>\n1. Is the core question safe?")
+               for r in plan_review_rows(todo[:3], cfg, model_path, {t.query_id: "1. Is the core question safe?"
+                                                                    for t in todo[:3]}))
+    examples = [json.loads(line) for line in open(summary["stages"]["sft_data"])]
+    tagged = [e for e in examples if e["tagged"]]
+    assert examples and all(e["prompt"].endswith("<|im_start|>assistant\n<think>\n") for e in examples)
+    assert all(safe_position(e["completion"], opened=True) == "after_think" for e in tagged)
+    # a review holding a think tag (this 135M model often closes its reasoning in place of a review part) is
+    # dropped with its reason, never trained on
+    reviews = StageStore(summary["stages"]["review"], row=Review).read()
+    with_tag = {r.query_id for r in reviews if "think>" in r.review}
+    assert not with_tag & {e["query_id"] for e in examples}
+    dropped = summary["sft_data"]["dropped"]
+    assert (sum(v for k, v in dropped.items() if k.endswith("/think_tag_in_review")) > 0) == bool(with_tag)
+    assert all("</think>" in e["completion"] and not parse_safe(e["completion"]).triggered
+               for e in examples if not e["tagged"])  # general targets keep their reasoning, untouched
+    assert summary["sft_data"]["safe_position"] == ({"after_think": len(tagged)} if tagged else {})
+    # DPO trained ST-D from the think model's own samples, and the report covers base, ST-S and ST-D
+    assert (Path(summary["stages"]["dpo_adapter"]) / "adapter_model.safetensors").is_file()
+    report = summary["report"]
+    metrics = json.load(open(report["metrics"]))
+    assert {m["model"] for m in metrics["suites"] if m["metric"] == "incomplete"} == {"base", "ST-S", "ST-D"}
+    # incomplete answers counted apart, judge health, and where <safe> sits per model
+    recs = pq.read_table(report["records"]).to_pylist()
+    for model, trig in metrics["trigger"].items():
+        placed = [r for r in recs if r["model"] == model and r["safe_position"] in ("after_think", "not_after_think")]
+        assert trig["safe_after_think"]["n"] == len(placed)
+        assert trig["safe_after_think"]["k"] == sum(r["safe_position"] == "after_think" for r in placed)
+        print(f"{model}: <safe> after </think> in {trig['safe_after_think']['k']}/{trig['safe_after_think']['n']}")
+    assert all(r["incomplete"] == "reasoning_cut_off" for r in recs if r["safe_position"] == "none"
+               and "</think>" not in r["response"])
+    html = open(report["html"]).read()
+    assert "`<safe>` after `</think>`" in open(report["markdown"]).read() and "Judge health" in html
+    assert len(queries) == summary["queries"]
 
 
 def _run_job(entrypoint: str, timeout_s: float, while_running=None) -> str:
