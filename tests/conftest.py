@@ -1,5 +1,6 @@
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -171,30 +172,51 @@ def six_step_sft_config(data_root: Path, **sft):
     })
 
 
+# The pipeline's SFT trainer with rank 0 slow to save and every rank's reported checkpoint recorded
+RECORDED_SFT = "tests.train_builders:sft_trainer_slow_to_save_and_recorded"
+
 # `six_step_sft_config`'s run in a process of its own: argv = config JSON, data, adapter directory (its name names
-# the run). As a Ray Job (tests/test_multinode.py) it joins the job's cluster through RAY_ADDRESS; elsewhere it
-# starts a local cluster of its own (`six_step_sft`).
+# the run), and optionally a file where every rank records the checkpoint it reported (then rank 0 is slow to save:
+# tests/train_builders.py). As a Ray Job (tests/test_multinode.py) it joins the job's cluster through RAY_ADDRESS;
+# elsewhere it starts a local cluster of its own (`six_step_sft`).
 TRAIN_SFT = """import json, os, sys
 from pathlib import Path
 from pipelines.runtime import init_ray
-from pipelines.train.sft import train_sft
+from pipelines.train.ray_train import fit
+from pipelines.train.sft import sft_loop_config, train_sft
 from safetrigger.config import RunConfig
 from safetrigger.model_cache import resolve_model
 cfg = RunConfig.model_validate(json.loads(Path(sys.argv[1]).read_text()))
 if not os.environ.get("RAY_ADDRESS"):
     init_ray(cfg)
-out = Path(sys.argv[3])
-result = train_sft(sys.argv[2], resolve_model(cfg.model.source), out, cfg, name=out.name, emit=print)
+out, model = Path(sys.argv[3]), resolve_model(cfg.model.source)
+if len(sys.argv) > 4:
+    loop = {**sft_loop_config(sys.argv[2], model, cfg), "record": sys.argv[4]}
+    result = fit(RECORDED_SFT, loop, cfg.sft, out, out.name, emit=print)
+else:
+    result = train_sft(sys.argv[2], model, out, cfg, name=out.name, emit=print)
 print("TRAINED", result["metrics"]["step"])
-"""
+""".replace("RECORDED_SFT", repr(RECORDED_SFT))
+
+
+@dataclass(frozen=True)
+class CleanRun:
+    """`six_step_sft`'s run: its data, its adapter, every rank's reported checkpoints (one JSON line each) and Ray
+    Train's directory of the run (checkpoints and the checkpoint manager's snapshot)."""
+    data: Path
+    adapter: Path
+    reports: Path
+    train_dir: Path
 
 
 @pytest.fixture(scope="session")
-def six_step_sft(tmp_path_factory, data_root):
+def six_step_sft(tmp_path_factory, data_root) -> CleanRun:
     """The data of `six_step_sft_config` and the adapter a run of it without a fault trains: the reference a
     faulted run on the same seed must reach. Trained once per test process (a whole two-worker fit, ~25 s on 2
     cores); where its workers ran does not change the weights (the node-loss test matched its reference within
-    1e-5 with the workers on two nodes in one run and on one node in the other).
+    1e-5 with the workers on two nodes in one run and on one node in the other). Rank 0 takes 3 s longer to write
+    each of its three checkpoints and every rank records the checkpoint it reports (tests/train_builders.py): what
+    tests/test_train.py's checkpoint test reads, a fit of its own before (~30 s); neither changes a weight.
 
     On a local cluster started here when Ray is down (tests/test_train.py runs first for that). When this process
     is already a driver of another cluster, in a process of its own: a driver that started a local cluster before
@@ -205,7 +227,8 @@ def six_step_sft(tmp_path_factory, data_root):
     import ray
 
     from pipelines.runtime import init_ray
-    from pipelines.train.sft import train_sft
+    from pipelines.train.ray_train import fit
+    from pipelines.train.sft import sft_loop_config
     from safetrigger.method import render_safe_block
     from safetrigger.model_cache import resolve_model
 
@@ -214,20 +237,22 @@ def six_step_sft(tmp_path_factory, data_root):
     cfg = six_step_sft_config(data_root)
     model_path = resolve_model(cfg.model.source)
     data = sft_examples(work / "sft.jsonl", model_path, answer=lambda i: refusal if i % 2 else f"It is {i}.")
+    run = CleanRun(data, work / "clean", work / "reports.jsonl", work / "ray-train" / "clean")
     if ray.is_initialized():
         (work / "cfg.json").write_text(cfg.model_dump_json())
-        out = subprocess.run([sys.executable, "-c", TRAIN_SFT, str(work / "cfg.json"), str(data), str(work / "clean")],
-                             cwd=REPO, capture_output=True, text=True, timeout=900,
+        out = subprocess.run([sys.executable, "-c", TRAIN_SFT, str(work / "cfg.json"), str(data), str(run.adapter),
+                              str(run.reports)], cwd=REPO, capture_output=True, text=True, timeout=900,
                              env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
         assert out.returncode == 0 and "TRAINED 6" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
-        return data, work / "clean"
+        return run
     init_ray(cfg)
     try:
-        clean = train_sft(data, model_path, work / "clean", cfg, name="clean")
+        clean = fit(RECORDED_SFT, {**sft_loop_config(data, model_path, cfg), "record": str(run.reports)}, cfg.sft,
+                    run.adapter, "clean")
     finally:
         ray.shutdown()
-    assert clean["metrics"]["step"] == 6
-    return data, Path(clean["adapter"])
+    assert clean["metrics"]["step"] == 6 and Path(clean["adapter"]) == run.adapter.resolve()
+    return run
 
 
 def wait_for_a_registered_checkpoint(out_dir: Path, name: str, step: int, timeout_s: float = 600) -> bool:

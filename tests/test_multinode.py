@@ -181,7 +181,7 @@ def test_a_node_lost_mid_sft_resumes_on_the_node_left(cluster, data_root, six_st
     from safetensors.torch import load_file
 
     tmp, _, nodes = cluster
-    data, clean = six_step_sft
+    data, clean = six_step_sft.data, six_step_sft.adapter
     # SPREAD, not STRICT: after the loss both workers must fit on the one node left
     cfg = six_step_sft_config(data_root, placement_strategy="SPREAD")
     work = tmp / "node-loss"

@@ -5,9 +5,8 @@ import pytest
 from safetensors.torch import load_file
 
 from pipelines.train.sft import train_sft
-from safetrigger.config import RunConfig
 from safetrigger.model_cache import resolve_model
-from tests.conftest import sft_examples, six_step_sft_config, wait_for_a_registered_checkpoint
+from tests.conftest import six_step_sft_config, wait_for_a_registered_checkpoint
 
 pytestmark = pytest.mark.stack
 
@@ -36,7 +35,7 @@ def test_a_worker_killed_mid_sft_resumes_from_its_checkpoint_to_the_same_adapter
     from pipelines.runtime import init_ray
 
     cfg = six_step_sft_config(data_root)
-    data, clean = six_step_sft
+    data, clean = six_step_sft.data, six_step_sft.adapter
     model_path = resolve_model(cfg.model.source)
     started_here = not ray.is_initialized()
     init_ray(cfg)
@@ -76,39 +75,16 @@ def test_a_worker_killed_mid_sft_resumes_from_its_checkpoint_to_the_same_adapter
     assert faulted["metrics"]["step"] == 6
 
 
-def test_every_rank_reports_the_checkpoint_of_the_step_it_saved(tmp_path, data_root):
-    """Two workers, checkpoints at steps 2 and 4, rank 0 slow to write them: every rank hands Ray Train a copy of
-    the checkpoint of the step just saved (not the one before, which Ray Train would merge with rank 0's), and the
-    registered final checkpoint is step 4's throughout."""
+def test_every_rank_reports_the_checkpoint_of_the_step_it_saved(six_step_sft):
+    """Two workers, checkpoints at steps 2, 4 and 6, rank 0 slow to write them (`six_step_sft`'s clean run): every
+    rank hands Ray Train a copy of the checkpoint of the step just saved (not the one before, which Ray Train would
+    merge with rank 0's), and the registered final checkpoint is step 6's throughout."""
     import json
 
-    import ray
-
-    from pipelines.runtime import init_ray
-    from pipelines.train.ray_train import fit
-    from pipelines.train.sft import sft_loop_config
-
-    cfg = RunConfig.model_validate({
-        "data": {"root": str(data_root), "sources": [{"type": "advbench", "path": "advbench.jsonl"}]},
-        "sft_data": {"max_length": 256},
-        "sft": {"num_workers": 2, "max_steps": 4, "per_device_batch_size": 1, "lora": {"r": 8, "alpha": 16},
-                "checkpoint_every_steps": 2},
-    })
-    model_path = resolve_model(cfg.model.source)
-    data = sft_examples(tmp_path / "sft.jsonl", model_path, n=8)
-    record = tmp_path / "reports.jsonl"
-    started_here = not ray.is_initialized()
-    init_ray(cfg)
-    try:
-        fit("tests.train_builders:sft_trainer_slow_to_save_and_recorded",
-            {**sft_loop_config(data, model_path, cfg), "record": str(record)}, cfg.sft, tmp_path / "adapter", "synced")
-    finally:
-        if started_here:
-            ray.shutdown()
-    reports = [json.loads(line) for line in record.read_text().splitlines()]
-    assert sorted((r["rank"], r["step"]) for r in reports) == [(0, 2), (0, 4), (1, 2), (1, 4)]
+    reports = [json.loads(line) for line in six_step_sft.reports.read_text().splitlines()]
+    assert sorted((r["rank"], r["step"]) for r in reports) == [(0, 2), (0, 4), (0, 6), (1, 2), (1, 4), (1, 6)]
     assert all(r["copied"] == r["step"] for r in reports), reports
-    snapshot = json.loads((tmp_path / "ray-train" / "synced" / "checkpoint_manager_snapshot.json").read_text())
-    final = tmp_path / "ray-train" / "synced" / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
-    assert json.loads((final / "checkpoint" / "trainer_state.json").read_text())["global_step"] == 4
+    snapshot = json.loads((six_step_sft.train_dir / "checkpoint_manager_snapshot.json").read_text())
+    final = six_step_sft.train_dir / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    assert json.loads((final / "checkpoint" / "trainer_state.json").read_text())["global_step"] == 6
     assert sorted(p.name for p in (final / "checkpoint").glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
