@@ -213,10 +213,11 @@ class CleanRun:
 def six_step_sft(tmp_path_factory, data_root) -> CleanRun:
     """The data of `six_step_sft_config` and the adapter a run of it without a fault trains: the reference a
     faulted run on the same seed must reach. Trained once per test process (a whole two-worker fit, 34 s on 2
-    cores with the slow saves below, 23-25 s without); where its workers ran does not change the weights (the node-loss test matched its reference within
-    1e-5 with the workers on two nodes in one run and on one node in the other). Rank 0 takes 3 s longer to write
-    each of its three checkpoints and every rank records the checkpoint it reports (tests/train_builders.py): what
-    tests/test_train.py's checkpoint test reads, a fit of its own before (~30 s); neither changes a weight.
+    cores with the slow saves below, 23-25 s without); where its workers ran does not change the weights (the
+    node-loss test matched its reference within 1e-5 with the workers on two nodes in one run and on one node in
+    the other). Rank 0 takes 3 s longer to write each of its three checkpoints and every rank records the
+    checkpoint it reports (tests/train_builders.py): what tests/test_train.py's checkpoint test reads, a fit of its
+    own before (~30 s); neither changes a weight.
 
     On a local cluster started here when Ray is down (tests/test_train.py runs first for that). When this process
     is already a driver of another cluster, in a process of its own: a driver that started a local cluster before

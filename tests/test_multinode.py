@@ -60,7 +60,8 @@ def test_the_think_models_main_job_runs_on_both_nodes(cluster, data_root, think_
                    ray={"address": "auto"}, generation={"max_tokens": 96},
                    serving={"http_port": SERVE_PORT, "route_prefix": None},
                    # one Train worker per node for SFT; DPO on one (make_cfg: tests/conftest.py TRAIN_ONE_WORKER)
-                   sft={"num_workers": 2, "placement_strategy": "STRICT_SPREAD", "torch_threads": 1, "cpus_per_worker": 1},
+                   sft={"num_workers": 2, "placement_strategy": "STRICT_SPREAD", "torch_threads": 1,
+                        "cpus_per_worker": 1},
                    dpo={"max_tokens": 64})
     path = tmp / "multinode.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
