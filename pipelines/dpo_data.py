@@ -15,46 +15,67 @@ from typing import Any
 from safetrigger.config import RunConfig
 from safetrigger.method import (RewardWeights, capped_general, category, choose_pair, general_category, query_messages,
                                 score_sample)
-from safetrigger.method.reward import Pair
+from safetrigger.method.reward import Pair, Scored
 
 from .answer_judge import sample_id
 from .chat import load_tokenizer, prompt_completion_text, reasoning_rule
 from .rows import DpoPair, SampleSet, Verdict
 
 
-def build_dpo_pairs(
-    samples: list[SampleSet], verdicts: list[Verdict], cfg: RunConfig, model_path: str
-) -> tuple[list[DpoPair], dict[str, Any]]:
-    d, rule = cfg.dpo, reasoning_rule(cfg, model_path)
-    weights = RewardWeights(d.w_a, d.w_b, d.w_c)
-    safe = {v.query_id: v.answer_safe for v in verdicts}
-    tok = load_tokenizer(model_path)
-    built, per_kind = [], defaultdict(Counter)
-    margins, mixes = defaultdict(list), defaultdict(Counter)
-    for s in sorted(samples, key=lambda r: r.query_id):
-        kind, stats, unsafe = s.kind, per_kind[s.kind], s.label == "unsafe"
-        label = category if unsafe else general_category  # a general query's samples were not judged
-        scored = [score_sample(text, safe[sample_id(s.query_id, i)] if unsafe else None, rule)
+class PairBuilder:
+    """One query's pair, as `build_dpo_pairs` keeps it: scored by the method's reward (an unsafe query, from the
+    judge's verdicts) or as a general query's (no verdict read), then written as TRL text and dropped when longer
+    than `dpo.max_length`. The DPO sampling stage asks it too, to stop sampling general queries once the cap on
+    their pairs is met (`pipelines/sample.py`)."""
+
+    def __init__(self, cfg: RunConfig, model_path: str) -> None:
+        self.cfg, self.rule, self.tok = cfg, reasoning_rule(cfg, model_path), load_tokenizer(model_path)
+        d = cfg.dpo
+        self.weights = RewardWeights(d.w_a, d.w_b, d.w_c)
+
+    def label(self, s: SampleSet):
+        """How its samples are counted: by the reward's categories, or a general query's (its samples not judged)."""
+        return category if s.label == "unsafe" else general_category
+
+    def build(self, s: SampleSet, safe: dict[str, bool]) -> tuple[list[Scored], tuple[Pair, DpoPair] | str]:
+        """The scored samples and either the pair or why there is none (`dropped_no_pair`, `dropped_too_long`)."""
+        d, unsafe, label = self.cfg.dpo, s.label == "unsafe", self.label(s)
+        scored = [score_sample(text, safe[sample_id(s.query_id, i)] if unsafe else None, self.rule)
                   for i, text in enumerate(s.samples)]
-        stats["queries"] += 1
-        stats["samples"] += len(scored)
-        stats.update(label(x) for x in scored)
-        choice = choose_pair(scored, unsafe, d.delta, weights, d.rejected)
+        choice = choose_pair(scored, unsafe, d.delta, self.weights, d.rejected)
         if choice.pair is None:
-            stats["dropped_no_pair"] += 1
-            continue
-        messages = query_messages(s.prompt, cfg.model.system_prompt)
-        prompt, chosen = prompt_completion_text(tok, messages, choice.pair.chosen.text, cfg.model.chat_template_kwargs)
-        _, rejected = prompt_completion_text(tok, messages, choice.pair.rejected.text, cfg.model.chat_template_kwargs)
+            return scored, "dropped_no_pair"
+        messages = query_messages(s.prompt, self.cfg.model.system_prompt)
+        kwargs, tok = self.cfg.model.chat_template_kwargs, self.tok
+        prompt, chosen = prompt_completion_text(tok, messages, choice.pair.chosen.text, kwargs)
+        _, rejected = prompt_completion_text(tok, messages, choice.pair.rejected.text, kwargs)
         n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
         longest = max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in (chosen, rejected))
         if n_prompt + longest + 1 > d.max_length:  # +1: the EOS the trainer appends
-            stats["dropped_too_long"] += 1
-            continue
-        built.append((choice.pair, DpoPair(
-            query_id=s.query_id, kind=kind, prompt=prompt, chosen=chosen, rejected=rejected, margin=choice.pair.margin,
+            return scored, "dropped_too_long"
+        return scored, (choice.pair, DpoPair(
+            query_id=s.query_id, kind=s.kind, prompt=prompt, chosen=chosen, rejected=rejected, margin=choice.pair.margin,
             chosen_category=label(choice.pair.chosen), rejected_category=label(choice.pair.rejected),
-            rewards=list(choice.rewards))))
+            rewards=list(choice.rewards)))
+
+
+def build_dpo_pairs(
+    samples: list[SampleSet], verdicts: list[Verdict], cfg: RunConfig, model_path: str
+) -> tuple[list[DpoPair], dict[str, Any]]:
+    d, builder = cfg.dpo, PairBuilder(cfg, model_path)
+    safe = {v.query_id: v.answer_safe for v in verdicts}
+    built, per_kind = [], defaultdict(Counter)
+    margins, mixes = defaultdict(list), defaultdict(Counter)
+    for s in sorted(samples, key=lambda r: r.query_id):
+        stats = per_kind[s.kind]
+        scored, outcome = builder.build(s, safe)
+        stats["queries"] += 1
+        stats["samples"] += len(scored)
+        stats.update(builder.label(s)(x) for x in scored)
+        if isinstance(outcome, str):
+            stats[outcome] += 1
+            continue
+        built.append(outcome)
     pairs = _capped(built, d.general_pairs_per_unsafe, per_kind)
     for p in pairs:
         per_kind[p.kind]["pairs"] += 1

@@ -134,7 +134,8 @@ def _dpo_sample(rnd: int):
         if not pool:
             return Skip(f"no queries of kinds {job.cfg.data.dpo_kinds} in round {rnd}'s share of the dpo split: "
                         f"{round_adapter(rnd)} not trained")
-        return run_sample(pool, job.policy(), job.cfg, store, adapter="st-s" if rnd == 1 else round_adapter(rnd - 1))
+        return run_sample(pool, job.policy(), job.cfg, store, adapter="st-s" if rnd == 1 else round_adapter(rnd - 1),
+                          emit=job.emit)
 
     return run
 
@@ -262,7 +263,7 @@ def _dpo_round_stages(rnd: int) -> list[Stage]:
     return [
         Stage(f"dpo-sample{x}", (prev, QUERIES), lambda c, k: (
             "dpo-sample", k[prev], k[QUERIES], d(c).num_samples, d(c).temperature, d(c).top_p,
-            d(c).max_tokens, d(c).seed, *share(c)), _dpo_sample(rnd), row=SampleSet,
+            d(c).max_tokens, d(c).seed, *share(c), *_general_sampled_lazily(c)), _dpo_sample(rnd), row=SampleSet,
             doc=f"{'ST-S' if rnd == 1 else round_adapter(rnd - 1)} samples k answers per held-apart query"),
         Stage(f"dpo-judge{x}", (f"dpo-sample{x}",), lambda c, k: (
             "dpo-judge", k[f"dpo-sample{x}"], d(c).judge.key_fields(), *_unsafe_only(c)),
@@ -283,6 +284,13 @@ def _dpo_round_stages(rnd: int) -> list[Stage]:
                                                                                   *_block_room(c)),
               _eval_answers(round_adapter(rnd)), row=Trajectory, doc=f"{'ST-D' if rnd == 1 else round_adapter(rnd)} answers the eval split"),
     ]
+
+
+def _general_sampled_lazily(c: RunConfig) -> tuple:
+    """Part of the DPO sampling key where general queries of its pool are sampled only until the cap on their pairs
+    is met (`pipelines/sample.py`): a store of every general query's samples was written without that stop."""
+    general = c.dpo.general_pool == "train" or "general" in c.data.dpo_kinds
+    return (("general_until_cap", c.dpo.general_pairs_per_unsafe),) if general and c.dpo.general_pairs_per_unsafe else ()
 
 
 def _unsafe_only(c: RunConfig) -> tuple:

@@ -72,11 +72,16 @@ def choose_pair(samples: Sequence[Scored], unsafe_query: bool, delta: float, w: 
     return PairChoice(pair, rewards)
 
 
+def general_cap_rank(query_id: str) -> int:
+    """Where a general query's pair stands in the cap's order among those of its kind (rejected side alike)."""
+    return stable_hash(query_id, "general-cap")
+
+
 def capped_general(general: Sequence[Pair], keys: Sequence[str], unsafe_pairs: int, per_unsafe: float | None) -> list[int]:
     """Indices of the general pairs kept under a cap of `per_unsafe` per unsafe pair (all when None): those whose
     rejected side is tagged first (they teach the trigger to stay quiet; the others a helpful answer over a
     refusal), then in the order of their `keys`' hashes, so the choice is the same on every run."""
     if per_unsafe is None:
         return list(range(len(general)))
-    order = sorted(range(len(general)), key=lambda i: (not general[i].rejected.tagged, stable_hash(keys[i], "general-cap")))
+    order = sorted(range(len(general)), key=lambda i: (not general[i].rejected.tagged, general_cap_rank(keys[i])))
     return sorted(order[: int(per_unsafe * unsafe_pairs)])
