@@ -244,8 +244,11 @@ class SFTTrainConfig(TrainSettings):
     lora: LoraSettings = LoraSettings()
     # Batches of similar lengths (transformers' length-grouped sampler). At batch 4, random batches spend about a
     # third of the SFT compute on padding (35% on the think run's 91 examples of 50-505 tokens; 33% in
-    # tests/test_train_mechanics.py), grouped ones 4-6%. Padding-free batches are not an option on CPU: with SDPA,
-    # transformers does not separate packed sequences by position ids (the second one's logits moved by 17).
+    # tests/test_train_mechanics.py), grouped ones 4-6%. Padding-free batches (TRL's `padding_free`: a micro-batch's
+    # examples as one sequence) gained nothing on CPU: SDPA keeps packed sequences apart by their position ids only
+    # without a KV cache (with one, the second sequence's logits moved by 31; the training head runs without), and
+    # then attends over the whole packed sequence under a mask. Plain SFT, 8 steps of 4 examples, AVX512-BF16 EPYC,
+    # one run each: 242 and 250 tokens/s one example at a time, 214 at 4 padding-free, 258 at 2 x 2.
     # Micro-batches of one (the embedded configs, for memory) have no padding to cut: it changes nothing there.
     length_grouped: bool = True
 
