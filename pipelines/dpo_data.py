@@ -54,7 +54,8 @@ class PairBuilder:
         if n_prompt + longest + 1 > d.max_length:  # +1: the EOS the trainer appends
             return scored, "dropped_too_long"
         return scored, (choice.pair, DpoPair(
-            query_id=s.query_id, kind=s.kind, prompt=prompt, chosen=chosen, rejected=rejected, margin=choice.pair.margin,
+            query_id=s.query_id, kind=s.kind, prompt=prompt, chosen=chosen, rejected=rejected,
+            margin=choice.pair.margin,
             chosen_category=label(choice.pair.chosen), rejected_category=label(choice.pair.rejected),
             rewards=list(choice.rewards)))
 

@@ -79,9 +79,10 @@ class _Sampler:
     def __call__(self, batch: list[Query]) -> None:
         cfg, store, g, d = self.cfg, self.store, self.cfg.generation, self.cfg.dpo
         done = store.of(SampleSet).done_ids()
-        rows = plan_requests([q for q in batch if q.id not in done], cfg, self.endpoint.model_path, max_tokens=d.max_tokens)
-        pre = ChatRequest(cfg, self.endpoint.served_model(self.adapter),
-                          {"n": d.num_samples, "temperature": d.temperature, "top_p": d.top_p}, d.seed, salt="dpo-sample")
+        rows = plan_requests([q for q in batch if q.id not in done], cfg, self.endpoint.model_path,
+                             max_tokens=d.max_tokens)
+        sampling = {"n": d.num_samples, "temperature": d.temperature, "top_p": d.top_p}
+        pre = ChatRequest(cfg, self.endpoint.served_model(self.adapter), sampling, d.seed, salt="dpo-sample")
         run_through_policy(rows, self.endpoint, pre, _Post(d.num_samples, self.adapter),
                            store, "dpo-sample", batch_size=sampling_window(g.batch_size, d.num_samples),
                            concurrency=g.concurrency, fanout=g.fanout,

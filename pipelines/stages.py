@@ -290,7 +290,8 @@ def _general_sampled_lazily(c: RunConfig) -> tuple:
     """Part of the DPO sampling key where general queries of its pool are sampled only until the cap on their pairs
     is met (`pipelines/sample.py`): a store of every general query's samples was written without that stop."""
     general = c.dpo.general_pool == "train" or "general" in c.data.dpo_kinds
-    return (("general_until_cap", c.dpo.general_pairs_per_unsafe),) if general and c.dpo.general_pairs_per_unsafe else ()
+    cap = c.dpo.general_pairs_per_unsafe
+    return (("general_until_cap", cap),) if general and cap else ()
 
 
 def _unsafe_only(c: RunConfig) -> tuple:

@@ -19,7 +19,8 @@ from safetrigger.method import Query, general_cap_rank, render_safe_block, stabl
 from .row_factories import sample_set, verdict
 
 TAGGED = f"Thinking.\n\n{render_safe_block('The core question is unsafe.')}\n\nI can't help with that."
-HELPFUL, REFUSAL, COMPLY = "Thinking.\n\nHere are three ideas.", "Thinking.\n\nI'm sorry, I cannot help.", "Thinking.\n\nSure, step 1."
+HELPFUL, REFUSAL = "Thinking.\n\nHere are three ideas.", "Thinking.\n\nI'm sorry, I cannot help."
+COMPLY = "Thinking.\n\nSure, step 1."
 
 
 def _queries(n_general: int, n_unsafe: int) -> tuple[list[Query], list[Query]]:

@@ -30,8 +30,8 @@ from .records import (
     to_row,
 )
 from .thinking import Convention, SafePosition, convention_of, detect_convention, past_reasoning, review_prefill, safe_position, verdict_prefill
-from .dpo import (PairChoice, capped_general, choose_pair, general_cap_rank, general_category, score_sample, select_general_pair,
-                  visible_answer)
+from .dpo import (PairChoice, capped_general, choose_pair, general_cap_rank, general_category, score_sample,
+                  select_general_pair, visible_answer)
 from .outcome import Incomplete, incomplete
 from .refusal import is_refusal
 from .reward import Pair, RewardWeights, Scored, category, reward, select_pair
