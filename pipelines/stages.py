@@ -286,19 +286,22 @@ def _dpo_round_stages(rnd: int) -> list[Stage]:
     ]
 
 
+def _pool_has_general(c: RunConfig) -> bool:
+    """Whether the DPO pool holds general queries: the SFT split's (`dpo.general_pool: train`) or the dpo split's."""
+    return c.dpo.general_pool == "train" or "general" in c.data.dpo_kinds
+
+
 def _general_sampled_lazily(c: RunConfig) -> tuple:
     """Part of the DPO sampling key where general queries of its pool are sampled only until the cap on their pairs
     is met (`pipelines/sample.py`): a store of every general query's samples was written without that stop."""
-    general = c.dpo.general_pool == "train" or "general" in c.data.dpo_kinds
     cap = c.dpo.general_pairs_per_unsafe
-    return (("general_until_cap", cap),) if general and cap else ()
+    return (("general_until_cap", cap),) if _pool_has_general(c) and cap else ()
 
 
 def _unsafe_only(c: RunConfig) -> tuple:
     """Part of the DPO judge's key only where its pool holds general queries, whose samples it no longer judges
     (their pairs read no verdict): the keys of pools without them stay as they were."""
-    general = c.dpo.general_pool == "train" or "general" in c.data.dpo_kinds
-    return (("judged", "unsafe"),) if general else ()
+    return (("judged", "unsafe"),) if _pool_has_general(c) else ()
 
 
 def judge_stage_name(judge: AnswerJudgeConfig, adapter: str) -> str:
