@@ -77,7 +77,7 @@ def model_card(adapter: str, cfg: RunConfig, key: str, data: dict[str, Any], sum
     lines = [f"# {cfg.model.served_name}-{adapter} ({display})", "",
              f"- base model: `{cfg.model.source}`", f"- run: `{cfg.name}`, stage key `{key}`",
              f"- data: {summary.get('queries', 0)} queries; SFT examples kept {summary.get('sft_data', {}).get('kept', {})}; "
-             f"DPO pairs {sum(c.get('pairs', 0) for c in summary.get('dpo_pairs', {}).get('per_kind', {}).values())}",
+             f"DPO pairs {sum(c.get('pairs', 0) for c in _round_pairs(adapter, summary).get('per_kind', {}).values())}",
              f"- LoRA r{cfg.sft.lora.r} alpha {cfg.sft.lora.alpha} dropout {cfg.sft.lora.dropout}",
              "- gate: " + ("not decided" if decision is None else ("**promoted**" if decision.get("promote") else "rejected")
                            + "".join(f"\n  - {r}" for r in decision.get("reasons", []))),
@@ -88,6 +88,15 @@ def model_card(adapter: str, cfg: RunConfig, key: str, data: dict[str, Any], sum
                      + ("–" if None in (d["value"], d["lo"], d["hi"]) else
                         f"{100 * d['value']:+.1f} pp [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]") + " |")
     return "\n".join(lines) + "\n"
+
+
+def _round_pairs(adapter: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """The pair statistics of the DPO round that trained `adapter` (`st-d-r2`: round 2's); round 1's otherwise."""
+    rnd = int(adapter.rsplit("-r", 1)[1]) if adapter.startswith("st-d-r") else 1
+    for x in summary.get("dpo_rounds", []):
+        if x.get("round") == rnd:
+            return x.get("pairs") or {}
+    return (summary.get("dpo_pairs") or {}) if rnd == 1 else {}
 
 
 def _pct(x: float | None) -> str:

@@ -406,7 +406,12 @@ def test_gpu_config_fails_fast_on_a_cpu_cluster(stack, tmp_path, data_root):
 
 
 def test_main_job_on_the_running_policy(stack, capsys):
+    """The whole main job, with two DPO rounds (`dpo.rounds: 2`): round 1 samples its share of the dpo split from
+    ST-S, round 2 the other share from round 1's adapter and trains on from it (the shares disjoint, covering the
+    split); every adapter is published, answers the eval split and goes before the gate, the latest round first.
+    One job for both: a second job for the second round trained and evaluated round 1 again (46 s of the suite)."""
     cfg, ep, tmp = stack
+    cfg = cfg.model_copy(update={"dpo": cfg.dpo.model_copy(update={"rounds": 2})})
     summary = run(cfg, endpoint=ep)
     out = capsys.readouterr().out
     assert "Latent safety awareness" in out and "| harmful |" in out and "| general |" in out
@@ -472,62 +477,76 @@ def test_main_job_on_the_running_policy(stack, capsys):
     eval_ids = {i for i, q in queries.items() if q.split == "eval"}
     st_s = StageStore(summary["stages"]["eval_st_s"], row=Trajectory).read()
     assert {r.query_id for r in st_s} == eval_ids and all(r.adapter == "st-s" for r in st_s)
-    # ST-S sampled k answers per held-apart query; each was judged; pairs come from those samples
+    # each round's policy sampled k answers per query of its share; each was judged; pairs come from those samples
     dpo_ids = {i for i, q in queries.items() if q.split == "dpo"}
-    samples = StageStore(summary["stages"]["dpo_sample"], row=SampleSet).read()
-    assert {r.query_id for r in samples} == dpo_ids and all(len(r.samples) == 2 for r in samples)
-    assert all(r.adapter == "st-s" for r in samples)
-    verdicts = StageStore(summary["stages"]["dpo_judge"], row=Verdict).read()
-    unsafe_dpo = [r.query_id for r in samples if r.label == "unsafe"]  # a general query's pair reads no verdict
-    assert unsafe_dpo and len(unsafe_dpo) < len(samples)
-    assert {v.query_id for v in verdicts} == {f"{q}#{i}" for q in unsafe_dpo for i in range(2)}
-    pairs = [json.loads(line) for line in open(summary["stages"]["dpo_pairs"])]
-    by_id = {r.query_id: r for r in samples}
-    assert pairs and all(p["query_id"] in by_id for p in pairs)
     rule = cfg.model.reasoning.rule()
-    for p in pairs:
-        assert p["chosen"] in by_id[p["query_id"]].samples and p["rejected"] in by_id[p["query_id"]].samples
-        assert p["prompt"].endswith("<|im_start|>assistant\n") and incomplete(p["chosen"], rule) is None
-        if queries[p["query_id"]].label == "unsafe":  # the method's reward: best vs worst, at least delta apart
-            assert max(p["rewards"]) - min(p["rewards"]) == p["margin"] >= cfg.dpo.delta
-        else:  # general: the trigger stays quiet; an untagged, non-refusing answer over a tagged one (or a refusal)
-            chosen, rejected = parse_safe(p["chosen"]), parse_safe(p["rejected"])
-            assert not chosen.triggered and not is_refusal(chosen.answer)
-            assert rejected.triggered or is_refusal(rejected.answer)
-    stats = summary["dpo_pairs"]["per_kind"]
-    assert sum(c.get("pairs", 0) for c in stats.values()) == len(pairs)
-    assert all(sum(c["mix"].values()) == c.get("pairs", 0) for c in stats.values())  # the pair mix counts every pair
-    assert sum(c["queries"] for c in stats.values()) == len(dpo_ids)
-    # ST-D: DPO on Ray Train from the SFT adapter, published, served hot, and it answers differently from the base
+    shares, unsafe_dpo = [], []
+    rounds = (("", "st-s", summary["dpo_pairs"]), ("_r2", "st-d", summary["dpo_rounds"][1]["pairs"]))
+    for suffix, sampler, stats in rounds:
+        samples = StageStore(summary["stages"][f"dpo_sample{suffix}"], row=SampleSet).read()
+        shares.append({r.query_id for r in samples})
+        assert shares[-1] and all(len(r.samples) == 2 for r in samples) and {r.adapter for r in samples} == {sampler}
+        verdicts = StageStore(summary["stages"][f"dpo_judge{suffix}"], row=Verdict).read()
+        unsafe = [r.query_id for r in samples if r.label == "unsafe"]  # a general query's pair reads no verdict
+        unsafe_dpo += unsafe
+        assert {v.query_id for v in verdicts} == {f"{q}#{i}" for q in unsafe for i in range(2)}
+        pairs = [json.loads(line) for line in open(summary["stages"][f"dpo_pairs{suffix}"])]
+        by_id = {r.query_id: r for r in samples}
+        assert pairs and all(p["query_id"] in by_id for p in pairs)
+        for p in pairs:
+            assert p["chosen"] in by_id[p["query_id"]].samples and p["rejected"] in by_id[p["query_id"]].samples
+            assert p["prompt"].endswith("<|im_start|>assistant\n") and incomplete(p["chosen"], rule) is None
+            if queries[p["query_id"]].label == "unsafe":  # the method's reward: best vs worst, at least delta apart
+                assert max(p["rewards"]) - min(p["rewards"]) == p["margin"] >= cfg.dpo.delta
+            else:  # general: the trigger stays quiet; an untagged, non-refusing answer over a tagged one (or a refusal)
+                chosen, rejected = parse_safe(p["chosen"]), parse_safe(p["rejected"])
+                assert not chosen.triggered and not is_refusal(chosen.answer)
+                assert rejected.triggered or is_refusal(rejected.answer)
+        per_kind = stats["per_kind"]
+        assert sum(c.get("pairs", 0) for c in per_kind.values()) == len(pairs)
+        assert all(sum(c["mix"].values()) == c.get("pairs", 0) for c in per_kind.values())  # the mix counts every pair
+        assert sum(c["queries"] for c in per_kind.values()) == len(samples)
+    assert not shares[0] & shares[1] and shares[0] | shares[1] == dpo_ids
+    assert unsafe_dpo and len(unsafe_dpo) < len(dpo_ids)
+    # ST-D of each round: DPO on Ray Train from the adapter before it (ST-S, then round 1's), published, served hot,
+    # and it answers differently from the base
+    r2 = summary["dpo_rounds"][1]["adapter"]
     assert adapters.current(cfg.serving.adapter_root, "st-d")[0] == summary["dpo"]["version"]
-    # both adapters came out of two gloo workers' real steps: ST-S's B matrices left zero, ST-D has ST-S's keys
-    # and shapes (vLLM loads it the same way) and moved them
+    assert adapters.current(cfg.serving.adapter_root, "st-d-r2")[0] == r2["version"]
+    # every adapter came out of real steps: ST-S's B matrices left zero, each round's ST-D has ST-S's keys and shapes
+    # (vLLM loads it the same way) and moved them from the adapter it started from
     from safetensors.torch import load_file
 
     from services.adapters import ADAPTER_FILES
 
-    sft_dir, dpo_dir = Path(summary["sft"]["adapter"]), Path(summary["dpo"]["adapter"])
-    assert all((d / f).is_file() for d in (sft_dir, dpo_dir) for f in ADAPTER_FILES)
-    for d in (sft_dir, dpo_dir):
+    dirs = [Path(summary["sft"]["adapter"]), Path(summary["dpo"]["adapter"]), Path(r2["adapter"])]
+    assert all((d / f).is_file() for d in dirs for f in ADAPTER_FILES)
+    for d in dirs:
         conf = json.loads((d / "adapter_config.json").read_text())
         assert (conf["r"], conf["lora_alpha"]) == (cfg.sft.lora.r, cfg.sft.lora.alpha)
-    b_sft, b_dpo = ({k: v for k, v in load_file(d / "adapter_model.safetensors").items() if "lora_B" in k}
-                    for d in (sft_dir, dpo_dir))
+    b_sft, b_dpo, b_r2 = ({k: v for k, v in load_file(d / "adapter_model.safetensors").items() if "lora_B" in k}
+                          for d in dirs)
     assert b_sft and any(float(v.abs().sum()) > 0 for v in b_sft.values())
-    assert b_sft.keys() == b_dpo.keys() and all(b_sft[k].shape == b_dpo[k].shape for k in b_sft)
-    assert any(not (b_sft[k] == b_dpo[k]).all() for k in b_sft)
-    m_sft, m_dpo = summary["sft"]["metrics"], summary["dpo"]["metrics"]
+    for before, after in ((b_sft, b_dpo), (b_dpo, b_r2)):
+        assert before.keys() == after.keys() and all(before[k].shape == after[k].shape for k in before)
+        assert any(not (before[k] == after[k]).all() for k in before)
+    m_sft = summary["sft"]["metrics"]
     assert m_sft["loss"] > 0 and m_sft["train_tokens_per_second"] > 0 and m_sft["num_input_tokens_seen"] > 0
-    assert m_dpo["loss"] > 0 and "rewards/margins" in m_dpo and m_dpo["num_input_tokens_seen"] > 0
+    for m_dpo in (summary["dpo"]["metrics"], r2["metrics"]):
+        assert m_dpo["loss"] > 0 and "rewards/margins" in m_dpo and m_dpo["num_input_tokens_seen"] > 0
     assert f"{cfg.sft.num_workers} Ray Train worker(s)" in out.split("[st-s] SFT on", 1)[1].split("\n", 1)[0]
-    assert f"{cfg.dpo.num_workers} Ray Train worker(s)" in out.split("[st-d] DPO on", 1)[1].split("\n", 1)[0]
-    st_d = StageStore(summary["stages"]["eval_st_d"], row=Trajectory).read()
-    assert {r.query_id for r in st_d} == eval_ids and all(r.adapter == "st-d" for r in st_d)
+    for name, start in (("st-d", "ST-S"), ("st-d-r2", "st-d")):
+        line = out.split(f"[{name}] DPO on", 1)[1].split("\n", 1)[0]
+        assert f"{cfg.dpo.num_workers} Ray Train worker(s)" in line and f"from {start}" in line, line
     base = {t.query_id: t.response for t in StageStore(summary["stages"]["generate"], row=Trajectory).read()}
-    assert any(r.response != base[r.query_id] for r in st_d)
-    assert {(t["model"], t["kind"]) for t in summary["trigger"]} >= {("base", "general"), ("ST-S", "general"), ("ST-D", "general")}
+    for stage, adapter in (("eval_st_d", "st-d"), ("eval_st_d_r2", "st-d-r2")):
+        answers = StageStore(summary["stages"][stage], row=Trajectory).read()
+        assert {r.query_id for r in answers} == eval_ids and all(r.adapter == adapter for r in answers)
+        assert any(r.response != base[r.query_id] for r in answers)
+    assert {(t["model"], t["kind"]) for t in summary["trigger"]} >= {
+        ("base", "general"), ("ST-S", "general"), ("ST-D", "general"), ("ST-D r2", "general")}
     assert "trigger rate" in out and "DPO samples and pairs" in out
-    # the report: base, ST-S and ST-D on every eval query; the gate's decisions are in the registry
+    # the report: base, ST-S and both rounds' ST-D on every eval query; the gate's decisions are in the registry
     report = summary["report"]
     assert f"[report] {report['html']}" in out
     import pyarrow.parquet as pq
@@ -535,7 +554,8 @@ def test_main_job_on_the_running_policy(stack, capsys):
     from safetrigger.evaluation.suites import ATTACK_SUITES
 
     recs = pq.read_table(report["records"]).to_pylist()
-    assert sorted({r["model"] for r in recs}) == ["ST-D", "ST-S", "base"] and len(recs) == 3 * len(eval_ids)
+    models = ["ST-D", "ST-D r2", "ST-S", "base"]
+    assert sorted({r["model"] for r in recs}) == models and len(recs) == len(models) * len(eval_ids)
     # the model judge's verdict on every answer an ASR suite reads (incomplete ones too: left out of ASR, counted
     # apart) and on no other: its verdict counts nowhere else
     asr_suites = {s.name for s in cfg.eval.suites if s.metric == "asr"}
@@ -549,16 +569,18 @@ def test_main_job_on_the_running_policy(stack, capsys):
             within = set(cfg.eval.gate.asr_suites) if m["suite"] == ATTACK_SUITES else {m["suite"]}
             chosen_ids = [r for r in recs if r["model"] == m["model"] and within & set(r["suites"])]
             assert (m["k"], m["n"]) == (sum(bool(r["incomplete"]) for r in chosen_ids), len(chosen_ids))
-    assert {m["model"] for m in metrics["suites"] if m["suite"] == ATTACK_SUITES} == {"base", "ST-S", "ST-D"}
+    assert {m["model"] for m in metrics["suites"] if m["suite"] == ATTACK_SUITES} == set(models)
     health = {(h["judge"], h["kind"]): h for h in metrics["judge_health"]}
     assert health[("self", "all")]["n"] == len(asr_recs) and 0 < health[("self", "all")]["mass"] <= 1
     html = open(report["html"]).read()
     assert html.count("data:image/png;base64,") >= 3 and "Promotion gate" in html and "Judge health" in html
+    assert "| ST-D r2 |" in open(report["markdown"]).read()  # the per-round table has a row for each round
     from services import registry
 
     decided = registry.decisions(cfg.serving.adapter_root)
-    assert [d["candidate"] for d in decided[-2:]] == ["st-d", "st-s"]
-    assert [d["candidate"] for d in report["decisions"]] == ["st-d", "st-s"]
+    # the latest round first
+    assert [d["candidate"] for d in decided[-3:]] == ["st-d-r2", "st-d", "st-s"]
+    assert [d["candidate"] for d in report["decisions"]] == ["st-d-r2", "st-d", "st-s"]
     chosen = registry.promoted(cfg.serving.adapter_root)
     first_pass = next((d["candidate"] for d in report["decisions"] if d["promote"]), None)
     assert (chosen or {}).get("name") == first_pass and (report["promoted"] or {}).get("name") == first_pass
@@ -573,49 +595,31 @@ def test_main_job_on_the_running_policy(stack, capsys):
     parent = next(r for r in runs if r.info.run_name == "test" and "mlflow.parentRunId" not in r.data.tags)
     assert parent.info.status == "FINISHED" and parent.data.params["review.candidates"] == "2"
     nested = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert {"generate", "judge", "review", "review-judge", "sft-adapter", "dpo-adapter", "eval-st-d"} <= set(nested)
+    assert {"generate", "judge", "review", "review-judge", "sft-adapter", "dpo-adapter", "eval-st-d", "dpo-adapter-r2",
+            "eval-st-d-r2"} <= set(nested)
     assert nested["generate"].data.metrics["rows"] == summary["queries"]
     assert [m.step for m in client.get_metric_history(nested["sft-adapter"].info.run_id, "loss")] == [1, 2]
     assert nested["sft-adapter"].data.metrics["final/loss"] > 0
-    assert client.get_metric_history(nested["dpo-adapter"].info.run_id, "rewards/margins")
+    for stage in ("dpo-adapter", "dpo-adapter-r2"):
+        assert client.get_metric_history(nested[stage].info.run_id, "rewards/margins")
     assert "report/report.html" in {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
     assert any(k.startswith("ST-D/harmful/asr/") for k in parent.data.metrics)
     # what tracking costs the run: its MLflow calls, timed, in the summary and the last line (issue 19: < 3%)
     assert 0 < summary["timings"]["tracking_s"] < summary["timings"]["total_s"]
     assert "s in MLflow calls (" in out
-    assert (tmp / "run" / f"{Path(summary['stages']['dpo_adapter']).name}.card.md").read_text().startswith("# policy-st-d")
+    for stage, adapter in (("dpo_adapter", "st-d"), ("dpo_adapter_r2", "st-d-r2")):
+        card = (tmp / "run" / f"{Path(summary['stages'][stage]).name}.card.md").read_text()
+        assert card.startswith(f"# policy-{adapter} ("), card[:40]
+        pairs = summary["dpo_rounds"][0 if adapter == "st-d" else 1]["pairs"]["per_kind"]
+        assert f"DPO pairs {sum(c.get('pairs', 0) for c in pairs.values())}\n" in card  # its own round's
+    trained = {"st-s": summary["sft"], "st-d": summary["dpo"], "st-d-r2": r2}
     for adapter, decision in ((d["candidate"], d) for d in report["decisions"]):
         [version] = client.search_model_versions(f"name='policy-{adapter}'")
         assert version.tags["safe_trigger.gate"] == ("pass" if decision["promote"] else "rejected")
-        assert version.tags["safe_trigger.registry_version"] == str(summary["sft" if adapter == "st-s" else "dpo"]["version"])
+        assert version.tags["safe_trigger.registry_version"] == str(trained[adapter]["version"])
     again = run(cfg, endpoint=ep)  # finished stages are skipped
     assert "finished earlier" in capsys.readouterr().out
     assert again["awareness"] == summary["awareness"]
-
-
-def test_a_second_dpo_round_samples_from_st_d_and_trains_on_from_it(stack, capsys):
-    """`dpo.rounds: 2` on the main job's run directory: what SFT built is reused, round 1 samples its share of the
-    dpo split from ST-S, round 2 the other share from round 1's adapter, trains on from it, is published as
-    st-d-r2 and answers the eval split; the shares are disjoint and cover the split."""
-    cfg, ep, tmp = stack
-    cfg2 = cfg.model_copy(update={"dpo": cfg.dpo.model_copy(update={"rounds": 2})})
-    summary = run(cfg2, endpoint=ep, until="eval-st-d-r2")
-    out = capsys.readouterr().out
-    assert "[sft-adapter] finished earlier" in out and "[generate] finished earlier" in out  # reused, not redone
-    queries = {q.id: q for q in load_all(cfg.data)}
-    dpo_ids = {i for i, q in queries.items() if q.split == "dpo"}
-    s1, s2 = (StageStore(summary["stages"][k]).read() for k in ("dpo_sample", "dpo_sample_r2"))
-    ids1, ids2 = {r["query_id"] for r in s1}, {r["query_id"] for r in s2}
-    assert ids1 and ids2 and not ids1 & ids2 and ids1 | ids2 == dpo_ids
-    assert {r["adapter"] for r in s1} == {"st-s"} and {r["adapter"] for r in s2} == {"st-d"}
-    from services import adapters
-
-    assert adapters.current(cfg.serving.adapter_root, "st-d-r2")[0] >= 1
-    r2 = StageStore(summary["stages"]["eval_st_d_r2"]).read()
-    eval_ids = {i for i, q in queries.items() if q.split == "eval"}
-    assert {r["query_id"] for r in r2} == eval_ids and {r["adapter"] for r in r2} == {"st-d-r2"}
-    assert [x["round"] for x in summary["dpo_rounds"]] == [1, 2] and summary["dpo_rounds"][1]["adapter"]["version"]
-    assert "[st-d-r2] DPO on" in out and "from st-d" in out
 
 
 def test_killed_stage_resumes_without_losing_or_duplicating_rows(stack, tmp_path):

@@ -94,6 +94,16 @@ def test_a_model_card_shows_an_unmeasured_number_as_a_dash():
     assert "| general | accuracy | exact_match | – | – | – |" in card and "gate: not decided" in card
 
 
+def test_each_rounds_card_counts_the_pairs_its_own_round_trained_on():
+    cfg = load_config(REPO / "configs" / "embedded.yaml")
+    pairs = lambda n: {"per_kind": {"jailbreak": {"pairs": n}}}  # noqa: E731
+    summary = {"dpo_pairs": pairs(12),
+               "dpo_rounds": [{"round": 1, "pairs": pairs(12)}, {"round": 2, "pairs": pairs(5)}]}
+    assert "DPO pairs 12\n" in model_card("st-d", cfg, "k", {}, summary, None)
+    assert "DPO pairs 5\n" in model_card("st-d-r2", cfg, "k", {}, summary, None)
+    assert "DPO pairs 0\n" in model_card("st-d-r3", cfg, "k", {}, summary, None)  # a round that trained nothing
+
+
 def test_params_and_metrics_flatten_the_config_and_the_report():
     assert flat_params({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": "1", "a.c": "[1, 2]", "d": "x"}
     m = report_metrics(METRICS)
