@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 from safetrigger.config import RunConfig
 
+from .stages import round_adapter
+
 PRODUCTION = "production"
 
 
@@ -91,12 +93,12 @@ def model_card(adapter: str, cfg: RunConfig, key: str, data: dict[str, Any], sum
 
 
 def _round_pairs(adapter: str, summary: dict[str, Any]) -> dict[str, Any]:
-    """The pair statistics of the DPO round that trained `adapter` (`st-d-r2`: round 2's); round 1's otherwise."""
-    rnd = int(adapter.rsplit("-r", 1)[1]) if adapter.startswith("st-d-r") else 1
-    for x in summary.get("dpo_rounds", []):
-        if x.get("round") == rnd:
-            return x.get("pairs") or {}
-    return (summary.get("dpo_pairs") or {}) if rnd == 1 else {}
+    """The pair statistics of the DPO round that trained `adapter` (`st-d-r2`: round 2's), by the stages' own adapter
+    names; ST-S's card, and a summary that lists no rounds, show round 1's."""
+    rounds = {round_adapter(x["round"]): x.get("pairs") or {} for x in summary.get("dpo_rounds", [])}
+    if adapter in rounds:
+        return rounds[adapter]
+    return (summary.get("dpo_pairs") or {}) if adapter in ("st-s", round_adapter(1)) else {}
 
 
 def _pct(x: float | None) -> str:
