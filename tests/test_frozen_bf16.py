@@ -65,6 +65,7 @@ def test_the_sft_builder_casts_exactly_under_cpu_bf16(model_path, tmp_path, bf16
     c = sft_loop_config(data, model_path, _cfg(sft={"precision": "bf16" if bf16 else "fp32"}))
     trainer = build_sft_trainer({**c, "scratch": str(tmp_path / "scratch")})
     assert c["bf16"] == bf16
+    assert trainer.model.config._attn_implementation == "eager"  # on CPU (pipelines/train/ray_train.attention_for)
     dtypes = {b.weight.dtype for b in frozen_lora_bases(trainer.model)}
     assert dtypes == {torch.bfloat16 if bf16 else torch.float32}
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
@@ -87,6 +88,7 @@ def test_the_dpo_builder_casts_after_trls_reference_copy_and_trains(model_path, 
     c = dpo_loop_config(data, model_path, sft, _cfg(dpo={"precision": "bf16"}))
     trainer = build_dpo_trainer({**c, "scratch": str(tmp_path / "out")})
     assert c["bf16"] and {b.weight.dtype for b in frozen_lora_bases(trainer.model)} == {torch.bfloat16}
+    assert trainer.model.config._attn_implementation == "eager"
     adapters = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
     assert any(".ref." in n for n in adapters) and all(p.dtype == torch.float32 for p in adapters.values())
     before = {n: p.detach().clone() for n, p in adapters.items() if p.requires_grad}

@@ -28,6 +28,16 @@ def use_bf16(settings) -> bool:
     return training_precision(settings.precision, settings.use_gpu, this_cpu()).bf16
 
 
+def attention_for(use_gpu: bool) -> str | None:
+    """The attention kernel the trainers load the model with: transformers' default (SDPA) on GPUs, its eager
+    matmul attention on CPU. On CPU, SDPA's flash-attention backward took 13% of an SFT step (torch profiler, 16
+    micro-batches of the embedded SFT, 2.4 of 18.2 s) where its forward took 3%; the eager path's backward is
+    the same bf16 matmuls as the rest. Plain TRL, 2 threads, AVX512-BF16 EPYC, interleaved: SFT 175.1 / 167.1 /
+    170.9 tokens/s against 154.6 / 160.6 / 165.4 with SDPA (12 steps each), DPO 213.2 against 197.8 (6 steps,
+    one pair) at 4.08 GB peak RSS against 3.64 (it keeps each layer's attention weights for the backward pass)."""
+    return None if use_gpu else "eager"
+
+
 def loop_config(settings, **extra: Any) -> dict[str, Any]:
     return {"lr": settings.learning_rate, "epochs": settings.epochs, "max_steps": settings.max_steps,
             "batch_size": settings.per_device_batch_size, "grad_accum": settings.gradient_accumulation_steps,
