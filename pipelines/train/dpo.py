@@ -14,22 +14,21 @@ from typing import Any
 from safetrigger.lm_head import compact_heads_in
 
 from .frozen_bf16 import store_frozen_bases_in_bf16
-from .ray_train import attention_for, fit, hf_args, loop_config
+from .ray_train import fit, hf_args, load_base_model, loop_config
 
 
 def build_dpo_trainer(c: dict[str, Any]):
     import datasets
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
     from trl.trainer import dpo_trainer
 
     torch.set_num_threads(c["torch_threads"])
     ds = datasets.load_dataset("json", data_files=c["data"], split="train").select_columns(["prompt", "chosen", "rejected"])
     tok = AutoTokenizer.from_pretrained(c["model_path"])
-    base = AutoModelForCausalLM.from_pretrained(c["model_path"], dtype=torch.float32,
-                                                attn_implementation=attention_for(c["use_gpu"]))
+    base = load_base_model(c)
     model = PeftModel.from_pretrained(base, c["sft_adapter"], is_trainable=True)
     args = DPOConfig(max_length=c["max_length"], beta=c["beta"], loss_type=[c["loss_type"]],
                      precompute_ref_log_probs=c["precompute_ref"] and _workers_share_a_disk(), **hf_args(c))

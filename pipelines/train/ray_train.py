@@ -38,6 +38,15 @@ def attention_for(use_gpu: bool) -> str | None:
     return None if use_gpu else "eager"
 
 
+def load_base_model(c: dict[str, Any]):
+    """The base model both trainers adapt: float32 weights (bf16 comes from autocast), the attention for the device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(c["model_path"], dtype=torch.float32,
+                                                attn_implementation=attention_for(c["use_gpu"]))
+
+
 def loop_config(settings, **extra: Any) -> dict[str, Any]:
     return {"lr": settings.learning_rate, "epochs": settings.epochs, "max_steps": settings.max_steps,
             "batch_size": settings.per_device_batch_size, "grad_accum": settings.gradient_accumulation_steps,

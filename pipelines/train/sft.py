@@ -14,7 +14,7 @@ from safetrigger.lm_head import compact_heads_in
 
 from .frozen_bf16 import store_frozen_bases_in_bf16
 from .lora_dropout import use_word_mask_dropout
-from .ray_train import attention_for, fit, hf_args, loop_config
+from .ray_train import fit, hf_args, load_base_model, loop_config
 
 
 def build_sft_trainer(c: dict[str, Any]):
@@ -22,15 +22,14 @@ def build_sft_trainer(c: dict[str, Any]):
     import datasets
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
     from trl.trainer import sft_trainer
 
     torch.set_num_threads(c["torch_threads"])
     ds = datasets.load_dataset("json", data_files=c["data"], split="train").select_columns(["prompt", "completion"])
     tok = AutoTokenizer.from_pretrained(c["model_path"])
-    model = AutoModelForCausalLM.from_pretrained(c["model_path"], dtype=torch.float32,
-                                                 attn_implementation=attention_for(c["use_gpu"]))
+    model = load_base_model(c)
     args = SFTConfig(max_length=c["max_length"], completion_only_loss=True, packing=False, **hf_args(c),
                      train_sampling_strategy="group_by_length" if c.get("length_grouped") else "random")
     lora = c["lora"]
