@@ -21,6 +21,7 @@ from safetrigger.config import RunConfig
 from safetrigger.hardware import choose_dtype, this_cpu
 from safetrigger.model_cache import resolve_model
 
+from . import vllm_cpu_norm
 from .policy_ingress import PolicyIngress
 from .policy_server import ADAPTER_ROOT_ENV, LocalModelCallback, PolicyServer
 
@@ -146,6 +147,8 @@ def build_llm_config(cfg: RunConfig, model_path: str | None = None) -> LLMConfig
         # whole-prompt prefill keeps seeded sampling reproducible (measured: identical outputs on re-run).
         engine_kwargs["enable_chunked_prefill"] = False
         engine_kwargs["max_num_batched_tokens"] = max(4096, cfg.model.max_model_len)
+        # vLLM's C++ RMSNorm before its PyTorch-native one, the CPU platform's default (services/vllm_cpu_norm.py)
+        engine_kwargs["ir_op_priority"] = {op: [vllm_cpu_norm.PROVIDER] for op in vllm_cpu_norm.OPS}
     else:
         engine_kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
         if s.accelerator_type:
