@@ -32,8 +32,8 @@ def _kernels_present() -> bool:
 
 
 def _plain(x, weight, epsilon: float, variance_size=None) -> bool:
-    """What the C kernels compute: no variance over a prefix, a weight of the input's dtype, a contiguous 2-D
-    input (they read rows by stride)."""
+    """What the C kernels are given: no variance over a prefix, a weight of the input's dtype, a contiguous 2-D
+    input (the layout tests/test_cpu_norm.py checks them on; anything else stays with the native code)."""
     return (variance_size is None and weight is not None and weight.dtype == x.dtype and x.dim() == 2
             and x.is_contiguous())
 
