@@ -12,6 +12,10 @@ With `--repeats N` the paths run N times in turn (plain, Ray x1, ..., plain, Ray
 median of the N side-by-side pairs: on these shared 2-core machines one pair of 8-step SFT runs gave Ray x1 / plain
 0.87 and another 0.95 (AVX2 EPYC, same data, a day apart), so a single pair says little about a 10% target.
 
+Beside each run, `bench/cpu_share.py` samples every process's CPU time: the second table gives the cores the
+trainer used while it computed and the cores all other processes took then, with the busiest of them (on 2 cores
+the reason Ray Train x1 trails plain TRL, measured: see the README's stop 55).
+
 Data: the newest SFT data and DPO pairs of a finished main run (`--run-dir`); the DPO policy starts from that
 run's SFT adapter.
 """
@@ -29,6 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.cpu_share import CpuSampler, shares  # noqa: E402
 
 
 def newest(run_dir: Path, pattern: str) -> Path:
@@ -70,6 +76,8 @@ def child(args) -> None:
     s = settings(cfg, args.kind, args.steps, workers, threads)
     c = loop_cfg(args.kind, cfg, s, Path(args.run_dir), model_path)
     builder = "pipelines.train.sft:build_sft_trainer" if args.kind == "sft" else "pipelines.train.dpo:build_dpo_trainer"
+    sampler = CpuSampler(include_self=args.path == "plain")
+    sampler.start()
     t = time.perf_counter()
     if args.path == "plain":
         import importlib
@@ -89,6 +97,8 @@ def child(args) -> None:
             metrics = fit(builder, c, s, Path(d) / "adapter", f"bench-{args.kind}")["metrics"]
         ray.shutdown()
     wall = time.perf_counter() - t
+    sampler.stop()
+    where = shares(sampler, os.getpid() if args.path == "plain" else "ray::RayTrainWorker", threads)
     tokens = float(metrics.get("num_input_tokens_seen") or 0)
     runtime = float(metrics.get("train_runtime") or 0)
     import resource
@@ -96,7 +106,7 @@ def child(args) -> None:
     # this process's peak: the whole of a plain run; for Ray Train only the driver (workers are raylet's children)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     print("RESULT " + json.dumps({"tokens": tokens, "train_runtime": runtime, "wall": wall, "peak_rss_gb": peak_gb,
-                                  "tok_s": tokens / runtime if runtime else 0.0}), flush=True)
+                                  "tok_s": tokens / runtime if runtime else 0.0, "cores": where}), flush=True)
 
 
 def gemm_peak_gflops(threads: int, dtype: str = "float32", n: int = 1024, seconds: float = 2.0) -> float:
@@ -148,7 +158,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    rows = []
+    rows, cores = [], []
     for kind in args.kinds:
         plan = [("plain", 1)] + ([] if args.plain_only else [("ray", w) for w in args.workers])
         results: dict[tuple[str, int], list[dict]] = {p: [] for p in plan}
@@ -163,6 +173,7 @@ def main() -> None:
             ratios = [r["tok_s"] / b["tok_s"] if b["tok_s"] else 0.0 for r, b in zip(runs, base)]
             rows.append((kind, f"{path} x{workers}", median([r["tok_s"] for r in runs]), median(ratios),
                          median([r["wall"] for r in runs]), ratios))
+            cores.append((kind, f"{path} x{workers}", [r["cores"] for r in runs if r.get("cores")]))
     print("\n| stage | path | tokens/s (median) | vs plain TRL (median of pairs) | pairs | wall s |\n"
           "|---|---|---:|---:|---|---:|")
     for kind, path, tps, ratio, wall, ratios in rows:
@@ -172,7 +183,19 @@ def main() -> None:
             verdict = "met" if ratio >= 0.9 else "NOT met"
             print(f"{kind}: Ray Train (1 worker) / plain TRL = {ratio:.2f}, median of {len(ratios)} pair(s) "
                   f"(target >= 0.90: {verdict})")
+    print_cores(cores)
     print_share_of_peak(rows, args)
+
+
+def print_cores(cores) -> None:
+    """Where the cores went while the trainer computed (bench/cpu_share.py), medians over the runs; the busiest
+    other processes of the last run."""
+    print("\n| stage | path | trainer's cores | other processes' cores | busiest others (last run) |\n|---|---|---:|---:|---|")
+    for kind, path, runs in cores:
+        if runs:
+            top = ", ".join(f"{lab} {c:.3f}" for lab, c in runs[-1]["top_others"])
+            print(f"| {kind} | {path} | {median([r['trainer_cores'] for r in runs]):.2f} | "
+                  f"{median([r['other_cores'] for r in runs]):.2f} | {top} |")
 
 
 def run_child(args, kind: str, path: str, workers: int) -> dict:
