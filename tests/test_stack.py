@@ -178,9 +178,14 @@ def test_generate_judge_and_resume(stack):
     by_data = cfg.model_copy(update={"generation": cfg.generation.model_copy(update={"fanout": "ray_data"})})
     again = {j.query_id: j for j in run_judge(rows, ep, by_data, StageStore(tmp / "judge-ray-data"))}
     assert set(again) == {j.query_id for j in judged}
+    # A margin is the difference of the two options' logits (the log-sum-exp cancels), and the engine computes
+    # logits in its dtype: batched otherwise, a logit may round one step apart. In bf16 a step is 0.125 at the
+    # magnitudes these logits take (16-32): seen in a clean-clone CI run, one row of 24 at 0.2917 against 0.4167
+    step = 0.125 if served_dtype(cfg) == "bfloat16" else 5e-3
+    diffs = [abs(again[j.query_id].margin - j.margin) for j in judged]
+    assert max(diffs) <= 2 * step + 1e-3 and sum(diffs) / len(diffs) <= 0.8 * step, diffs
     for j in judged:
-        assert again[j.query_id].margin == pytest.approx(j.margin, abs=1e-2)
-        assert abs(j.margin) < 1e-2 or again[j.query_id].verdict_unsafe == j.verdict_unsafe
+        assert abs(j.margin) <= 2 * step or again[j.query_id].verdict_unsafe == j.verdict_unsafe
 
     # the free review mode (one completion per block and answer: what the GPU configs use), after the prefilled tag
     from pipelines.chat import load_tokenizer
@@ -202,6 +207,12 @@ def test_generate_judge_and_resume(stack):
     targets = [unsafe_target(by_id[r.query_id.rsplit("#", 1)[0]].reasoning, r.review, False) for r in reviews]
     for r, target in zip(reviews, targets):  # a cut-off block is dropped with its reason, never trained on
         assert (target.drop is Drop.UNCLOSED_SAFE) == ("</safe>" not in r.review.lower())
+
+
+def served_dtype(cfg: RunConfig) -> str:
+    from safetrigger.hardware import choose_dtype, this_cpu
+
+    return choose_dtype(cfg.model.dtype, cfg.serving.accelerator, this_cpu()).dtype
 
 
 def test_verdict_reads_the_option_token_logprobs(stack):
