@@ -12,6 +12,9 @@ With `--repeats N` the paths run N times in turn (plain, Ray x1, ..., plain, Ray
 median of the N side-by-side pairs: on these shared 2-core machines one pair of 8-step SFT runs gave Ray x1 / plain
 0.87 and another 0.95 (AVX2 EPYC, same data, a day apart), so a single pair says little about a 10% target.
 
+With `--beside-policy` each Ray Train path also runs beside the config's policy app, started as the main job
+starts it and left idle (the main job trains beside its engine), and the ratio to the same path alone is printed.
+
 Beside each run, `bench/cpu_share.py` samples every process's CPU time: the second table gives the cores the
 trainer used while it computed and the cores all other processes took then, with the busiest of them (on 2 cores
 the reason Ray Train x1 trails plain TRL, measured: see the README's stop 55).
@@ -76,6 +79,8 @@ def child(args) -> None:
     s = settings(cfg, args.kind, args.steps, workers, threads)
     c = loop_cfg(args.kind, cfg, s, Path(args.run_dir), model_path)
     builder = "pipelines.train.sft:build_sft_trainer" if args.kind == "sft" else "pipelines.train.dpo:build_dpo_trainer"
+    if args.path == BESIDE_POLICY:
+        start_idle_policy(cfg)
     sampler = CpuSampler(include_self=args.path == "plain")
     sampler.start()
     t = time.perf_counter()
@@ -92,9 +97,14 @@ def child(args) -> None:
 
         from pipelines.train.ray_train import fit
 
-        ray.init(num_cpus=max(2, workers), include_dashboard=False, log_to_driver=False)
+        if not ray.is_initialized():
+            ray.init(num_cpus=max(2, workers), include_dashboard=False, log_to_driver=False)
         with tempfile.TemporaryDirectory() as d:
             metrics = fit(builder, c, s, Path(d) / "adapter", f"bench-{args.kind}")["metrics"]
+        if args.path == BESIDE_POLICY:
+            from ray import serve
+
+            serve.shutdown()
         ray.shutdown()
     wall = time.perf_counter() - t
     sampler.stop()
@@ -107,6 +117,19 @@ def child(args) -> None:
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     print("RESULT " + json.dumps({"tokens": tokens, "train_runtime": runtime, "wall": wall, "peak_rss_gb": peak_gb,
                                   "tok_s": tokens / runtime if runtime else 0.0, "cores": where}), flush=True)
+
+
+BESIDE_POLICY = "ray+policy"
+
+
+def start_idle_policy(cfg) -> None:
+    """The config's policy app on Ray Serve, started the way the main job starts it and left idle: the main job's
+    trainers compute beside it (its engine, replicas, proxy and Serve controller keep their cores' share)."""
+    from pipelines.runtime import init_ray
+    from services.policy import start_policy
+
+    init_ray(cfg)
+    start_policy(cfg)
 
 
 def gemm_peak_gflops(threads: int, dtype: str = "float32", n: int = 1024, seconds: float = 2.0) -> float:
@@ -153,14 +176,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="runs of each path, in turn; ratios are medians of pairs")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--kind", choices=["sft", "dpo"])
-    ap.add_argument("--path", choices=["plain", "ray"])
+    ap.add_argument("--beside-policy", action="store_true",
+                    help="also each Ray Train path beside the config's idle policy app, as the main job trains")
+    ap.add_argument("--path", choices=["plain", "ray", BESIDE_POLICY])
     args = ap.parse_args()
     if args.child:
         child(args)
         return
-    rows, cores = [], []
+    rows, cores, results_by_kind = [], [], {}
     for kind in args.kinds:
-        plan = [("plain", 1)] + ([] if args.plain_only else [("ray", w) for w in args.workers])
+        paths = ["ray"] + ([BESIDE_POLICY] if args.beside_policy else [])
+        plan = [("plain", 1)] + ([] if args.plain_only else [(p, w) for w in args.workers for p in paths])
         results: dict[tuple[str, int], list[dict]] = {p: [] for p in plan}
         for repeat in range(args.repeats):
             for path, workers in plan:
@@ -168,6 +194,7 @@ def main() -> None:
                 print(f"{kind:3} {path:5} workers={workers} (run {repeat + 1}/{args.repeats}): {r['tok_s']:7.1f} tok/s "
                       f"training, {r['train_runtime']:6.1f}s training, {r['wall']:6.1f}s wall"
                       + (f", peak RSS {r['peak_rss_gb']:.2f} GB" if path == "plain" else ""), flush=True)
+        results_by_kind[kind] = results
         base = results[("plain", 1)]
         for (path, workers), runs in results.items():
             ratios = [r["tok_s"] / b["tok_s"] if b["tok_s"] else 0.0 for r, b in zip(runs, base)]
@@ -183,8 +210,20 @@ def main() -> None:
             verdict = "met" if ratio >= 0.9 else "NOT met"
             print(f"{kind}: Ray Train (1 worker) / plain TRL = {ratio:.2f}, median of {len(ratios)} pair(s) "
                   f"(target >= 0.90: {verdict})")
+    print_beside_policy(results_by_kind)
     print_cores(cores)
     print_share_of_peak(rows, args)
+
+
+def print_beside_policy(results_by_kind) -> None:
+    """Each Ray Train path beside the idle policy app against the same path alone (medians of the run pairs)."""
+    for kind, results in results_by_kind.items():
+        for (path, workers), runs in results.items():
+            alone = results.get(("ray", workers), [])
+            if path == BESIDE_POLICY and alone:
+                ratios = [r["tok_s"] / a["tok_s"] for r, a in zip(runs, alone) if a["tok_s"]]
+                print(f"{kind}: Ray Train x{workers} beside the idle policy / alone = {median(ratios):.2f} "
+                      f"(pairs {' '.join(f'{x:.2f}' for x in ratios)})")
 
 
 def print_cores(cores) -> None:
