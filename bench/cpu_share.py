@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 BUSY_SHARE = 0.75  # of the trainer's threads: a sample above it is inside the training window
+_TRAINER = "<trainer>"  # the trainer processes' key among the labels
 
 
 def label(cmdline: list[str], name: str) -> str:
@@ -78,20 +79,20 @@ def training_window(series: list[tuple[float, float]], threads: int) -> tuple[fl
 
 
 def shares(sampler: CpuSampler, trainer: int | str, threads: int, top: int = 4) -> dict:
-    """Cores used in the training window by the trainer (a pid, or the busiest process of that label) and by all
-    other processes together, with the `top` of them."""
-    trainers = [pid for pid, lab in sampler.labels.items() if pid == trainer or lab == trainer]
+    """Cores used in the training window by the trainer (a pid, or every process of that label: all Ray Train
+    workers) and by all other processes together, with the `top` of them. The window is the busiest trainer
+    process's, `threads` that process's threads."""
+    trainers = {pid for pid, lab in sampler.labels.items() if pid == trainer or lab == trainer}
     if not trainers:
         return {}
-    trainer = max(trainers, key=lambda pid: sampler.series[pid][-1][1] - sampler.series[pid][0][1])
-    window = training_window(sampler.series[trainer], threads)
+    busiest = max(trainers, key=lambda pid: sampler.series[pid][-1][1] - sampler.series[pid][0][1])
+    window = training_window(sampler.series[busiest], threads)
     if window is None:
         return {}
     a, b = window
-    others: Counter[str] = Counter()
+    used: Counter[str] = Counter()
     for pid, series in sampler.series.items():
-        if pid != trainer:
-            others[sampler.labels[pid]] += _used_between(series, a, b) / (b - a)
-    return {"window_s": b - a, "trainer_cores": _used_between(sampler.series[trainer], a, b) / (b - a),
-            "other_cores": sum(others.values()),
-            "top_others": [[lab, cores] for lab, cores in others.most_common(top) if cores >= 0.005]}
+        used[_TRAINER if pid in trainers else sampler.labels[pid]] += _used_between(series, a, b) / (b - a)
+    trainer_cores = used.pop(_TRAINER)
+    return {"window_s": b - a, "trainer_cores": trainer_cores, "other_cores": sum(used.values()),
+            "top_others": [[lab, cores] for lab, cores in used.most_common(top) if cores >= 0.005]}

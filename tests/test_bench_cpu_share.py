@@ -32,6 +32,11 @@ def test_the_window_is_where_the_trainer_was_busy_and_others_are_counted_inside_
     assert [lab for lab, _ in got["top_others"]] == ["ray::TrainController"]  # the earlier burner is outside it
     assert shares(sampler, 1, threads=2)["trainer_cores"] == got["trainer_cores"]  # by pid as by label
     assert shares(sampler, "ray::Nobody", threads=2) == {}
+    # two workers of one label are one trainer, the window the busier one's
+    sampler.series[4] = [(t, 0.5 * t) for t in range(8)]
+    sampler.labels[4] = "ray::RayTrainWorker"
+    both = shares(sampler, "ray::RayTrainWorker", threads=2)
+    assert both["window_s"] == 4 and abs(both["trainer_cores"] - 2.5) < 1e-9 and abs(both["other_cores"] - 0.1) < 1e-9
 
 
 def test_a_real_busy_process_is_seen_using_its_core():
