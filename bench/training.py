@@ -229,7 +229,8 @@ def print_beside_policy(results_by_kind) -> None:
 def print_cores(cores) -> None:
     """Where the cores went while the trainer computed (bench/cpu_share.py), medians over the runs; the busiest
     other processes of the last run."""
-    print("\n| stage | path | trainer's cores | other processes' cores | busiest others (last run) |\n|---|---|---:|---:|---|")
+    print("\n| stage | path | trainer's cores | other processes' cores | busiest others (last run) |\n"
+          "|---|---|---:|---:|---|")
     for kind, path, runs in cores:
         if runs:
             top = ", ".join(f"{lab} {c:.3f}" for lab, c in runs[-1]["top_others"])

@@ -42,7 +42,8 @@ def test_the_window_is_where_the_trainer_was_busy_and_others_are_counted_inside_
 def test_a_real_busy_process_is_seen_using_its_core():
     sampler = CpuSampler(period_s=0.2)
     sampler.start()
-    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 2.5: pass"])
+    spin = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 2.5: pass"
+    busy = subprocess.Popen([sys.executable, "-c", spin])
     busy.wait()
     time.sleep(0.5)
     sampler.stop()
