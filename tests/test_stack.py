@@ -23,7 +23,7 @@ from pipelines.stage_store import StageStore
 from safetrigger.config import RunConfig
 from safetrigger.method import REVIEW_PART_CUES, VERDICT_PARTS, incomplete, is_refusal, parse_safe
 from safetrigger.method.sft import trim_loop
-from services.policy import PolicyServiceError, check_resources
+from services.policy import PolicyServiceError, build_llm_config, check_resources
 from tests.conftest import TRAIN_ONE_WORKER, random_adapter
 
 pytestmark = pytest.mark.stack
@@ -181,7 +181,8 @@ def test_generate_judge_and_resume(stack):
     # A margin is the difference of the two options' logits (the log-sum-exp cancels), and the engine computes
     # logits in its dtype: batched otherwise, a logit may round one step apart. In bf16 a step is 0.125 at the
     # magnitudes these logits take (16-32): seen in a clean-clone CI run, one row of 24 at 0.2917 against 0.4167
-    step = 0.125 if served_dtype(cfg) == "bfloat16" else 5e-3
+    served = build_llm_config(cfg, ep.model_path).engine_kwargs["dtype"]  # the dtype the replicas were given
+    step = 0.125 if served == "bfloat16" else 5e-3
     diffs = [abs(again[j.query_id].margin - j.margin) for j in judged]
     assert max(diffs) <= 2 * step + 1e-3 and sum(diffs) / len(diffs) <= 0.8 * step, diffs
     for j in judged:
@@ -207,12 +208,6 @@ def test_generate_judge_and_resume(stack):
     targets = [unsafe_target(by_id[r.query_id.rsplit("#", 1)[0]].reasoning, r.review, False) for r in reviews]
     for r, target in zip(reviews, targets):  # a cut-off block is dropped with its reason, never trained on
         assert (target.drop is Drop.UNCLOSED_SAFE) == ("</safe>" not in r.review.lower())
-
-
-def served_dtype(cfg: RunConfig) -> str:
-    from safetrigger.hardware import choose_dtype, this_cpu
-
-    return choose_dtype(cfg.model.dtype, cfg.serving.accelerator, this_cpu()).dtype
 
 
 def test_verdict_reads_the_option_token_logprobs(stack):
