@@ -67,9 +67,9 @@ def _used_between(series: list[tuple[float, float]], a: float, b: float) -> floa
     """CPU seconds a process used in [a, b], from its samples (none before it started, none after it ended)."""
     def at(t: float) -> float:
         before = [cpu for when, cpu in series if when <= t]
-        return before[-1] if before else series[0][1] if series[0][0] <= t else 0.0
+        return before[-1] if before else 0.0
 
-    return max(0.0, at(b) - at(a)) if series else 0.0
+    return max(0.0, at(b) - at(a))
 
 
 def training_window(series: list[tuple[float, float]], threads: int) -> tuple[float, float] | None:
