@@ -5,6 +5,7 @@ import json
 import time
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -39,8 +40,6 @@ def _run_cfg(tmp, data_root) -> RunConfig:
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, data_root):
-    from ray import serve
-
     from pipelines.runtime import init_ray, set_threads
     from services.gateway.deploy import pointed_at, start_gateway
     from services.policy import start_policy
@@ -70,7 +69,7 @@ def gw(tmp_path_factory, data_root):
         assert ep.base_url is None  # the policy app has no HTTP route: the gateway is the one door
         prefix = start_gateway(gcfg)
         yield f"http://127.0.0.1:{PORT}{prefix}", cfg, ep, tmp
-        serve.shutdown()
+        # no serve.shutdown(): the node's processes, the replicas' engines among them, are stopped by pid at exit
 
 
 PREFILL_FIELDS = ["echo", "add_generation_prompt", "continue_final_message"]
@@ -305,62 +304,155 @@ def test_jobs_confine_their_configs(gw, data_root):
         assert e.value.status == 404
 
 
-def test_job_runs_to_a_report_and_another_is_cancelled(gw, data_root):
-    base, *_ = gw
-    seen = []
+def test_a_job_runs_through_a_replica_kill_to_its_report_and_another_is_cancelled(gw, data_root):
+    """One job for both (apart, each ran a job of its own). SIGKILL of the policy replica's process (what the OOM
+    killer does to an engine) while the job generates and a client streams: the stream ends with an error event;
+    until Serve's new replica answers, every request gets a prompt 503 with Retry-After (no hang, no other 5xx) and
+    readiness says 503; no slot leaks; the generate stage resends only the rows no part held, and holds every query
+    exactly once. The job then runs to its report, its progress paged and hidden from other keys; then a bounded
+    load beside a second job, which is cancelled."""
+    base, _, ep, tmp = gw
+    queries = sum(1 for line in (REPO / "data" / "demo_queries.jsonl").read_text().splitlines() if line.strip())
     with Client(base, JOBS) as c:
-        job = c.submit(_job_config(data_root), name="tiny")
+        # 96-token answers, 4 rows a part, 8 in flight: the first part is committed while most rows are still out
+        job = c.submit(_job_config(data_root, name="survivor",
+                                   generation={"max_tokens": 96, "batch_size": 8, "chunk_rows": 4}))
+        parts = lambda: sorted((tmp / "jobs" / job / "run").glob("generate-*/part-*.parquet"))  # noqa: E731
+        seen = _kill_the_replica_while_generating(c, job, parts, base, ep)
         final = c.wait(job, timeout=900, poll_s=0.5, on_progress=seen.append)
-        assert final.status == "SUCCEEDED", c.logs(job)[-3000:]
+        logs = c.logs(job)
+        assert final.status == "SUCCEEDED", logs[-3000:]
+        lost = [line for line in logs.splitlines() if "a policy replica was lost" in line or "answered again" in line]
+        assert "was lost" in lost[0] and "answered again" in lost[-1] and "resending" in lost[-1], lost
+        ids = [i for p in parts() for i in pq.read_table(p, columns=["query_id"]).column("query_id").to_pylist()]
+        assert len(ids) == len(set(ids)) == queries
+        print(f"[replica-kill] job: {lost[0].split('] ', 1)[1]}; {lost[-1].split('] ', 1)[1]}; generate holds "
+              f"{len(ids)} rows, each once")
         assert any(s.stage == "generate" for s in seen) and final.report_ready
-        # the structured progress events, paged: every stage's line in order, none twice, none lost
-        events, nxt = c.progress(job)
-        head, at = c.progress(job, limit=3)
-        tail, end = c.progress(job, after=at)
-        assert head + tail == events and end == nxt and len(head) == 3 and at == 3
-        stages = [e["stage"] for e in events]
-        assert stages.index("generate") < stages.index("judge") < stages.index("report")
-        assert c.progress(job, after=nxt) == ([], nxt)  # nothing new after a finished run
-        for bad in ({"after": -1}, {"limit": 0}, {"limit": 1001}, {"after": "x"}):
-            r = httpx.get(f"{base}/v1/jobs/{job}/progress", params=bad, headers={"Authorization": f"Bearer {JOBS}"})
-            assert r.status_code == 422, (bad, r.status_code)
-        report = c.report(job)
-        suites = {(s["model"], s["suite"]) for s in report["metrics"]["suites"]}
-        assert ("base", "harmful") in suites and "Attack success rate" in report["markdown"]
-        assert c.report(job, format="html").startswith("<!doctype html>")
-        assert "[report]" in c.logs(job)
-        with Client(base, PEEK) as other:  # another key cannot see the job, nor its progress
-            for look in (other.status, other.progress):
-                with pytest.raises(SafeTriggerError) as e:
-                    look(job)
-                assert e.value.status == 404
-        mine = c.jobs()
-        assert job in [j.id for j in mine] and next(j for j in mine if j.id == job).status == "SUCCEEDED"
-        with Client(base, PEEK) as other:  # nor list it
-            assert job not in [j.id for j in other.jobs()]
+        _check_the_jobs_report_and_progress(c, base, job)
+        _load_beside_a_running_job_then_cancel_it(c, base, data_root)
 
-        # a bounded load while a job drives the same replicas: 4x the key's concurrency in streams, three times
-        idle = _p50_latency(base)
-        # longer answers than the job above: it is still generating when the load is over
-        victim = c.submit(_job_config(data_root, name="victim", generation={"max_tokens": 128, "batch_size": 8, "chunk_rows": 8}))
-        deadline = time.monotonic() + 300
-        while ((st := c.status(victim)).status in ("PENDING", "RUNNING") and st.stage != "generate"
-               and time.monotonic() < deadline):
-            time.sleep(0.5)
-        assert st.status == "RUNNING" and st.stage == "generate", st  # the job is at work on the policy
-        storms = [code for _ in range(3) for code, _ in _streams(base, LOAD, 4 * LOAD_CONCURRENCY)]
-        busy = _p50_latency(base)
-        assert set(storms) <= {200, 429} and storms.count(429) > 0, storms  # refused or served, never a 5xx
-        assert storms.count(200) >= 3 * LOAD_CONCURRENCY
-        held = [line for line in httpx.get(base + "/metrics", timeout=30).text.splitlines()
-                if line.startswith('safe_trigger_gateway_in_flight{key="load"}')]
-        assert held == ['safe_trigger_gateway_in_flight{key="load"} 0.0']  # every slot was given back
-        print(f"[load] {len(storms)} streams at 4x a limit of {LOAD_CONCURRENCY}: {storms.count(200)} served, "
-              f"{storms.count(429)} refused (429), 0 errors; p50 of a 16-token stream {idle:.2f}s idle, "
-              f"{busy:.2f}s while job {st.stage} runs")
-        assert c.status(victim).status == "RUNNING"  # the load ran beside a running job
-        assert c.cancel(victim) is True
-        assert c.wait(victim, timeout=120, poll_s=1).status == "STOPPED"
+
+def _kill_the_replica_while_generating(c, job, parts, base, ep) -> list:
+    """SIGKILL the policy replica once the job's generate stage committed a part, with a stream open; check what
+    clients see until a new replica answers. Returns the job statuses seen on the way."""
+    import os
+    import signal
+    import threading
+
+    from ray.util.state import list_actors
+
+    seen, deadline = [], time.monotonic() + 300
+    while not parts() and (st := c.status(job)).status in ("PENDING", "RUNNING") and time.monotonic() < deadline:
+        seen.append(st)
+        time.sleep(0.5)
+    assert parts() and c.status(job).status == "RUNNING", c.logs(job)[-2000:]
+
+    streamed, started = [], threading.Event()
+
+    def stream():
+        body = {"model": "policy", "messages": [{"role": "user", "content": "Tell me about rivers."}],
+                "max_tokens": 64, "stream": True, "temperature": 0}
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {APP}"}) as r:
+            for line in r.iter_lines():
+                started.set()
+                streamed.append(line)
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    assert started.wait(120)
+    [replica] = [a for a in list_actors(address=f"127.0.0.1:{HEAD.gcs}", filters=[("state", "=", "ALIVE")])
+                 if a.class_name.startswith(f"ServeReplica:{ep.app_name}:{ep.deployment_name}")]
+    os.kill(replica.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    streamer.join(120)
+    assert not streamer.is_alive()
+    events = [json.loads(line[5:]) for line in streamed if line.startswith("data:") and line != "data: [DONE]"]
+    assert "error" in events[-1] and events[-1]["error"]["code"] == 503, streamed[-3:]
+
+    answers, ready = [], []
+    body = {"model": "policy", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    while time.monotonic() - killed < 600:
+        t = time.monotonic()
+        r = httpx.post(base + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {APP}"},
+                       timeout=60)
+        answers.append((r.status_code, r.headers.get("retry-after"), time.monotonic() - t))
+        ready.append(httpx.get(base + "/readyz", timeout=30).status_code)
+        seen.append(c.status(job))
+        if r.status_code == 200:
+            break
+        time.sleep(1)
+    back = time.monotonic() - killed
+    refused = [a for a in answers if a[0] != 200]
+    assert answers[-1][0] == 200, answers[-5:]
+    assert refused and all(code == 503 and after for code, after, _ in refused), refused
+    # refused once Serve's controller sees the replica gone (its health check runs every 10 s), not held until
+    # a new replica is up (the job's own wait says how long that took)
+    assert max(s for *_, s in refused) < 30, refused
+    assert 503 in ready and httpx.get(base + "/readyz", timeout=30).status_code == 200
+    gauges = [line for line in httpx.get(base + "/metrics", timeout=30).text.splitlines()
+              if line.startswith("safe_trigger_gateway_in_flight{")]
+    assert gauges and all(line.endswith(" 0.0") for line in gauges), gauges
+    print(f"[replica-kill] {len(refused)} requests refused with 503 + Retry-After (slowest "
+          f"{max(s for *_, s in refused):.2f}s), a replica answered again {back:.0f}s after the kill")
+    return seen
+
+
+def _check_the_jobs_report_and_progress(c, base, job) -> None:
+    """A finished job's structured progress events, paged (every stage's line in order, none twice, none lost), its
+    report and logs; another key can neither see nor list it."""
+    events, nxt = c.progress(job)
+    head, at = c.progress(job, limit=3)
+    tail, end = c.progress(job, after=at)
+    assert head + tail == events and end == nxt and len(head) == 3 and at == 3
+    stages = [e["stage"] for e in events]
+    assert stages.index("generate") < stages.index("judge") < stages.index("report")
+    assert c.progress(job, after=nxt) == ([], nxt)  # nothing new after a finished run
+    for bad in ({"after": -1}, {"limit": 0}, {"limit": 1001}, {"after": "x"}):
+        r = httpx.get(f"{base}/v1/jobs/{job}/progress", params=bad, headers={"Authorization": f"Bearer {JOBS}"})
+        assert r.status_code == 422, (bad, r.status_code)
+    report = c.report(job)
+    suites = {(s["model"], s["suite"]) for s in report["metrics"]["suites"]}
+    assert ("base", "harmful") in suites and "Attack success rate" in report["markdown"]
+    assert c.report(job, format="html").startswith("<!doctype html>")
+    assert "[report]" in c.logs(job)
+    with Client(base, PEEK) as other:  # another key cannot see the job, nor its progress
+        for look in (other.status, other.progress):
+            with pytest.raises(SafeTriggerError) as e:
+                look(job)
+            assert e.value.status == 404
+    mine = c.jobs()
+    assert job in [j.id for j in mine] and next(j for j in mine if j.id == job).status == "SUCCEEDED"
+    with Client(base, PEEK) as other:  # nor list it
+        assert job not in [j.id for j in other.jobs()]
+
+
+def _load_beside_a_running_job_then_cancel_it(c, base, data_root) -> None:
+    """A bounded load while a job drives the same replicas: 4x the key's concurrency in streams, three times;
+    refused or served, never a 5xx, every slot given back. Then the job is cancelled."""
+    idle = _p50_latency(base)
+    # longer answers than the job above: it is still generating when the load is over
+    victim = c.submit(_job_config(data_root, name="victim",
+                                  generation={"max_tokens": 128, "batch_size": 8, "chunk_rows": 8}))
+    deadline = time.monotonic() + 300
+    while ((st := c.status(victim)).status in ("PENDING", "RUNNING") and st.stage != "generate"
+           and time.monotonic() < deadline):
+        time.sleep(0.5)
+    assert st.status == "RUNNING" and st.stage == "generate", st  # the job is at work on the policy
+    storms = [code for _ in range(3) for code, _ in _streams(base, LOAD, 4 * LOAD_CONCURRENCY)]
+    busy = _p50_latency(base)
+    assert set(storms) <= {200, 429} and storms.count(429) > 0, storms  # refused or served, never a 5xx
+    assert storms.count(200) >= 3 * LOAD_CONCURRENCY
+    held = [line for line in httpx.get(base + "/metrics", timeout=30).text.splitlines()
+            if line.startswith('safe_trigger_gateway_in_flight{key="load"}')]
+    assert held == ['safe_trigger_gateway_in_flight{key="load"} 0.0']  # every slot was given back
+    print(f"[load] {len(storms)} streams at 4x a limit of {LOAD_CONCURRENCY}: {storms.count(200)} served, "
+          f"{storms.count(429)} refused (429), 0 errors; p50 of a 16-token stream {idle:.2f}s idle, "
+          f"{busy:.2f}s while job {st.stage} runs")
+    assert c.status(victim).status == "RUNNING"  # the load ran beside a running job
+    assert c.cancel(victim) is True
+    assert c.wait(victim, timeout=120, poll_s=1).status == "STOPPED"
 
 
 def _streams(base, key, n, max_tokens=16):
@@ -435,85 +527,3 @@ def test_stateful_job_sequences_never_get_a_server_error(gw):
                                suppress_health_check=list(HealthCheck)))
     chained = {(m, p) for m, p, code in seen if "{job_id}" in p and code in (200, 202)}
     assert len(seen) >= 16 and len(chained) >= 2, seen  # links followed to real jobs, not only 404s
-
-
-def test_a_replica_killed_under_a_running_job_is_replaced_and_nothing_is_lost(gw, data_root):
-    """SIGKILL of the policy replica's process (what the OOM killer does to an engine) while a job generates and
-    a client streams. The stream ends with an error event; until Serve's new replica answers, every request gets
-    a prompt 503 with Retry-After (no hang, no other 5xx) and readiness says 503; no slot leaks; the job's
-    generate stage resends only the rows no part held, and holds every query exactly once."""
-    import os
-    import signal
-    import threading
-
-    import pyarrow.parquet as pq
-    from ray.util.state import list_actors
-
-    base, _, ep, tmp = gw
-    queries = sum(1 for line in (REPO / "data" / "demo_queries.jsonl").read_text().splitlines() if line.strip())
-    with Client(base, JOBS) as c:
-        job = c.submit(_job_config(data_root, name="survivor",
-                                   generation={"max_tokens": 96, "batch_size": 4, "chunk_rows": 4}))
-        parts = lambda: sorted((tmp / "jobs" / job / "run").glob("generate-*/part-*.parquet"))  # noqa: E731
-        deadline = time.monotonic() + 300
-        while not parts() and c.status(job).status in ("PENDING", "RUNNING") and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert parts() and c.status(job).status == "RUNNING", c.logs(job)[-2000:]
-
-        streamed, started = [], threading.Event()
-
-        def stream():
-            body = {"model": "policy", "messages": [{"role": "user", "content": "Tell me about rivers."}],
-                    "max_tokens": 64, "stream": True, "temperature": 0}
-            with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120,
-                              headers={"Authorization": f"Bearer {APP}"}) as r:
-                for line in r.iter_lines():
-                    started.set()
-                    streamed.append(line)
-
-        streamer = threading.Thread(target=stream)
-        streamer.start()
-        assert started.wait(120)
-        [replica] = [a for a in list_actors(address=f"127.0.0.1:{HEAD.gcs}", filters=[("state", "=", "ALIVE")])
-                     if a.class_name.startswith(f"ServeReplica:{ep.app_name}:{ep.deployment_name}")]
-        os.kill(replica.pid, signal.SIGKILL)
-        killed = time.monotonic()
-        streamer.join(120)
-        assert not streamer.is_alive()
-        events = [json.loads(line[5:]) for line in streamed if line.startswith("data:") and line != "data: [DONE]"]
-        assert "error" in events[-1] and events[-1]["error"]["code"] == 503, streamed[-3:]
-
-        answers, ready = [], []
-        body = {"model": "policy", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
-        while time.monotonic() - killed < 600:
-            t = time.monotonic()
-            r = httpx.post(base + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {APP}"},
-                           timeout=60)
-            answers.append((r.status_code, r.headers.get("retry-after"), time.monotonic() - t))
-            ready.append(httpx.get(base + "/readyz", timeout=30).status_code)
-            if r.status_code == 200:
-                break
-            time.sleep(1)
-        back = time.monotonic() - killed
-        refused = [a for a in answers if a[0] != 200]
-        assert answers[-1][0] == 200, answers[-5:]
-        assert refused and all(code == 503 and after for code, after, _ in refused), refused
-        # refused once Serve's controller sees the replica gone (its health check runs every 10 s), not held until
-        # a new replica is up (the job's own wait below says how long that took)
-        assert max(s for *_, s in refused) < 30, refused
-        assert 503 in ready and httpx.get(base + "/readyz", timeout=30).status_code == 200
-        gauges = [line for line in httpx.get(base + "/metrics", timeout=30).text.splitlines()
-                  if line.startswith("safe_trigger_gateway_in_flight{")]
-        assert gauges and all(line.endswith(" 0.0") for line in gauges), gauges
-
-        final = c.wait(job, timeout=900, poll_s=0.5)
-        logs = c.logs(job)
-        assert final.status == "SUCCEEDED", logs[-3000:]
-        lost = [line for line in logs.splitlines() if "a policy replica was lost" in line or "answered again" in line]
-        assert "was lost" in lost[0] and "answered again" in lost[-1] and "resending" in lost[-1], lost
-        ids = [i for p in parts() for i in pq.read_table(p, columns=["query_id"]).column("query_id").to_pylist()]
-        assert len(ids) == len(set(ids)) == queries
-        print(f"[replica-kill] {len(refused)} requests refused with 503 + Retry-After (slowest "
-              f"{max(s for *_, s in refused):.2f}s), a replica answered again {back:.0f}s after the kill; "
-              f"job: {lost[0].split('] ', 1)[1]}; {lost[-1].split('] ', 1)[1]}; generate holds {len(ids)} rows, "
-              f"each once")
