@@ -42,7 +42,9 @@ def make_cfg(tmp, data_root, **over) -> RunConfig:
         "ray": {"num_cpus": 8},
         "data": {"root": str(data_root), "sources": [{"type": "queries", "path": "repo:data/demo_queries.jsonl"}],
                  "dpo_fraction": 0.5, "dpo_kinds": ["harmful", "jailbreak", "general"]},
-        "generation": {"max_tokens": 48, "batch_size": 8, "chunk_rows": 5},
+        # requests in flight: the engine's max_num_seqs, so the 24 demo queries go in two waves, not three (at 8 the
+        # main-job test took 110 s and test_generate_judge_and_resume 53; at 16, 95 and 38: one run each, 2 cores)
+        "generation": {"max_tokens": 48, "batch_size": 16, "chunk_rows": 5},
         "judge": {"max_reasoning_tokens": 64},
         # self-selected answers: 2 answers after each block, kept when the policy's own verdict and refusal match
         # both call them safe
