@@ -252,9 +252,7 @@ def with_job_server(cfg, dashboard_url: str):
 def _serve(args) -> int:
     from pipelines.runtime import emit_precision, init_ray, precision_report, set_threads, with_adapter_root
     from safetrigger.config import load_config
-    from services.gateway.config import load_gateway_config
-    from services.gateway.deploy import pointed_at, start_gateway
-    from services.policy import PolicyServiceError, refuse_public_route, start_policy
+    from services.policy_rules import PolicyServiceError, refuse_public_route
 
     cfg = with_adapter_root(load_config(args.config, _overrides_or_exit(args.set)))
     try:
@@ -262,6 +260,10 @@ def _serve(args) -> int:
     except PolicyServiceError as e:
         print(f"safe-trigger: {e}", file=sys.stderr)
         return 2
+    from services.gateway.config import load_gateway_config
+    from services.gateway.deploy import pointed_at, start_gateway
+    from services.policy import start_policy
+
     gw = load_gateway_config(args.gateway)
     cfg = with_job_server(cfg, gw.ray_dashboard_url)
     set_threads(cfg.torch_threads)

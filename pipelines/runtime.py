@@ -40,7 +40,7 @@ def precision_report(cfg: RunConfig) -> dict[str, Any]:
     a number measured here means little without them)."""
     from safetrigger.hardware import choose_dtype, this_cpu, training_precision
 
-    from services.policy import engine_threads
+    from services.policy_rules import engine_threads
 
     cpu = this_cpu()
     threads = engine_threads(cfg) if cfg.serving.accelerator == "cpu" else None

@@ -22,12 +22,9 @@ from safetrigger.hardware import choose_dtype, this_cpu
 from safetrigger.model_cache import resolve_model
 
 from . import vllm_cpu_norm
+from .policy_rules import PolicyServiceError, engine_threads, reserved_cpus
 from .policy_ingress import PolicyIngress
 from .policy_server import ADAPTER_ROOT_ENV, LocalModelCallback, PolicyServer
-
-class PolicyServiceError(RuntimeError):
-    pass
-
 
 @dataclass(frozen=True)
 class PolicyEndpoint:
@@ -83,27 +80,6 @@ def cpu_engine_env(cfg: RunConfig) -> dict[str, str]:
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
     return env
-
-
-def engine_threads(cfg: RunConfig, host_cpus: int | None = None) -> int:
-    """The CPU engine's compute threads: `serving.engine_threads`, else the replica's CPUs, at most the host's
-    logical CPUs (see the field's comment for the measurement)."""
-    s = cfg.serving
-    if s.engine_threads is not None:
-        return s.engine_threads
-    return max(1, min(int(s.cpus_per_replica), _host(host_cpus)))
-
-
-def reserved_cpus(cfg: RunConfig, host_cpus: int | None = None) -> int | None:
-    """VLLM_CPU_NUM_OF_RESERVED_CPU: 0 where the engine's threads take every logical CPU of the host (vLLM's
-    auto-binding would otherwise bind them to all cores but one), else None: vLLM's own default."""
-    host = _host(host_cpus)
-    return 0 if engine_threads(cfg, host) >= host else None
-
-
-def _host(host_cpus: int | None) -> int:
-    """This host's logical CPUs, unless a caller (a test) names them."""
-    return host_cpus if host_cpus is not None else (os.cpu_count() or 1)
 
 
 def preload_libraries() -> list[str]:
@@ -234,15 +210,6 @@ def attach_policy(cfg: RunConfig, model_path: str | None = None) -> PolicyEndpoi
         )
     return PolicyEndpoint(s.app_name, cfg.model.served_name, model_path or resolve_model(cfg.model.source), http_url(cfg),
                           s.adapter_scope)
-
-
-def refuse_public_route(cfg: RunConfig) -> None:
-    """A shared deployment's policy app answers by handle only: on a route it would serve every caller of Serve's
-    proxy without keys, limits or `<safe>` hiding."""
-    if cfg.serving.route_prefix is not None:
-        raise PolicyServiceError(
-            f"serving.route_prefix is {cfg.serving.route_prefix!r}: behind the gateway the policy app must have no HTTP "
-            "route (it would answer without keys, limits or <safe> hiding); remove it, the gateway reaches the policy by handle")
 
 
 def http_url(cfg: RunConfig) -> str | None:

@@ -20,7 +20,8 @@ def _run_config(args: dict[str, Any]):
 
 def policy_app(args: dict[str, Any]):
     """The policy app of a shared deployment: it must have no HTTP route (give the app `route_prefix: null`)."""
-    from .policy import build_policy_app, refuse_public_route
+    from .policy import build_policy_app
+    from .policy_rules import refuse_public_route
 
     cfg = _run_config(args)
     refuse_public_route(cfg)

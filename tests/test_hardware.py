@@ -104,7 +104,7 @@ def test_precision_report_names_the_cpu_and_each_choice():
     (2, 2, 1, 1, None),     # explicit wins: one core for the engine, vLLM reserves the other
 ])
 def test_engine_threads_use_the_replicas_cpus(cpus, host, given, expected, reserved):
-    from services.policy import engine_threads, reserved_cpus
+    from services.policy_rules import engine_threads, reserved_cpus
 
     cfg = RunConfig.model_validate({"data": {"sources": [{"type": "advbench", "path": "a.jsonl"}]},
                                     "serving": {"cpus_per_replica": cpus, "engine_threads": given}})
@@ -113,7 +113,8 @@ def test_engine_threads_use_the_replicas_cpus(cpus, host, given, expected, reser
 
 
 def test_the_replica_environment_carries_the_engine_threads(model_path):
-    from services.policy import build_llm_config, engine_threads
+    from services.policy_rules import engine_threads
+    from services.policy import build_llm_config
 
     cfg = RunConfig.model_validate({"data": {"sources": [{"type": "advbench", "path": "a.jsonl"}]},
                                     "serving": {"cpus_per_replica": 2}})
