@@ -26,6 +26,7 @@ from .policy_rules import PolicyServiceError, engine_threads, reserved_cpus
 from .policy_ingress import PolicyIngress
 from .policy_server import ADAPTER_ROOT_ENV, LocalModelCallback, PolicyServer
 
+
 @dataclass(frozen=True)
 class PolicyEndpoint:
     """Where a running policy app answers; everything a caller needs, nothing about how it runs."""
