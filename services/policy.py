@@ -22,8 +22,8 @@ from safetrigger.hardware import choose_dtype, this_cpu
 from safetrigger.model_cache import resolve_model
 
 from . import vllm_cpu_norm
-from .policy_rules import PolicyServiceError, engine_threads, reserved_cpus
 from .policy_ingress import PolicyIngress
+from .policy_rules import PolicyServiceError, engine_threads, reserved_cpus
 from .policy_server import ADAPTER_ROOT_ENV, LocalModelCallback, PolicyServer
 
 

@@ -1,8 +1,8 @@
 """What the policy's config decides without the engine stack: the cores its CPU engine computes on, and whether
 its app may have an HTTP route. `services.policy` imports vLLM and Ray Serve (~10 s on 2 cores); the main job
 prints the engine's threads before it reads its data, and `safe-trigger serve` refuses a routed policy before it
-starts anything, so a bad data file or config is reported in about two seconds (`services.policy` re-exports
-these names)."""
+starts anything, so a bad data file or config is reported in about two seconds (`services.policy` keeps using
+the engine's threads and the error from here)."""
 
 from __future__ import annotations
 
