@@ -305,7 +305,7 @@ def test_jobs_confine_their_configs(gw, data_root):
 
 
 def test_a_job_runs_through_a_replica_kill_to_its_report_and_another_is_cancelled(gw, data_root):
-    """One job for both (apart, each ran a job of its own). SIGKILL of the policy replica's process (what the OOM
+    """One job for both (apart, each ran a job of its own: 127 s of the suite, together 102-108 s). SIGKILL of the policy replica's process (what the OOM
     killer does to an engine) while the job generates and a client streams: the stream ends with an error event;
     until Serve's new replica answers, every request gets a prompt 503 with Retry-After (no hang, no other 5xx) and
     readiness says 503; no slot leaks; the generate stage resends only the rows no part held, and holds every query
