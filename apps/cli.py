@@ -261,7 +261,7 @@ def _serve(args) -> int:
         print(f"safe-trigger: {e}", file=sys.stderr)
         return 2
     from services.gateway.config import load_gateway_config
-    from services.gateway.deploy import pointed_at, start_gateway
+    from services.gateway.deploy import gateway_target, pointed_at
     from services.policy import start_policy
 
     gw = load_gateway_config(args.gateway)
@@ -269,10 +269,14 @@ def _serve(args) -> int:
     set_threads(cfg.torch_threads)
     emit_precision(precision_report(cfg), print)
     init_ray(cfg)
-    ep = start_policy(cfg)
-    gw = pointed_at(gw, ep).model_copy(update={"adapter_root": gw.adapter_root or cfg.serving.adapter_root,
-                                              "policy_model_source": cfg.model.source})
-    prefix = start_gateway(gw)
+    prefix = "/gw"
+
+    def gateway_in_front(ep):
+        return [gateway_target(pointed_at(gw, ep).model_copy(update={
+            "adapter_root": gw.adapter_root or cfg.serving.adapter_root, "policy_model_source": cfg.model.source}),
+            route_prefix=prefix)]
+
+    ep = start_policy(cfg, beside=gateway_in_front)  # both apps start at once
     signum = wait_for_stop(on_ready=lambda: print(
         f"gateway ready at http://{cfg.serving.http_host}:{cfg.serving.http_port}{prefix} (the policy app "
         f"{ep.app_name!r} answers by handle only)",

@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray import serve
@@ -175,16 +175,26 @@ def check_resources(cfg: RunConfig) -> None:
         )
 
 
-def start_policy(cfg: RunConfig, model_path: str | None = None) -> PolicyEndpoint:
-    """Deploy (or update) the policy app and wait until it answers; Ray must already be initialised."""
+def start_policy(cfg: RunConfig, model_path: str | None = None,
+                 beside: Callable[[PolicyEndpoint], list[serve.RunTarget]] | None = None) -> PolicyEndpoint:
+    """Deploy (or update) the policy app and wait until it answers; Ray must already be initialised.
+
+    `beside`: the apps that front it (given its endpoint), deployed at the same time and waited for too. The
+    gateway's replica spends ~8 s importing vLLM's request models; after the policy was up that came on top of the
+    engine's start, beside it it runs on the other core. Policy and gateway on a fresh local Ray (2 cores, AVX512-BF16
+    EPYC, interleaved): ready in 31.8 and 35.0 s together, 38.8 and 39.2 s one after the other."""
     check_resources(cfg)
     model_path = model_path or resolve_model(cfg.model.source)
     s = cfg.serving
+    endpoint = PolicyEndpoint(s.app_name, cfg.model.served_name, model_path, http_url(cfg), s.adapter_scope)
     serve.start(http_options={"host": s.http_host, "port": s.http_port})
     started = time.monotonic()
-    serve.run(build_policy_app(cfg, model_path), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
-    _wait_ready(s.app_name, s.startup_timeout_s, started)
-    return PolicyEndpoint(s.app_name, cfg.model.served_name, model_path, http_url(cfg), s.adapter_scope)
+    targets = [serve.RunTarget(build_policy_app(cfg, model_path), name=s.app_name, route_prefix=s.route_prefix)]
+    targets += beside(endpoint) if beside else []
+    serve.run_many(targets, wait_for_applications_running=False)
+    for target in targets:
+        _wait_ready(target.name, s.startup_timeout_s, started)
+    return endpoint
 
 
 def start_guards(cfg: RunConfig) -> list[PolicyEndpoint]:

@@ -41,33 +41,35 @@ def _run_cfg(tmp, data_root) -> RunConfig:
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, data_root):
     from pipelines.runtime import init_ray, set_threads
-    from services.gateway.deploy import pointed_at, start_gateway
+    from services.gateway.deploy import gateway_target, pointed_at
     from services.policy import start_policy
 
     tmp = tmp_path_factory.mktemp("gateway")
     cfg = _run_cfg(tmp, data_root)
+    keys = [
+        # the harness prefills the assistant turn with a <safe> block (_prefilled): an operator's grant, per key
+        {"id": "app", "sha256": hash_key(APP), "scopes": ["inference"], "requests_per_minute": 6000, "burst": 200,
+         "engine_fields": PREFILL_FIELDS},
+        {"id": "jobs", "sha256": hash_key(JOBS), "scopes": ["jobs", "inference"]},
+        {"id": "peek", "sha256": hash_key(PEEK), "scopes": ["inference", "jobs"], "show_safety": True,
+         "engine_fields": PREFILL_FIELDS},
+        {"id": "slow", "sha256": hash_key(SLOW), "scopes": ["inference"], "requests_per_minute": 1, "burst": 2},
+        {"id": "load", "sha256": hash_key(LOAD), "scopes": ["inference"], "requests_per_minute": 6000, "burst": 500,
+         "max_concurrent": LOAD_CONCURRENCY},
+    ]
+    front = GatewayConfig(adapter_root=cfg.serving.adapter_root, keys=keys,
+                          limits={"max_tokens": 64, "max_prompt_chars": 4000, "max_body_bytes": 20_000},
+                          ray_dashboard_url=f"http://127.0.0.1:{DASHBOARD}", artifact_root=str(tmp / "jobs"),
+                          allowed_data_roots=[str(data_root)], policy_model_source=cfg.model.source)
+    prefix = "/gw"
     with head_node(HEAD, "gw"):
         set_threads(1)
         init_ray(cfg)
-        ep = start_policy(cfg)
-        keys = [
-            # the harness prefills the assistant turn with a <safe> block (_prefilled): an operator's grant, per key
-            {"id": "app", "sha256": hash_key(APP), "scopes": ["inference"], "requests_per_minute": 6000, "burst": 200,
-             "engine_fields": PREFILL_FIELDS},
-            {"id": "jobs", "sha256": hash_key(JOBS), "scopes": ["jobs", "inference"]},
-            {"id": "peek", "sha256": hash_key(PEEK), "scopes": ["inference", "jobs"], "show_safety": True,
-             "engine_fields": PREFILL_FIELDS},
-            {"id": "slow", "sha256": hash_key(SLOW), "scopes": ["inference"], "requests_per_minute": 1, "burst": 2},
-            {"id": "load", "sha256": hash_key(LOAD), "scopes": ["inference"], "requests_per_minute": 6000, "burst": 500,
-             "max_concurrent": LOAD_CONCURRENCY},
-        ]
-        gcfg = pointed_at(GatewayConfig(adapter_root=cfg.serving.adapter_root, keys=keys,
-                                        limits={"max_tokens": 64, "max_prompt_chars": 4000, "max_body_bytes": 20_000},
-                                        ray_dashboard_url=f"http://127.0.0.1:{DASHBOARD}", artifact_root=str(tmp / "jobs"),
-                                        allowed_data_roots=[str(data_root)], policy_model_source=cfg.model.source), ep)
+        # the gateway deployed beside the policy, as `safe-trigger serve` does
+        ep = start_policy(cfg, beside=lambda ep: [gateway_target(pointed_at(front, ep), route_prefix=prefix)])
+        gcfg = pointed_at(front, ep)
         assert gcfg.policy_via == "handle" and gcfg.deployment == ep.deployment_name  # the default names agree
         assert ep.base_url is None  # the policy app has no HTTP route: the gateway is the one door
-        prefix = start_gateway(gcfg)
         yield f"http://127.0.0.1:{PORT}{prefix}", cfg, ep, tmp
         # no serve.shutdown(): the node's processes, the replicas' engines among them, are stopped by pid at exit
 

@@ -48,3 +48,8 @@ def pointed_at(cfg: GatewayConfig, policy: Any) -> GatewayConfig:
 def start_gateway(cfg: GatewayConfig, route_prefix: str = "/gw", name: str = "gateway", **kw: Any) -> str:
     serve.run(build_gateway_deployment(cfg, **kw), name=name, route_prefix=route_prefix)
     return route_prefix
+
+
+def gateway_target(cfg: GatewayConfig, route_prefix: str = "/gw", name: str = "gateway") -> serve.RunTarget:
+    """The gateway app as one of several to deploy at once (`services.policy.start_policy(beside=...)`)."""
+    return serve.RunTarget(build_gateway_deployment(cfg, name=name), name=name, route_prefix=route_prefix)
