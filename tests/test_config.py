@@ -94,10 +94,12 @@ def test_bad_data_is_reported_before_the_engine_stack_is_imported(tmp_path):
     """The CPU line printed at start named the engine's threads through `services.policy`, which imports vLLM and Ray
     Serve: a bad data file took ~10 s to report on 2 cores, about 2 s without them."""
     write(tmp_path / "bad.jsonl", '{"goal": "a"}\n{oops\n')
-    write(tmp_path / "c.yaml", f"output_dir: {tmp_path}/out\ndata: {{root: {tmp_path}, sources: [{{type: advbench, path: bad.jsonl}}]}}\n")
+    write(tmp_path / "c.yaml",
+          f"output_dir: {tmp_path}/out\ndata: {{root: {tmp_path}, sources: [{{type: advbench, path: bad.jsonl}}]}}\n")
     code = ("import sys; from apps.cli import main; rc = main(['run', sys.argv[1]]); "
             "print(rc, [m for m in ('vllm', 'ray.serve', 'ray.serve.llm') if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.yaml")], capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.yaml")], capture_output=True, text=True,
+                         cwd=REPO)
     assert "bad.jsonl:2: not valid JSON" in out.stderr and "[cpu]" in out.stdout, out.stderr[-2000:]
     assert out.stdout.splitlines()[-1] == "2 []", out.stdout
 

@@ -307,12 +307,12 @@ def test_jobs_confine_their_configs(gw, data_root):
 
 
 def test_a_job_runs_through_a_replica_kill_to_its_report_and_another_is_cancelled(gw, data_root):
-    """One job for both (apart, each ran a job of its own: 127 s of the suite, together 102-108 s). SIGKILL of the policy replica's process (what the OOM
-    killer does to an engine) while the job generates and a client streams: the stream ends with an error event;
-    until Serve's new replica answers, every request gets a prompt 503 with Retry-After (no hang, no other 5xx) and
-    readiness says 503; no slot leaks; the generate stage resends only the rows no part held, and holds every query
-    exactly once. The job then runs to its report, its progress paged and hidden from other keys; then a bounded
-    load beside a second job, which is cancelled."""
+    """One job for both (apart, each ran a job of its own: 127 s of the suite, together 100-112 s). SIGKILL of the
+    policy replica's process (what the OOM killer does to an engine) while the job generates and a client streams:
+    the stream ends with an error event; until Serve's new replica answers, every request gets a prompt 503 with
+    Retry-After (no hang, no other 5xx) and readiness says 503; no slot leaks; the generate stage resends only the
+    rows no part held, and holds every query exactly once. The job then runs to its report, its progress paged and
+    hidden from other keys; then a bounded load beside a second job, which is cancelled."""
     base, _, ep, tmp = gw
     queries = sum(1 for line in (REPO / "data" / "demo_queries.jsonl").read_text().splitlines() if line.strip())
     with Client(base, JOBS) as c:
