@@ -261,7 +261,7 @@ def _serve(args) -> int:
         print(f"safe-trigger: {e}", file=sys.stderr)
         return 2
     from services.gateway.config import load_gateway_config
-    from services.gateway.deploy import gateway_target, pointed_at
+    from services.gateway.deploy import GATEWAY_PREFIX, gateway_target, pointed_at
     from services.policy import start_policy
 
     gw = load_gateway_config(args.gateway)
@@ -269,7 +269,7 @@ def _serve(args) -> int:
     set_threads(cfg.torch_threads)
     emit_precision(precision_report(cfg), print)
     init_ray(cfg)
-    prefix = "/gw"
+    prefix = GATEWAY_PREFIX
 
     def gateway_in_front(ep):
         return [gateway_target(pointed_at(gw, ep).model_copy(update={

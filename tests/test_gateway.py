@@ -41,7 +41,7 @@ def _run_cfg(tmp, data_root) -> RunConfig:
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, data_root):
     from pipelines.runtime import init_ray, set_threads
-    from services.gateway.deploy import gateway_target, pointed_at
+    from services.gateway.deploy import GATEWAY_PREFIX, gateway_target, pointed_at
     from services.policy import start_policy
 
     tmp = tmp_path_factory.mktemp("gateway")
@@ -61,7 +61,7 @@ def gw(tmp_path_factory, data_root):
                           limits={"max_tokens": 64, "max_prompt_chars": 4000, "max_body_bytes": 20_000},
                           ray_dashboard_url=f"http://127.0.0.1:{DASHBOARD}", artifact_root=str(tmp / "jobs"),
                           allowed_data_roots=[str(data_root)], policy_model_source=cfg.model.source)
-    prefix = "/gw"
+    prefix = GATEWAY_PREFIX
     with head_node(HEAD, "gw"):
         set_threads(1)
         init_ray(cfg)

@@ -9,6 +9,8 @@ from ray import serve
 from .app import build_app
 from .config import GatewayConfig
 
+GATEWAY_PREFIX = "/gw"  # the route the gateway app takes on Serve's proxy unless told otherwise
+
 
 def build_gateway_deployment(cfg: GatewayConfig, num_replicas: int = 1, route_prefix: str = "/gw", name: str = "gateway"):
     """An application to `serve.run(app, name=..., route_prefix=...)`: the FastAPI app behind Serve's proxy."""
@@ -45,11 +47,14 @@ def pointed_at(cfg: GatewayConfig, policy: Any) -> GatewayConfig:
                                   "policy_think_opened": template_opens_think(policy.model_path)})
 
 
-def start_gateway(cfg: GatewayConfig, route_prefix: str = "/gw", name: str = "gateway", **kw: Any) -> str:
-    serve.run(build_gateway_deployment(cfg, **kw), name=name, route_prefix=route_prefix)
-    return route_prefix
-
-
-def gateway_target(cfg: GatewayConfig, route_prefix: str = "/gw", name: str = "gateway") -> serve.RunTarget:
+def gateway_target(cfg: GatewayConfig, route_prefix: str = GATEWAY_PREFIX, name: str = "gateway",
+                   **kw: Any) -> serve.RunTarget:
     """The gateway app as one of several to deploy at once (`services.policy.start_policy(beside=...)`)."""
-    return serve.RunTarget(build_gateway_deployment(cfg, name=name), name=name, route_prefix=route_prefix)
+    return serve.RunTarget(build_gateway_deployment(cfg, name=name, **kw), name=name, route_prefix=route_prefix)
+
+
+def start_gateway(cfg: GatewayConfig, route_prefix: str = GATEWAY_PREFIX, name: str = "gateway", **kw: Any) -> str:
+    """The gateway app alone, deployed and running; its route prefix."""
+    app = gateway_target(cfg, route_prefix, name, **kw)
+    serve.run(app.target, name=app.name, route_prefix=app.route_prefix)
+    return route_prefix
