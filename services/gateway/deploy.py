@@ -12,8 +12,9 @@ from .config import GatewayConfig
 GATEWAY_PREFIX = "/gw"  # the route the gateway app takes on Serve's proxy unless told otherwise
 
 
-def build_gateway_deployment(cfg: GatewayConfig, num_replicas: int = 1, route_prefix: str = "/gw", name: str = "gateway"):
-    """An application to `serve.run(app, name=..., route_prefix=...)`: the FastAPI app behind Serve's proxy."""
+def build_gateway_deployment(cfg: GatewayConfig, num_replicas: int = 1, name: str = "gateway"):
+    """An application to `serve.run(app, name=..., route_prefix=...)`: the FastAPI app behind Serve's proxy (the
+    route is the app's, given where it is run)."""
     app = build_app(cfg)
 
     @serve.deployment(name=name, num_replicas=num_replicas, ray_actor_options={"num_cpus": 0.1},
