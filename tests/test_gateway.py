@@ -65,9 +65,14 @@ def gw(tmp_path_factory, data_root):
     with head_node(HEAD, "gw"):
         set_threads(1)
         init_ray(cfg)
-        # the gateway deployed beside the policy, as `safe-trigger serve` does
-        ep = start_policy(cfg, beside=lambda ep: [gateway_target(pointed_at(front, ep), route_prefix=prefix)])
-        gcfg = pointed_at(front, ep)
+        deployed: list[GatewayConfig] = []  # the config the gateway was deployed with, read below
+
+        def gateway_in_front(ep):  # the gateway deployed beside the policy, as `safe-trigger serve` does
+            deployed.append(pointed_at(front, ep))
+            return [gateway_target(deployed[0], route_prefix=prefix)]
+
+        ep = start_policy(cfg, beside=gateway_in_front)
+        (gcfg,) = deployed
         assert gcfg.policy_via == "handle" and gcfg.deployment == ep.deployment_name  # the default names agree
         assert ep.base_url is None  # the policy app has no HTTP route: the gateway is the one door
         yield f"http://127.0.0.1:{PORT}{prefix}", cfg, ep, tmp
