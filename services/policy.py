@@ -23,7 +23,7 @@ from safetrigger.model_cache import resolve_model
 
 from . import vllm_cpu_norm
 from .policy_ingress import PolicyIngress
-from .policy_rules import PolicyServiceError, engine_threads, reserved_cpus
+from .policy_rules import PolicyServiceError, engine_threads, kv_block_size, reserved_cpus
 from .policy_server import ADAPTER_ROOT_ENV, LocalModelCallback, PolicyServer
 
 
@@ -109,6 +109,8 @@ def build_llm_config(cfg: RunConfig, model_path: str | None = None) -> LLMConfig
         "tensor_parallel_size": s.tensor_parallel_size,
         "seed": cfg.generation.seed,
     }
+    if kv_block_size(cfg) is not None:
+        engine_kwargs["block_size"] = kv_block_size(cfg)
     if s.enable_lora:
         engine_kwargs.update(enable_lora=True, max_loras=s.max_loras, max_lora_rank=s.max_lora_rank)
     kwargs: dict[str, Any] = {}

@@ -27,6 +27,17 @@ def reserved_cpus(cfg: RunConfig, host_cpus: int | None = None) -> int | None:
     return 0 if engine_threads(cfg, host) >= host else None
 
 
+CPU_KV_BLOCK_SIZE = 32  # see `ServingConfig.kv_block_size`
+
+
+def kv_block_size(cfg: RunConfig) -> int | None:
+    """The engine's KV-cache block size: `serving.kv_block_size`, else 32 on CPU, else None (vLLM's default)."""
+    s = cfg.serving
+    if s.kv_block_size is not None:
+        return s.kv_block_size
+    return CPU_KV_BLOCK_SIZE if s.accelerator == "cpu" else None
+
+
 def _host(host_cpus: int | None) -> int:
     """This host's logical CPUs, unless a caller (a test) names them."""
     return host_cpus if host_cpus is not None else (os.cpu_count() or 1)

@@ -112,6 +112,28 @@ def test_engine_threads_use_the_replicas_cpus(cpus, host, given, expected, reser
     assert reserved_cpus(cfg, host_cpus=host) == reserved
 
 
+@pytest.mark.parametrize("serving, expected", [
+    ({}, 32),                                                      # CPU: small blocks, so the prefix cache hits
+    ({"kv_block_size": 64}, 64),                                   # the field wins
+    ({"kv_block_size": 64, "engine_kwargs": {"block_size": 128}}, 128),  # raw engine arguments win over both
+    ({"accelerator": "gpu"}, None),                                # GPU: vLLM's own default, nothing passed
+    ({"accelerator": "gpu", "kv_block_size": 32}, 32),
+])
+def test_the_engine_gets_the_kv_block_size(model_path, serving, expected):
+    from services.policy import build_llm_config
+
+    cfg = RunConfig.model_validate({"data": {"sources": [{"type": "advbench", "path": "a.jsonl"}]},
+                                    "serving": serving})
+    assert build_llm_config(cfg, model_path).engine_kwargs.get("block_size") == expected
+
+
+@pytest.mark.parametrize("size", [8, 24, 0])
+def test_a_kv_block_size_that_is_not_a_multiple_of_16_is_refused(size):
+    with pytest.raises(ValueError, match="kv_block_size"):
+        RunConfig.model_validate({"data": {"sources": [{"type": "advbench", "path": "a.jsonl"}]},
+                                  "serving": {"kv_block_size": size}})
+
+
 def test_the_replica_environment_carries_the_engine_threads(model_path):
     from services.policy_rules import engine_threads
     from services.policy import build_llm_config
