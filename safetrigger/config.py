@@ -61,9 +61,11 @@ class ServingConfig(_Strict):
     kv_cache_space_gib: int = Field(1, ge=1)  # CPU only: VLLM_CPU_KVCACHE_SPACE
     # Tokens per KV-cache block. vLLM's prefix cache reuses whole blocks only, and vLLM-CPU's own default is 128:
     # with prompts of a few hundred tokens most of a repeated prefix (the review's rounds, which resend the query,
-    # the reasoning and the parts written so far) was prefilled again. None: 32 on CPU (the smallest multiple of 32
-    # its attention prefers), vLLM's default on GPU. Measured, embedded review stage on the same judge store (AMD
-    # EPYC, AVX512-BF16, 2 cores, bf16): 82 and 84 s at 128, 67 and 70 s at 32
+    # the reasoning and the parts written so far; DPO sampling's k samples of one prompt) was prefilled again.
+    # None: 32 on CPU (the smallest multiple of 32 its attention prefers), vLLM's default on GPU. Measured on copies
+    # of one embedded run, each stage redone twice at each size, interleaved (AMD EPYC, AVX512-BF16, 2 cores, bf16):
+    # review 82, 84 -> 67, 70 s; DPO sampling 190, 173 -> 170, 145 s; generate (no repeated prefix) 152, 139 -> 143,
+    # 146 s
     kv_block_size: int | None = Field(None, ge=16, multiple_of=16)
     omp_threads_bind: str | None = None  # CPU only: VLLM_CPU_OMP_THREADS_BIND, e.g. "0-1"
     enforce_eager: bool = True
