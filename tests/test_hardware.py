@@ -127,11 +127,18 @@ def test_the_engine_gets_the_kv_block_size(model_path, serving, expected):
     assert build_llm_config(cfg, model_path).engine_kwargs.get("block_size") == expected
 
 
-@pytest.mark.parametrize("size", [8, 24, 0])
-def test_a_kv_block_size_that_is_not_a_multiple_of_16_is_refused(size):
+@pytest.mark.parametrize("accelerator, size", [("gpu", 8), ("gpu", 24), ("gpu", 0), ("cpu", 16), ("cpu", 48)])
+def test_a_kv_block_size_the_engines_kernels_do_not_take_is_refused(accelerator, size):
+    # GPU: multiples of 16; CPU: of 32 (vLLM-CPU's attention)
     with pytest.raises(ValueError, match="kv_block_size"):
         RunConfig.model_validate({"data": {"sources": [{"type": "advbench", "path": "a.jsonl"}]},
-                                  "serving": {"kv_block_size": size}})
+                                  "serving": {"accelerator": accelerator, "kv_block_size": size}})
+
+
+def test_a_gpu_takes_kv_blocks_of_16():
+    cfg = RunConfig.model_validate({"data": {"sources": [{"type": "advbench", "path": "a.jsonl"}]},
+                                    "serving": {"accelerator": "gpu", "kv_block_size": 16}})
+    assert cfg.serving.kv_block_size == 16
 
 
 def test_the_replica_environment_carries_the_engine_threads(model_path):
