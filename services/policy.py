@@ -109,8 +109,9 @@ def build_llm_config(cfg: RunConfig, model_path: str | None = None) -> LLMConfig
         "tensor_parallel_size": s.tensor_parallel_size,
         "seed": cfg.generation.seed,
     }
-    if kv_block_size(cfg) is not None:
-        engine_kwargs["block_size"] = kv_block_size(cfg)
+    block_size = kv_block_size(cfg)
+    if block_size is not None:
+        engine_kwargs["block_size"] = block_size
     if s.enable_lora:
         engine_kwargs.update(enable_lora=True, max_loras=s.max_loras, max_lora_rank=s.max_lora_rank)
     kwargs: dict[str, Any] = {}

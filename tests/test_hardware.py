@@ -119,7 +119,7 @@ def test_engine_threads_use_the_replicas_cpus(cpus, host, given, expected, reser
     ({"accelerator": "gpu"}, None),                                # GPU: vLLM's own default, nothing passed
     ({"accelerator": "gpu", "kv_block_size": 32}, 32),
 ])
-def test_the_engine_gets_the_kv_block_size(model_path, serving, expected):
+def test_the_engine_is_given_the_kv_block_size(model_path, serving, expected):
     from services.policy import build_llm_config
 
     cfg = RunConfig.model_validate({"data": {"sources": [{"type": "advbench", "path": "a.jsonl"}]},
