@@ -114,12 +114,13 @@ def main() -> None:
                                          "requests_per_minute": 1e6, "burst": 10_000, "max_concurrent": 1000,
                                          "engine_fields": ["ignore_eos"]}],  # fixed-length responses
                                   adapter_root=cfg.serving.adapter_root), ep)
-    start_gateway(gw, route_prefix="/gw")
-    start_gateway(gw.model_copy(update={"policy_via": "http"}), route_prefix="/gw-http", name="gateway-http")
+    by_handle = start_gateway(gw)
+    over_http = start_gateway(gw.model_copy(update={"policy_via": "http"}), route_prefix="/gw-http",
+                              name="gateway-http")
     auth = {"Authorization": f"Bearer {KEY}"}
     paths = {"direct": (ep.base_url + "/chat/completions", {}),
-             "gateway": (f"http://127.0.0.1:{args.port}/gw/v1/chat/completions", auth),
-             "gateway-http": (f"http://127.0.0.1:{args.port}/gw-http/v1/chat/completions", auth)}
+             "gateway": (f"http://127.0.0.1:{args.port}{by_handle}/v1/chat/completions", auth),
+             "gateway-http": (f"http://127.0.0.1:{args.port}{over_http}/v1/chat/completions", auth)}
     for url, headers in paths.values():  # warm every path
         asyncio.run(round_(url, headers, 2, 1, 4))
     res = {k: ([], [], 0.0) for k in paths}
