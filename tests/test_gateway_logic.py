@@ -657,6 +657,48 @@ def test_a_jobs_tracking_goes_to_the_operators_store_tagged_with_its_key(tmp_pat
         confine(_job(data_root, tracking={"tags": {"mlflow.parentRunId": "x"}}), gw, "st-0123456789ab", "k1")
 
 
+def test_a_fresh_gateways_concurrent_requests_all_wait_for_the_first_status_read(monkeypatch):
+    """Found by bench/gateway.py's two warm-up clients: while a fresh gateway's first `serve.status()` read was out,
+    every other request saw no replicas yet and got 503 "no running replica ()"."""
+    import time
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from services.gateway.upstream import HandleUpstream, UpstreamError
+
+    reads = []
+
+    def slow_status():  # Serve's status with one RUNNING replica, after a read that takes a while
+        reads.append(1)
+        time.sleep(0.2)
+        dep = SimpleNamespace(status="HEALTHY", replica_states={"RUNNING": 1})
+        return SimpleNamespace(applications={"policy": SimpleNamespace(
+            status="RUNNING", message="", deployments={"PolicyServer:policy": dep})})
+
+    monkeypatch.setattr(serve, "status", slow_status)
+    up = HandleUpstream("policy", "PolicyServer:policy")
+
+    async def burst():
+        cancelled = asyncio.ensure_future(up._check_running())
+        await asyncio.sleep(0.05)
+        cancelled.cancel()  # a client gone while the read is out: the read itself goes on for the others
+        return await asyncio.gather(*[up._check_running() for _ in range(3)], return_exceptions=True)
+
+    results = asyncio.run(burst())
+    assert results == [None, None, None] and len(reads) == 1
+    assert up._running == 1
+
+    def no_replica():
+        return SimpleNamespace(applications={})
+
+    monkeypatch.setattr(serve, "status", no_replica)
+    up._status_at = float("-inf")  # the next request reads again
+    with pytest.raises(UpstreamError) as e:
+        asyncio.run(up._check_running())
+    assert e.value.status == 503 and "not deployed" in str(e.value)
+
+
 def test_a_request_waiting_for_a_replica_is_given_up_when_none_runs():
     """Serve's router holds a request whose replica died until a new one is up; the gateway looks at the replicas
     while it waits for the first item and answers 503 once none runs (the live case: tests/test_gateway.py)."""

@@ -92,21 +92,31 @@ class HandleUpstream(Upstream):
         self._handles: dict[str, Any] = {}
         self._app_handle = None  # the policy app's ingress (model lists, readiness), looked up once
         self._status_at, self._running, self._state = float("-inf"), None, ""
+        self._reading: asyncio.Future | None = None  # the status read in flight, or the last one
 
     async def _check_running(self) -> None:
-        from ray import serve
-
         now = time.monotonic()
         if now - self._status_at >= self.STATUS_TTL_S:
             self._status_at = now  # before the await: concurrent requests share this read
-            try:
-                status = await asyncio.to_thread(serve.status)
-                self._running, self._state = running_replicas(status, self._app, self._deployment)
-            except Exception as e:  # noqa: BLE001 - an unreadable status must not block requests
-                self._running, self._state = -1, type(e).__name__
+            self._reading = asyncio.ensure_future(self._read_status())
+        # Every request waits for a read still out, not only the one that started it: the others read the state
+        # before it, and a fresh gateway's first concurrent requests all got 503 "no running replica ()" while
+        # the first read was out (bench/gateway.py's two warm-up clients); shielded, so a request cancelled
+        # meanwhile leaves the shared read running
+        if not self._reading.done():
+            await asyncio.shield(self._reading)
         if self._running is None or self._running == 0:
             raise UpstreamError(503, f"the policy has no running replica ({self._state}); retry later",
                                 self.RESTART_RETRY_AFTER_S)
+
+    async def _read_status(self) -> None:
+        from ray import serve
+
+        try:
+            status = await asyncio.to_thread(serve.status)
+            self._running, self._state = running_replicas(status, self._app, self._deployment)
+        except Exception as e:  # noqa: BLE001 - an unreadable status must not block requests
+            self._running, self._state = -1, type(e).__name__
 
     def _handle(self, model: str):
         # Adapters route as Serve multiplexed models (replica affinity for loaded LoRA weights), as the OpenAI
