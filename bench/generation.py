@@ -5,11 +5,13 @@ dtype the config resolves to on this CPU (`model.dtype: auto`), on the embedded 
 otherwise. Each path runs in its own subprocess, one after another, so none competes with another for the two
 cores. Prints output tok/s and the ratios the spine issue targets: Serve+Data >= 3x transformers, and within
 15% of vLLM in-process; and the decode speed with a LoRA adapter with our grouped CPU LoRA ops
-(`services/vllm_cpu_lora.py`) versus vLLM's own.
+(`services/vllm_cpu_lora.py`) versus vLLM's own; and in-process decoding with our inverse-CDF sampler
+(`services/vllm_cpu_sampler.py`) versus vLLM's Gumbel-max one.
 
     .venv/bin/python bench/generation.py [--prompts 64] [--new-tokens 128] [--config configs/embedded.yaml]
     .venv/bin/python bench/generation.py --only serve vllm --set serving.engine_threads=1
     .venv/bin/python bench/generation.py --only serve vllm --repeats 3   # paths in turn; medians of the pairs
+    .venv/bin/python bench/generation.py --only vllm vllm-native-sampler --seeded --prompts 256 --repeats 2
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def random_adapter(cfg, model_path: str, out: str) -> str:
     return out
 
 
-def run_vllm(cfg, texts, new_tokens, adapter: bool = False) -> dict:
+def run_vllm(cfg, texts, new_tokens, adapter: bool = False, seeded: bool = False) -> dict:
     import tempfile
 
     from vllm import LLM, SamplingParams
@@ -68,18 +70,21 @@ def run_vllm(cfg, texts, new_tokens, adapter: bool = False) -> dict:
     llm = LLM(resolve_model(cfg.model.source), **engine_kwargs)
     g = cfg.generation
     sp = SamplingParams(max_tokens=new_tokens, temperature=g.temperature, top_p=g.top_p, ignore_eos=True)
+    if seeded:  # a seed per request, as the main job's requests carry: vLLM then keeps a generator per request
+        sp = [SamplingParams(max_tokens=new_tokens, temperature=g.temperature, top_p=g.top_p, ignore_eos=True, seed=i)
+              for i in range(len(texts))]
     msgs = [[{"role": "user", "content": t}] for t in texts]
     lora = None
     if adapter:
         lora = LoRARequest("bench", 1, random_adapter(cfg, resolve_model(cfg.model.source), tempfile.mkdtemp()))
-    llm.chat(msgs[:4], sp, use_tqdm=False, lora_request=lora)  # warm-up
+    llm.chat(msgs[:4], sp[:4] if seeded else sp, use_tqdm=False, lora_request=lora)  # warm-up
     t = time.perf_counter()
     out = llm.chat(msgs, sp, use_tqdm=False, lora_request=lora)
     dt = time.perf_counter() - t
     return {"tokens": sum(len(o.outputs[0].token_ids) for o in out), "seconds": dt}
 
 
-def run_serve(cfg, texts, new_tokens) -> dict:
+def run_serve(cfg, texts, new_tokens, seeded: bool = False) -> dict:
     import tempfile
 
     import ray
@@ -97,7 +102,7 @@ def run_serve(cfg, texts, new_tokens) -> dict:
         return {**row, "method": "chat", "dtype": "ChatCompletionRequest", "request_kwargs": {
             "model": ep.model_id, "messages": [{"role": "user", "content": row["prompt"]}],
             "max_tokens": new_tokens, "temperature": cfg.generation.temperature, "top_p": cfg.generation.top_p,
-            "ignore_eos": True}}
+            "ignore_eos": True, **({"seed": int(row["query_id"])} if seeded else {})}}
 
     def post(row):
         return {"query_id": row["query_id"], "tokens": row["usage"]["completion_tokens"]}
@@ -150,19 +155,25 @@ def child(mode: str, args) -> None:
 
     cfg = load_config(args.config, parse_overrides(args.set))
     texts = prompts(args.prompts)
-    fn = {"serve": run_serve, "vllm": run_vllm, "transformers": run_transformers,
-          "vllm-lora": lambda c, t, n: run_vllm(c, t, n, adapter=True),
-          "vllm-lora-native": lambda c, t, n: run_vllm(c, t, n, adapter=True)}[mode]
+    seeded = {"seeded": True} if args.seeded else {}
+    fn = {"serve": lambda c, t, n: run_serve(c, t, n, **seeded), "vllm": lambda c, t, n: run_vllm(c, t, n, **seeded),
+          "transformers": run_transformers,
+          "vllm-lora": lambda c, t, n: run_vllm(c, t, n, adapter=True, **seeded),
+          "vllm-lora-native": lambda c, t, n: run_vllm(c, t, n, adapter=True, **seeded),
+          "vllm-native-sampler": lambda c, t, n: run_vllm(c, t, n, **seeded)}[mode]
     result = fn(cfg, texts, args.new_tokens)
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def run_child(args, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--prompts", str(args.prompts),
-           "--new-tokens", str(args.new_tokens), "--config", args.config] + [f"--set={kv}" for kv in args.set]
+           "--new-tokens", str(args.new_tokens), "--config", args.config] + [f"--set={kv}" for kv in args.set] + (
+        ["--seeded"] if args.seeded else [])
     env = dict(os.environ)
     if mode == "vllm-lora-native":  # vLLM's own per-token LoRA ops instead of our grouped ones
         env["SAFE_TRIGGER_NATIVE_LORA_OPS"] = "1"
+    if mode == "vllm-native-sampler":  # vLLM's Gumbel-max sampler instead of our inverse-CDF one
+        env["SAFE_TRIGGER_NATIVE_SAMPLER"] = "1"
     if mode.startswith("vllm"):
         from services.policy import preload_libraries
 
@@ -182,10 +193,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--config", default=str(REPO / "configs" / "embedded.yaml"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, as in the CLI")
-    modes = ["serve", "vllm", "transformers", "vllm-lora", "vllm-lora-native"]
+    modes = ["serve", "vllm", "transformers", "vllm-lora", "vllm-lora-native", "vllm-native-sampler"]
     ap.add_argument("--only", choices=modes, nargs="+", help="these paths only, one after another in this run")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of each path, in turn; tok/s and ratios are medians (a single pair read 0.84 here)")
+    ap.add_argument("--seeded", action="store_true",
+                    help="a seed per request, as the main job's requests carry (not the transformers path)")
     ap.add_argument("--child", choices=modes)
     args = ap.parse_args()
     if args.child:
@@ -209,11 +222,16 @@ def main() -> None:
         print(f"Serve+Data / vLLM in-process = {statistics.median(pairs):.2f} (target >= 0.85; "
               + (f"median of {len(pairs)} interleaved pairs: {' '.join(f'{x:.2f}' for x in pairs)})"
                  if len(pairs) > 1 else "side by side in this run)"))
+    if "vllm" in runs and "vllm-native-sampler" in runs:
+        pairs = [o["tok_s"] / n["tok_s"] for o, n in zip(runs["vllm"], runs["vllm-native-sampler"])]
+        print(f"vLLM in-process, our inverse-CDF / vLLM's Gumbel-max sampler = {statistics.median(pairs):.2f}x "
+              f"({' '.join(f'{x:.2f}' for x in pairs)})")
     if len(results) == len(modes):
-        s, v, t, lo, ln = (results[m]["tok_s"] for m in modes)
+        s, v, t, lo, ln, ns = (results[m]["tok_s"] for m in modes)
         print(f"\n| path | output tok/s |\n|---|---:|\n| Serve + Ray Data | {s:.1f} |\n| vLLM in-process | {v:.1f} |"
               f"\n| transformers generate (batch 8) | {t:.1f} |\n| vLLM in-process, LoRA adapter, our grouped ops | {lo:.1f} |"
-              f"\n| vLLM in-process, LoRA adapter, vLLM's per-token ops | {ln:.1f} |")
+              f"\n| vLLM in-process, LoRA adapter, vLLM's per-token ops | {ln:.1f} |"
+              f"\n| vLLM in-process, vLLM's Gumbel-max sampler | {ns:.1f} |")
         print(f"\nServe+Data / transformers = {s / t:.2f}x (target >= 3x)")
         print(f"LoRA decoding, grouped / per-token ops = {lo / ln:.2f}x")
 

@@ -48,6 +48,10 @@ TOUCH_POINTS: tuple[tuple[str, str, str, str], ...] = (
     ("vllm.lora.punica_wrapper.punica_cpu", "bgmv_shrink", "vllm_cpu_lora",
      "the CPU LoRA ops our grouped matmuls replace (also bgmv_expand, bgmv_expand_slice)"),
     ("vllm.lora.ops.torch_ops.lora_ops", "bgmv_shrink", "vllm_cpu_lora", "the same ops where vLLM defines them"),
+    ("vllm.v1.sample.ops.topk_topp_sampler.TopKTopPSampler", "forward_cpu", "vllm_cpu_sampler",
+     "the CPU sampling step whose plain case our inverse-CDF draw replaces"),
+    ("vllm.v1.sample.ops.topk_topp_sampler", "PROCESSED_LOGPROBS_MODES", "vllm_cpu_sampler",
+     "the log-prob modes that need vLLM's own sampling code"),
 )
 
 __all__ = ["CHECKED_AGAINST", "TOUCH_POINTS", "CallbackBase", "DiskMultiplexConfig", "ModelCard", "ModelList",
