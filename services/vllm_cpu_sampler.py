@@ -6,7 +6,8 @@ each request's generator (every request of the main job carries a seed). Measure
 (256 x 49152 bf16 logits, 2 threads, 20 calls each): 60.1 ms a call against 15.4 ms for a softmax, its running sum
 and one uniform number per sequence; 13.0 against 3.5 ms at 64 sequences. py-spy put vLLM's sampling at 12% of the
 model worker's samples while 512 sequences decoded. The main job's generate stage (590 rows, copies of one run,
-interleaved): 149 and 141 s (446 and 472 tok/s) against 158 and 165 s (431 and 412 tok/s) with vLLM's sampler.
+interleaved): 149 and 141 s (446 and 472 tok/s) against 158 and 165 s (431 and 412 tok/s) with vLLM's sampler; its
+ST-S eval, which decodes through the adapter: 89 and 95 s against 94 and 103 s.
 
 The same distribution: a token is drawn with the probability the softmax gives it, by where a uniform number lands
 in the running sum (float32; its largest error against a float64 sum was 6e-8 on 256 such rows). A token whose
