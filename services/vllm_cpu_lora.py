@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import os
 
+from .engine_plugins import modules_to_patch
+
 ENV_DISABLE = "SAFE_TRIGGER_NATIVE_LORA_OPS"  # "1": keep vLLM's own per-token ops (for side-by-side benches)
 
 
@@ -160,19 +162,10 @@ def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_sl
 
 def register() -> None:
     """vLLM general plugin entry point: runs in every vLLM process (API server and engine core)."""
-    if os.environ.get(ENV_DISABLE) == "1":
+    modules = modules_to_patch(ENV_DISABLE, "vllm.lora.ops.torch_ops.lora_ops", "vllm.lora.punica_wrapper.punica_cpu")
+    if modules is None or modules[1].bgmv_shrink is bgmv_shrink:
         return
-    try:
-        from vllm.platforms import current_platform
-
-        if not current_platform.is_cpu():
-            return
-        import vllm.lora.ops.torch_ops.lora_ops as ops
-        import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
-    except ImportError:
-        return
-    if punica_cpu.bgmv_shrink is bgmv_shrink:
-        return
+    ops, punica_cpu = modules
     global _upstream_add_lora_linear
     _upstream_add_lora_linear = punica_cpu.PunicaWrapperCPU.add_lora_linear
     punica_cpu.PunicaWrapperCPU.add_lora_linear = add_lora_linear

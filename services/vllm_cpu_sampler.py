@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import os
 
+from .engine_plugins import modules_to_patch
+
 ENV_DISABLE = "SAFE_TRIGGER_NATIVE_SAMPLER"  # "1": keep vLLM's Gumbel-max sampler (for side-by-side benches)
 
 _log = logging.getLogger("vllm.safe_trigger")
@@ -54,18 +56,10 @@ def register() -> None:
     """vLLM general plugin entry point: runs in every vLLM process, before the model runner builds its sampler
     (which binds `forward_cpu` when it is built)."""
     global _upstream_forward_cpu, _processed_modes
-    if os.environ.get(ENV_DISABLE) == "1":
+    modules = modules_to_patch(ENV_DISABLE, "vllm.v1.sample.ops.topk_topp_sampler")
+    if modules is None or modules[0].TopKTopPSampler.forward_cpu is forward_cpu:
         return
-    try:
-        from vllm.platforms import current_platform
-
-        if not current_platform.is_cpu():
-            return
-        from vllm.v1.sample.ops.topk_topp_sampler import PROCESSED_LOGPROBS_MODES, TopKTopPSampler
-    except ImportError:
-        return
-    if TopKTopPSampler.forward_cpu is forward_cpu:
-        return
-    _upstream_forward_cpu, _processed_modes = TopKTopPSampler.forward_cpu, frozenset(PROCESSED_LOGPROBS_MODES)
-    TopKTopPSampler.forward_cpu = forward_cpu
+    ops = modules[0]
+    _upstream_forward_cpu, _processed_modes = ops.TopKTopPSampler.forward_cpu, frozenset(ops.PROCESSED_LOGPROBS_MODES)
+    ops.TopKTopPSampler.forward_cpu = forward_cpu
     _log.info("safe-trigger: inverse-CDF CPU sampler installed (pid %d)", os.getpid())
