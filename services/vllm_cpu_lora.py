@@ -163,9 +163,11 @@ def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_sl
 def register() -> None:
     """vLLM general plugin entry point: runs in every vLLM process (API server and engine core)."""
     modules = modules_to_patch(ENV_DISABLE, "vllm.lora.ops.torch_ops.lora_ops", "vllm.lora.punica_wrapper.punica_cpu")
-    if modules is None or modules[1].bgmv_shrink is bgmv_shrink:
+    if modules is None:
         return
     ops, punica_cpu = modules
+    if punica_cpu.bgmv_shrink is bgmv_shrink:
+        return
     global _upstream_add_lora_linear
     _upstream_add_lora_linear = punica_cpu.PunicaWrapperCPU.add_lora_linear
     punica_cpu.PunicaWrapperCPU.add_lora_linear = add_lora_linear

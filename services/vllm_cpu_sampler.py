@@ -57,9 +57,11 @@ def register() -> None:
     (which binds `forward_cpu` when it is built)."""
     global _upstream_forward_cpu, _processed_modes
     modules = modules_to_patch(ENV_DISABLE, "vllm.v1.sample.ops.topk_topp_sampler")
-    if modules is None or modules[0].TopKTopPSampler.forward_cpu is forward_cpu:
+    if modules is None:
         return
-    ops = modules[0]
+    (ops,) = modules
+    if ops.TopKTopPSampler.forward_cpu is forward_cpu:
+        return
     _upstream_forward_cpu, _processed_modes = ops.TopKTopPSampler.forward_cpu, frozenset(ops.PROCESSED_LOGPROBS_MODES)
     ops.TopKTopPSampler.forward_cpu = forward_cpu
     _log.info("safe-trigger: inverse-CDF CPU sampler installed (pid %d)", os.getpid())
