@@ -160,6 +160,7 @@ def child(mode: str, args) -> None:
           "transformers": run_transformers,
           "vllm-lora": lambda c, t, n: run_vllm(c, t, n, adapter=True, **seeded),
           "vllm-lora-native": lambda c, t, n: run_vllm(c, t, n, adapter=True, **seeded),
+          "vllm-lora-unmerged": lambda c, t, n: run_vllm(c, t, n, adapter=True, **seeded),
           "vllm-native-sampler": lambda c, t, n: run_vllm(c, t, n, **seeded)}[mode]
     result = fn(cfg, texts, args.new_tokens)
     print("RESULT " + json.dumps(result), flush=True)
@@ -172,6 +173,8 @@ def run_child(args, mode: str) -> dict:
     env = dict(os.environ)
     if mode == "vllm-lora-native":  # vLLM's own per-token LoRA ops instead of our grouped ones
         env["SAFE_TRIGGER_NATIVE_LORA_OPS"] = "1"
+    if mode == "vllm-lora-unmerged":  # our grouped ops on every step, no merged weight for one-adapter steps
+        env["SAFE_TRIGGER_UNMERGED_LORA"] = "1"
     if mode == "vllm-native-sampler":  # vLLM's Gumbel-max sampler instead of our inverse-CDF one
         env["SAFE_TRIGGER_NATIVE_SAMPLER"] = "1"
     if mode.startswith("vllm"):
@@ -193,7 +196,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--config", default=str(REPO / "configs" / "embedded.yaml"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, as in the CLI")
-    modes = ["serve", "vllm", "transformers", "vllm-lora", "vllm-lora-native", "vllm-native-sampler"]
+    modes = ["serve", "vllm", "transformers", "vllm-lora", "vllm-lora-native", "vllm-native-sampler",
+             "vllm-lora-unmerged"]
     ap.add_argument("--only", choices=modes, nargs="+", help="these paths only, one after another in this run")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of each path, in turn; tok/s and ratios are medians (a single pair read 0.84 here)")
@@ -226,12 +230,17 @@ def main() -> None:
         pairs = [o["tok_s"] / n["tok_s"] for o, n in zip(runs["vllm"], runs["vllm-native-sampler"])]
         print(f"vLLM in-process, our inverse-CDF / vLLM's Gumbel-max sampler = {statistics.median(pairs):.2f}x "
               f"({' '.join(f'{x:.2f}' for x in pairs)})")
+    if "vllm-lora" in runs and "vllm-lora-unmerged" in runs:
+        pairs = [m["tok_s"] / u["tok_s"] for m, u in zip(runs["vllm-lora"], runs["vllm-lora-unmerged"])]
+        print(f"vLLM in-process with one adapter, merged weights / unmerged LoRA ops = "
+              f"{statistics.median(pairs):.2f}x ({' '.join(f'{x:.2f}' for x in pairs)})")
     if len(results) == len(modes):
-        s, v, t, lo, ln, ns = (results[m]["tok_s"] for m in modes)
+        s, v, t, lo, ln, ns, lu = (results[m]["tok_s"] for m in modes)
         print(f"\n| path | output tok/s |\n|---|---:|\n| Serve + Ray Data | {s:.1f} |\n| vLLM in-process | {v:.1f} |"
               f"\n| transformers generate (batch 8) | {t:.1f} |\n| vLLM in-process, LoRA adapter, our grouped ops | {lo:.1f} |"
               f"\n| vLLM in-process, LoRA adapter, vLLM's per-token ops | {ln:.1f} |"
-              f"\n| vLLM in-process, vLLM's Gumbel-max sampler | {ns:.1f} |")
+              f"\n| vLLM in-process, vLLM's Gumbel-max sampler | {ns:.1f} |"
+              f"\n| vLLM in-process, LoRA adapter, our grouped ops unmerged | {lu:.1f} |")
         print(f"\nServe+Data / transformers = {s / t:.2f}x (target >= 3x)")
         print(f"LoRA decoding, grouped / per-token ops = {lo / ln:.2f}x")
 
