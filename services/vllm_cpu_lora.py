@@ -102,20 +102,23 @@ def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor
         output_tensor[:, slice_offset : slice_offset + slice_size] = out
 
 
-def _single_adapter(wrapper) -> int | None:
-    """The adapter slot every token of this step takes, else None (no adapter, or several). Computed once per
-    step: vLLM writes the step's indices in place into one buffer, which bumps its version."""
+def step_adapters(wrapper) -> tuple[int, ...]:
+    """The adapter slots the tokens of this step take (-1: none), computed once per step: vLLM writes the step's
+    indices in place into one buffer, which bumps its version."""
     import torch
 
     idx = wrapper.token_lora_indices
     key = (idx.data_ptr(), idx._version, idx.shape[0])
-    cached = getattr(wrapper, "_st_single", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    groups = torch.unique(idx).tolist()
-    one = groups[0] if len(groups) == 1 and groups[0] >= 0 else None
-    wrapper._st_single = (key, one)
-    return one
+    cached = getattr(wrapper, "_st_groups", None)
+    if cached is None or cached[0] != key:
+        cached = wrapper._st_groups = (key, tuple(torch.unique(idx).tolist()))
+    return cached[1]
+
+
+def _single_adapter(wrapper) -> int | None:
+    """The adapter slot every token of this step takes, else None (no adapter, or several)."""
+    groups = step_adapters(wrapper)
+    return groups[0] if len(groups) == 1 and groups[0] >= 0 else None
 
 
 def _slot(weights, g: int):
@@ -200,7 +203,7 @@ def register() -> None:
     _upstream_add_lora_logits = punica_cpu.PunicaWrapperCPU.add_lora_logits
     punica_cpu.PunicaWrapperCPU.add_lora_logits = add_lora_logits
     if cpu_lora_merge.merging_enabled():
-        cpu_lora_merge.install(base_linear, _single_adapter)
+        cpu_lora_merge.install(base_linear, step_adapters)
     for module in (ops, punica_cpu):
         module.bgmv_shrink = bgmv_shrink
         module.bgmv_expand = bgmv_expand

@@ -34,8 +34,15 @@ class _Reference:
     """A stand-in for vLLM's `BaseLinearLayerWithLoRA`: its `_apply_sync` is vLLM's own base GEMM plus vLLM's own
     punica wrapper loop over slices (with vLLM's per-token ops), what the merged path must reproduce."""
 
+    calls = 0
+
+    def _get_quant_method(self):
+        return self.base_layer.quant_method
+
     def _apply_sync(self, x, bias=None):
         import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+        self.calls += 1
 
         assert punica_cpu.PunicaWrapperCPU.add_lora_linear is not lora_ops.add_lora_linear  # vLLM's, unpatched
         out = self.base_layer.quant_method.apply(self.base_layer, x, bias)
@@ -69,7 +76,7 @@ def _exact(layer, weight, x, slot):
 def installed():
     """`install` on a stand-in module, so vLLM's own class stays as it is for the rest of the session."""
     module = SimpleNamespace(BaseLinearLayerWithLoRA=type("Layer", (_Reference,), {}))
-    merge.install(module, lora_ops._single_adapter)
+    merge.install(module, lora_ops.step_adapters)
     return module.BaseLinearLayerWithLoRA
 
 
@@ -104,10 +111,12 @@ def test_a_merged_step_is_as_close_to_the_exact_output_as_the_unmerged_one(dtype
 
 @pytest.mark.parametrize("indices", ["mixed", "none", "padded"])
 def test_steps_without_exactly_one_adapter_keep_vllms_path(indices, installed):
+    """Mixed steps take vLLM's path; steps where no token has an adapter take the base GEMM alone (vLLM's path
+    would add an all-zero delta), with the same output."""
     n = 10
     idx = {"mixed": torch.tensor([0, 2, 1, -1, 2, 0, 1, 1, 2, 0]), "none": torch.full((n,), -1),
            "padded": torch.full((n - 2,), 1)}[indices]
-    layer, _ = _lora_layer(torch.float32, idx)
+    layer, layer_weight = _lora_layer(torch.float32, idx)
     x = torch.randn(n, D_IN, generator=torch.Generator().manual_seed(3))
     if indices == "padded":  # more rows than indices: vLLM's own ops refuse them, and so must the wrapped layer
         with pytest.raises(RuntimeError):
@@ -116,9 +125,13 @@ def test_steps_without_exactly_one_adapter_keep_vllms_path(indices, installed):
         with pytest.raises(RuntimeError):
             layer._apply_sync(x)
     else:
-        want = _Reference._apply_sync(layer, x)
+        # index -1 = no adapter; vLLM's own per-token op would read the last slot for it (our grouped ops, which the
+        # engine runs, add nothing), so the base GEMM is the reference there
+        want = _Reference._apply_sync(layer, x) if indices == "mixed" else x @ layer_weight.t()
         layer.__class__ = installed
+        calls = layer.calls
         torch.testing.assert_close(layer._apply_sync(x), want, rtol=1e-5, atol=1e-5)
+        assert layer.calls == calls + (indices == "mixed")
     assert "_st_merged" not in layer.__dict__
 
 
@@ -174,7 +187,8 @@ def test_lm_head_lora_is_skipped_only_where_it_adds_nothing(case, monkeypatch):
     vllms = punica_cpu.PunicaWrapperCPU.add_lora_logits
     assert vllms is not lora_ops.add_lora_logits
     calls = []
-    monkeypatch.setattr(lora_ops, "_upstream_add_lora_logits", lambda *args, **kw: calls.append(1) or vllms(*args, **kw))
+    monkeypatch.setattr(lora_ops, "_upstream_add_lora_logits",
+                        lambda *args, **kw: calls.append(1) or vllms(*args, **kw))
     lora_ops.add_lora_logits(_logits_wrapper(idx), got, x, a, b, 1.0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert bool(calls) == (case in ("trained_slot", "mixed"))
