@@ -1,13 +1,14 @@
 """Steps where every token takes the same LoRA adapter run each LoRA layer as one GEMM on a merged weight
 (W + B·A, built once per adapter slot), installed by the CPU LoRA plugin (`services/vllm_cpu_lora.py`).
 
-vLLM-CPU computes a LoRA layer as the base GEMM (oneDNN, on a weight prepacked at load) plus a shrink and an
-expand per slice in plain torch matmuls. Measured in-process on the embedded model (256 prompts x 128 tokens,
-bf16, 2-core AVX512-BF16 EPYC): 662.9 tok/s without an adapter, 481.9 with one; py-spy put 26% of the model
-worker's time in the LoRA matmuls against 39% in all base GEMMs, for about a sixth of their FLOPs. The main job's
-ST-S eval, DPO sampling and ST-D eval each serve one adapter at a time, so their steps can use a merged weight
-instead, as PEFT's `merge_and_unload` would, without a second engine. Steps that mix adapters (or mix an adapter
-with the base model) keep vLLM's unmerged path, so every request still gets its own adapter.
+vLLM-CPU computes a LoRA layer as the base GEMM (oneDNN, on a weight prepacked at load) plus a shrink and an expand
+per slice in plain torch matmuls. Measured in-process on the embedded model (256 prompts x 128 tokens, bf16, 2-core
+AVX512-BF16 EPYC): 662.9 tok/s without an adapter, 481.9 with one; py-spy put 26% of the model worker's time in the
+LoRA matmuls against 39% in all base GEMMs, for about a sixth of their FLOPs. Merged, in a later pair of runs: 601.3
+against 522.0 tok/s unmerged (`bench/generation.py --only vllm-lora vllm-lora-unmerged`). The main job's ST-S eval,
+DPO sampling and ST-D eval each serve one adapter at a time, so their steps can use a merged weight instead, as
+PEFT's `merge_and_unload` would, without a second engine. Steps that mix adapters (or mix an adapter with the base
+model) keep vLLM's unmerged path, so every request still gets its own adapter.
 
 The base weight is read back from the layer's own GEMM (vLLM keeps only its prepacked copy): the layer applied to
 the identity matrix returns it exactly, since each output sums a single product. Merging adds one rounding of
@@ -37,7 +38,7 @@ def mergeable(layer) -> bool:
     base = layer.base_layer
     method = getattr(base, "quant_method", None)
     return (getattr(layer, "tp_size", 1) == 1 and type(method).__name__ == "UnquantizedLinearMethod"
-            and getattr(base, "weight", None) is not None)
+            and hasattr(base, "input_size_per_partition"))
 
 
 def base_weight(layer):
