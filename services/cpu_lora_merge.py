@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import os
 
+from .vllm_cpu_lora import slot_of, step_adapters
+
 ENV_DISABLE = "SAFE_TRIGGER_UNMERGED_LORA"  # "1": keep the unmerged path (bench/generation.py, mode vllm-lora-unmerged)
 # Merged copies kept per layer: each is another copy of the LoRA layers' weights (~200 MB for the embedded model in
 # bf16). The main job serves one adapter per stage; a loaded adapter drops every copy (see `_versions`), so a third
@@ -62,9 +64,7 @@ def merged_weight(base, lora_a_stacked, lora_b_stacked, output_slices, slot: int
     merged = base.to(torch.float32, copy=True)  # a float32 base's .float() is the cached base itself
     offset = 0
     for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices):
-        a_g = a[slot, 0] if a.dim() == 4 else a[slot]
-        b_g = b[slot, 0] if b.dim() == 4 else b[slot]
-        merged[offset : offset + size] += b_g[:size].float() @ a_g.float()
+        merged[offset : offset + size] += slot_of(b, slot)[:size].float() @ slot_of(a, slot).float()
         offset += size
     return merged.to(base.dtype)
 
@@ -107,9 +107,9 @@ def merged_linear(layer, slot: int):
     return linears[slot]
 
 
-def install(lora_base_linear, step_adapters) -> None:
-    """Wraps `BaseLinearLayerWithLoRA._apply_sync` (every unsharded LoRA linear layer's forward on CPU);
-    `step_adapters(punica_wrapper)`: the adapter slots the step's tokens take, -1 for none. A step without any
+def install(lora_base_linear) -> None:
+    """Wraps `BaseLinearLayerWithLoRA._apply_sync` (every unsharded LoRA linear layer's forward on CPU), where
+    `step_adapters` tells which adapter slots the step's tokens take (-1: none). A step without any
     adapter (the base model's stages) runs the base GEMM alone: vLLM applied an all-zero delta there, 2.2% of the
     engine's time in the main job's self-judge (py-spy)."""
     cls = lora_base_linear.BaseLinearLayerWithLoRA

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 
-from . import cpu_lora_merge
 from .engine_plugins import modules_to_patch
 
 ENV_DISABLE = "SAFE_TRIGGER_NATIVE_LORA_OPS"  # "1": keep vLLM's own per-token ops (for side-by-side benches)
@@ -121,7 +120,8 @@ def _single_adapter(wrapper) -> int | None:
     return groups[0] if len(groups) == 1 and groups[0] >= 0 else None
 
 
-def _slot(weights, g: int):
+def slot_of(weights, g: int):
+    """Adapter slot g of a stacked LoRA tensor (vLLM stacks them as slots x 1 x rows x cols, or slots x rows x cols)."""
     return weights[g, 0] if weights.dim() == 4 else weights[g]
 
 
@@ -131,13 +131,13 @@ def _stacked_a(wrapper, lora_a_stacked, g: int):
     import torch
 
     if len(lora_a_stacked) == 1:
-        return _slot(lora_a_stacked[0], g)
+        return slot_of(lora_a_stacked[0], g)
     key = (tuple(a.data_ptr() for a in lora_a_stacked), g)
     versions = tuple(a._version for a in lora_a_stacked)
     cache = wrapper.__dict__.setdefault("_st_stacked_a", {})
     hit = cache.get(key)
     if hit is None or hit[0] != versions:
-        hit = cache[key] = (versions, torch.cat([_slot(a, g) for a in lora_a_stacked], 0))
+        hit = cache[key] = (versions, torch.cat([slot_of(a, g) for a in lora_a_stacked], 0))
     return hit[1]
 
 
@@ -160,7 +160,7 @@ def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_sl
     y2 = y.view(-1, y.shape[-1])
     offset = 0
     for i, (b, size) in enumerate(zip(lora_b_stacked, output_slices)):
-        y2[:, offset : offset + size] += (h[:, i * rank : (i + 1) * rank] @ _slot(b, g).transpose(0, 1)).to(y2.dtype)
+        y2[:, offset : offset + size] += (h[:, i * rank : (i + 1) * rank] @ slot_of(b, g).transpose(0, 1)).to(y2.dtype)
         offset += size
 
 
@@ -172,7 +172,7 @@ def _empty_slot(wrapper, weights, g: int) -> bool:
     key = (weights.data_ptr(), weights._version, g)
     cached = wrapper.__dict__.get("_st_empty_slot")
     if cached is None or cached[0] != key:
-        cached = wrapper.__dict__["_st_empty_slot"] = (key, not bool(_slot(weights, g).any()))
+        cached = wrapper.__dict__["_st_empty_slot"] = (key, not bool(slot_of(weights, g).any()))
     return cached[1]
 
 
@@ -202,8 +202,10 @@ def register() -> None:
     punica_cpu.PunicaWrapperCPU.add_lora_linear = add_lora_linear
     _upstream_add_lora_logits = punica_cpu.PunicaWrapperCPU.add_lora_logits
     punica_cpu.PunicaWrapperCPU.add_lora_logits = add_lora_logits
+    from . import cpu_lora_merge  # here, not at the top: it builds on this module's helpers
+
     if cpu_lora_merge.merging_enabled():
-        cpu_lora_merge.install(base_linear, step_adapters)
+        cpu_lora_merge.install(base_linear)
     for module in (ops, punica_cpu):
         module.bgmv_shrink = bgmv_shrink
         module.bgmv_expand = bgmv_expand

@@ -76,7 +76,7 @@ def _exact(layer, weight, x, slot):
 def installed():
     """`install` on a stand-in module, so vLLM's own class stays as it is for the rest of the session."""
     module = SimpleNamespace(BaseLinearLayerWithLoRA=type("Layer", (_Reference,), {}))
-    merge.install(module, lora_ops.step_adapters)
+    merge.install(module)
     return module.BaseLinearLayerWithLoRA
 
 
