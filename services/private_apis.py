@@ -36,6 +36,8 @@ TOUCH_POINTS: tuple[tuple[str, str, str, str], ...] = (
      "the one place every request passes: the adapter is resolved to its registry version there"),
     ("ray.serve.llm.LLMServer", "_maybe_resolve_lora_from_multiplex", "policy_server",
      "disabled: adapters come from the local registry, not cloud storage"),
+    ("ray.serve.llm.LLMServer", "_start_engine", "policy_server",
+     "starts the engine, then waits on Ray's usage-telemetry actor: overridden to start the engine alone"),
     ("ray.serve.llm.LLMServer", "_default_engine_cls", "policy_server", "how a server subclass names its engine"),
     ("ray.llm._internal.serve.core.ingress.ingress.OpenAiIngress", "_model_cards", "policy_ingress (instance attribute)",
      "the base model cards the adapter cards copy"),

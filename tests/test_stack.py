@@ -100,6 +100,17 @@ def test_openai_endpoints(stack):
     assert out.choices[0].message.content.strip() and out.usage.completion_tokens <= 8
 
 
+def test_the_policy_started_without_rays_usage_telemetry_actor(stack):
+    """`PolicyServer._start_engine` starts the engine alone: `LLMServer`'s own creates a detached telemetry actor
+    on the cluster's first engine start and waits for it (~4 s of every fresh policy start, services/policy_server.py)."""
+    import ray
+    from ray.llm._internal.serve.observability.usage_telemetry.usage import (
+        LLM_SERVE_TELEMETRY_ACTOR_NAME, LLM_SERVE_TELEMETRY_NAMESPACE)
+
+    with pytest.raises(ValueError, match="Failed to look up actor"):
+        ray.get_actor(LLM_SERVE_TELEMETRY_ACTOR_NAME, namespace=LLM_SERVE_TELEMETRY_NAMESPACE)
+
+
 def test_a_gateway_reaches_a_policy_elsewhere_over_http(stack):
     """`policy_via: http`, a gateway in front of an OpenAI server it cannot reach by handle (here this module's
     policy on its opened route): model list, readiness, the hidden block in a streamed completion, chat as the
