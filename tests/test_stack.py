@@ -102,7 +102,7 @@ def test_openai_endpoints(stack):
 
 def test_the_policy_started_without_rays_usage_telemetry_actor(stack):
     """`PolicyServer._start_engine` starts the engine alone: `LLMServer`'s own creates a detached telemetry actor
-    on the cluster's first engine start and waits for it (~4 s of every fresh policy start, services/policy_server.py)."""
+    on the cluster's first engine start and waits for it (~4 s of a fresh policy start: services/policy_server.py)."""
     import ray
     from ray.llm._internal.serve.observability.usage_telemetry.usage import (
         LLM_SERVE_TELEMETRY_ACTOR_NAME, LLM_SERVE_TELEMETRY_NAMESPACE)
