@@ -21,10 +21,11 @@ through `LLMConfig.server_cls` and `callback_config`, the library's own extensio
 Measured and left: forking the engine core instead of spawning it. vLLM forces `spawn` inside a Ray actor, so the
 engine core imports vLLM again (`import vllm.v1.engine.core`: 7.8 s in a fresh process, 2.75 s of it torch). With
 `vllm.v1.engine.utils.get_mp_context` returning a fork context, policy starts took 19.1-20.2 s (mean 19.6) against
-23.3-29.2 s (26.3) spawned, the same greedy text (3 interleaved pairs, fresh local Ray). But the forked core keeps
-the replica's Ray sockets: after a SIGKILL of the replica it lived on (2.3 GB resident, still there 57 s later)
-where the spawned one was gone in 2 s; it would also run the finalizers of the replica's other threads' objects
-(Ray object refs among them) without those threads, and can only be renamed through Ray's private `setproctitle`.
+23.3-29.2 s (26.3) spawned, the same greedy text (3 interleaved pairs, fresh local Ray). But after a SIGKILL of the
+replica the forked core lived on (2.3 GB resident, still there 57 s later) where the spawned one was gone in 2 s
+(why not found; it inherits the replica's open descriptors, Ray's sockets among them); it would also run the
+finalizers of the replica's other threads' objects (Ray object refs among them) without those threads, and can only
+be renamed through Ray's private `setproctitle`.
 """
 
 from __future__ import annotations
