@@ -19,9 +19,9 @@ DATA = Path(default_data_root())
 # interleaved). Two workers stay proven where they are the point: tests/test_train.py, tests/test_multinode.py.
 TRAIN_ONE_WORKER = {"num_workers": 1, "torch_threads": 2, "cpus_per_worker": 2}
 
-# The modules with a stack of their own, in two groups that `make test TEST_WORKERS=2` runs side by side (two
-# pytest processes, `--dist loadgroup`): each group in one process, in the order given, the other tests wherever a
-# process is free (one process is the default: the suite is CPU-bound on 2 cores, see the Makefile). test_train
+# The modules with a stack of their own, in two groups. `make test` runs them after every other test, in one
+# process (`--stack-modules=only`; the stacks are CPU-bound on 2 cores, see the Makefile), or with TEST_WORKERS=2
+# side by side (two pytest processes, `--dist loadgroup`): each group in one process, in the order given. test_train
 # comes before test_multinode in one process: the reference run both fault tests compare with (`six_step_sft`) is
 # trained there once, on a local cluster, and the node-loss test reuses it.
 # Measured alone on 2 cores / 24 GiB (seconds; peak used memory of the machine):
@@ -46,6 +46,30 @@ STACK_ORDER = [m for modules in STACK_GROUPS.values() for m in modules]
 
 def _rank(name: str) -> int:
     return STACK_ORDER.index(name) if name in STACK_ORDER else len(STACK_ORDER)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--stack-modules", choices=("all", "only", "skip"), default="all",
+                     help="collect only the modules of STACK_GROUPS, or every module but them (`make test` runs the "
+                          "two apart); neither imports the modules it leaves out")
+
+
+def pytest_ignore_collect(collection_path, config):
+    which = config.getoption("--stack-modules")
+    if which == "all" or not collection_path.name.startswith("test_") or collection_path.suffix != ".py":
+        return None
+    return True if (collection_path.name in STACK_ORDER) == (which == "skip") else None
+
+
+def pytest_configure(config):
+    # `make test`'s first phase spreads the tests outside the stack modules over pytest processes (pytest-xdist):
+    # each takes its share of the cores. In one process those 648 tests took 107-109 s at one thread against 118-124 s
+    # at torch's default two (interleaved, 2-core AVX512-BF16 EPYC).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        from pipelines.runtime import set_threads
+
+        set_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def pytest_collection_modifyitems(items):
